@@ -1,0 +1,32 @@
+# One-command set-up: `make test` and `make demo` build .venv on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROJECT_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all demo bench clean-venv lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first (CPU build from local disk), then everything else with torch pinned as a constraint.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check retro_ray tests benchmarks
+
+demo: install
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh $(PROJECT_DIR)
+
+clean-venv:
+	rm -rf $(VENV)
