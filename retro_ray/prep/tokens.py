@@ -1,0 +1,257 @@
+"""Stage ``prep``: corpus → normalised documents → GPT tokenizer → token datasets per split.
+
+Steps, each committed atomically and skipped on a rerun once done:
+
+1. ingest   stream the corpus into data/docs.parquet (normalised, empty and duplicate docs dropped)
+2. split    seeded document-level shuffle into train / valid / test (data/doc_split.npy)
+3. tokenizer  train byte-level BPE on the train split, or convert the one given (tokenizer/)
+4. tokenize   Ray Data, one task per block of documents → data/_blocks/<block>.npz
+5. merge      the blocks, in order, into data/<split>.bin/.idx (Megatron MMIDIDX) and
+              data/<split>_doc_ids.npy (the docs.parquet row of each document)
+
+Every document is followed by the end-of-document token, as Megatron's ``--append-eod`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from retro_ray import config as C
+from retro_ray.corpus import ingest
+from retro_ray.errors import RetroRayError
+from retro_ray.indexed import IndexedDataset, IndexedDatasetWriter
+from retro_ray.project import SPLITS, Project, Report, atomic_write_json, tmp_path_for
+from retro_ray.runtime import connect, run_block_tasks
+from retro_ray.tokenizer import load_tokenizer, load_user_tokenizer, token_dtype, train_tokenizer
+
+log = logging.getLogger(__name__)
+STAGE = "prep"
+
+
+def split_sizes(n_docs: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Documents per split: cumulative rounding, so the sizes add up to ``n_docs`` exactly."""
+    bounds = [0]
+    acc = 0.0
+    for f in fractions:
+        acc += f
+        bounds.append(int(round(acc * n_docs)))
+    bounds[-1] = n_docs
+    return tuple(bounds[i + 1] - bounds[i] for i in range(3))  # type: ignore[return-value]
+
+
+def assign_splits(n_docs: int, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """uint8 [n_docs]: 0 train, 1 valid, 2 test, by a seeded shuffle of the documents."""
+    sizes = split_sizes(n_docs, fractions)
+    order = np.random.default_rng(seed).permutation(n_docs)
+    out = np.empty(n_docs, dtype=np.uint8)
+    start = 0
+    for s, size in enumerate(sizes):
+        out[order[start:start + size]] = s
+        start += size
+    return out
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = tmp_path_for(path)
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def _iter_split_texts(docs_path: Path, doc_split: np.ndarray, split: int):
+    pf = pq.ParquetFile(docs_path)
+    for rg in range(pf.num_row_groups):
+        t = pf.read_row_group(rg, columns=["doc_id", "text"])
+        ids = t.column("doc_id").to_numpy()
+        keep = doc_split[ids] == split
+        for text, k in zip(t.column("text").to_pylist(), keep):
+            if k:
+                yield text
+
+
+# A worker process keeps its tokenizer between tasks (loading it takes a moment).
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _cached_tokenizer(path: str):
+    tok = _TOKENIZERS.get(path)
+    if tok is None:
+        tok = _TOKENIZERS[path] = load_tokenizer(Path(path))
+    return tok
+
+
+def tokenize_block(item: dict) -> dict:
+    """Tokenize one row group of docs.parquet; write its tokens per split to a .npz block file."""
+    out = Path(item["out"])
+    tok = _cached_tokenizer(item["tokenizer"])
+    table = pq.ParquetFile(item["docs"]).read_row_group(item["block"], columns=["doc_id", "text"])
+    doc_ids = table.column("doc_id").to_numpy().astype(np.int64)
+    texts = table.column("text").to_pylist()
+    split_of = np.load(item["doc_split"], mmap_mode="r")[doc_ids]
+    eod = item["eod_id"]
+    dtype = np.dtype(item["dtype"])
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int32, count=len(encodings))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    pos = 0
+    for e in encodings:
+        n = len(e.ids)
+        flat[pos:pos + n] = e.ids
+        flat[pos + n] = eod
+        pos += n + 1
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    arrays = {}
+    for s, name in enumerate(SPLITS):
+        sel = np.flatnonzero(split_of == s)
+        arrays[f"{name}_doc_ids"] = doc_ids[sel]
+        arrays[f"{name}_lengths"] = lengths[sel]
+        arrays[f"{name}_tokens"] = (
+            np.concatenate([flat[starts[i]:starts[i + 1]] for i in sel]) if len(sel) else np.zeros(0, dtype)
+        )
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, out)
+    return {"block_key": item["block_key"], "docs": len(texts), "tokens": int(lengths.sum())}
+
+
+def _prepare_tokenizer(project: Project, cfg: C.ProjectConfig, doc_split: np.ndarray, progress: bool) -> None:
+    if project.tokenizer_path.is_file():
+        return
+    if cfg.tokenizer.path:
+        tok = load_user_tokenizer(cfg.tokenizer.path, cfg.tokenizer)
+        log.info("tokenizer: using %s (%d tokens)", cfg.tokenizer.path, tok.get_vocab_size())
+    else:
+        if not (doc_split == 0).any():
+            raise RetroRayError(
+                f"split={cfg.split!r} leaves no training documents to train the tokenizer on; "
+                "give the train split a positive weight."
+            )
+        tok = train_tokenizer(_iter_split_texts(project.docs_path, doc_split, 0), cfg.tokenizer, progress=progress)
+        log.info("tokenizer: trained byte-level BPE, %d tokens", tok.get_vocab_size())
+    project.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(project.tokenizer_path)
+    tok.save(str(tmp))
+    os.replace(tmp, project.tokenizer_path)
+
+
+def check_project_config(project: Project, cfg: C.ProjectConfig, overwrite: bool) -> None:
+    """Refuse a project directory that holds another configuration, unless told to start over."""
+    if overwrite:
+        project.wipe()
+        return
+    if not project.has_config():
+        return
+    recorded = project.read_config_dict()
+    recorded.pop("_derived", None)
+    differences = C.diff(recorded, C.to_dict(cfg))
+    if differences:
+        shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, old, new in differences[:6])
+        more = f" (and {len(differences) - 6} more)" if len(differences) > 6 else ""
+        raise RetroRayError(
+            f"{project.root} holds a project with another configuration ({shown}{more}); "
+            "use the same settings to resume, another --project-dir, or --overwrite to start over."
+        )
+
+
+def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.PrepRunConfig(), *,
+        overwrite: bool = False, progress: bool = True, address: str | None = None) -> Report:
+    cfg.validate()
+    if run_cfg.docs_per_block <= 0:
+        raise RetroRayError(f"prep.docs_per_block={run_cfg.docs_per_block} must be positive.")
+    check_project_config(project, cfg, overwrite)
+    if project.is_done(STAGE):
+        report = project.report(STAGE)
+        report.skipped = True
+        return report
+    project.root.mkdir(parents=True, exist_ok=True)
+    project.write_config(cfg)
+    for d in (project.root, project.data_dir, project.prep_blocks_dir, project.tokenizer_dir):
+        project.remove_stale_temporaries(d)
+    timings: dict[str, float] = {}
+
+    # 1. ingest
+    t0 = time.perf_counter()
+    stats_path = project.data_dir / "ingest_stats.json"
+    if not project.docs_path.is_file():
+        stats = ingest(cfg.corpus, project.docs_path, run_cfg.docs_per_block, progress=progress)
+        atomic_write_json(stats_path, stats.as_counts())
+    counts = json.loads(stats_path.read_text())
+    timings["ingest"] = time.perf_counter() - t0
+    n_docs = counts["documents_kept"]
+
+    # 2. split
+    if not project.doc_split_path.is_file():
+        _save_npy(project.doc_split_path, assign_splits(n_docs, cfg.split_fractions(), cfg.seed))
+    doc_split = np.load(project.doc_split_path)
+
+    # 3. tokenizer
+    t0 = time.perf_counter()
+    _prepare_tokenizer(project, cfg, doc_split, progress)
+    tok = load_tokenizer(project.tokenizer_path)
+    eod_id = tok.token_to_id(cfg.tokenizer.eod_token)
+    vocab_size = tok.get_vocab_size()
+    dtype = np.dtype(token_dtype(vocab_size))
+    timings["tokenizer"] = time.perf_counter() - t0
+
+    # 4. tokenize blocks (Ray Data), skipping blocks already written
+    t0 = time.perf_counter()
+    n_blocks = pq.ParquetFile(project.docs_path).num_row_groups
+    block_files = [project.prep_blocks_dir / f"{b:06d}.npz" for b in range(n_blocks)]
+    todo = [
+        {"block_key": b, "block": b, "out": str(block_files[b]), "docs": str(project.docs_path),
+         "doc_split": str(project.doc_split_path), "tokenizer": str(project.tokenizer_path),
+         "eod_id": eod_id, "dtype": dtype.str}
+        for b in range(n_blocks) if not block_files[b].is_file()
+    ]
+    if todo:
+        connect(address, progress)
+        run_block_tasks(tokenize_block, todo, run_cfg.cpus_per_task, "tokenize")
+    timings["tokenize"] = time.perf_counter() - t0
+
+    # 5. merge blocks into one token dataset per split
+    t0 = time.perf_counter()
+    split_docs, split_tokens = {}, {}
+    for s, name in enumerate(SPLITS):
+        writer = IndexedDatasetWriter(project.token_prefix(name), dtype)
+        ids = []
+        try:
+            for path in block_files:
+                with np.load(path) as z:
+                    writer.add_documents(z[f"{name}_tokens"], z[f"{name}_lengths"])
+                    ids.append(z[f"{name}_doc_ids"])
+            doc_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            _save_npy(project.doc_ids_path(name), doc_ids)
+            writer.finalize()
+        except BaseException:
+            writer.abort()
+            raise
+        split_docs[name] = int(len(doc_ids))
+        split_tokens[name] = IndexedDataset(project.token_prefix(name)).num_tokens
+    timings["merge"] = time.perf_counter() - t0
+    project.update_derived(
+        vocab_size=vocab_size, eod_id=eod_id, token_dtype=dtype.name,
+        docs_per_split=split_docs, tokens_per_split=split_tokens,
+    )
+    report = Report(
+        stage=STAGE,
+        counts={**counts, **{f"{k}_docs": v for k, v in split_docs.items()},
+                **{f"{k}_tokens": v for k, v in split_tokens.items()}, "vocab_size": vocab_size},
+        timings=timings,
+        outputs=[str(project.token_prefix(n)) + ".bin/.idx" for n in SPLITS] + [str(project.tokenizer_path)],
+    )
+    project.mark_done(report)
+    # The per-block files are only a resume aid; the merged datasets are the output.
+    for p in block_files:
+        p.unlink(missing_ok=True)
+    if project.prep_blocks_dir.is_dir():
+        project.prep_blocks_dir.rmdir()
+    return report

@@ -1,0 +1,33 @@
+"""Shared fixtures. Integration test modules each start their own local Ray cluster (module scope)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def wiki_docs() -> list[tuple[str, str]]:
+    """(title, text) of the first 400 documents of the bundled default corpus."""
+    from retro_ray.config import CorpusConfig
+    from retro_ray.corpus import IngestStats, iter_raw_documents
+
+    docs = []
+    for title, text in iter_raw_documents(CorpusConfig(), IngestStats()):
+        docs.append((title, text))
+        if len(docs) == 400:
+            break
+    return docs
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path

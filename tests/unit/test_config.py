@@ -1,0 +1,113 @@
+import dataclasses
+
+import pytest
+
+from retro_ray import config as C
+from retro_ray.errors import RetroRayError
+
+
+def test_overrides_build_nested_config():
+    d = C.parse_overrides(["corpus.path=/data/docs.jsonl", "corpus.text_field=body", "split=98,2,0", "seed=7"])
+    cfg = C.build(C.ProjectConfig, d)
+    assert cfg.corpus.path == "/data/docs.jsonl"
+    assert cfg.corpus.text_field == "body"
+    assert cfg.split == "98,2,0"
+    assert cfg.seed == 7
+    assert cfg.chunk_length == 64  # untouched default
+    assert cfg.split_fractions() == (0.98, 0.02, 0.0)
+
+
+def test_configs_are_frozen():
+    cfg = C.ProjectConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_unknown_key_names_accepted_keys():
+    with pytest.raises(RetroRayError, match=r"unknown config key corpus\.txt_field; accepted keys under corpus: path, format, text_field"):
+        C.build(C.ProjectConfig, C.parse_overrides(["corpus.txt_field=body"]))
+    with pytest.raises(RetroRayError, match=r"unknown config key chunk_len;.*chunk_length"):
+        C.build(C.ProjectConfig, C.parse_overrides(["chunk_len=32"]))
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(RetroRayError, match=r"chunk_length='abc' is not an int"):
+        C.build(C.ProjectConfig, C.parse_overrides(["chunk_length=abc"]))
+    with pytest.raises(RetroRayError, match=r"seed=1.5 is not an int"):
+        C.build(C.ProjectConfig, C.parse_overrides(["seed=1.5"]))
+    with pytest.raises(RetroRayError, match=r"corpus is a section"):
+        C.build(C.ProjectConfig, C.parse_overrides(["corpus=foo"]))
+
+
+def test_override_syntax_error():
+    with pytest.raises(RetroRayError, match="is not key=value"):
+        C.parse_overrides(["chunk_length"])
+
+
+@pytest.mark.parametrize("split", ["abc", "1,2,3,4", "", "0,0,0", "-1,2"])
+def test_bad_split(split):
+    cfg = C.ProjectConfig(split=split)
+    with pytest.raises(RetroRayError, match="split="):
+        cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(chunk_length=0), "chunk_length=0 must be positive"),
+        (dict(chunk_length=-3), "must be positive"),
+        (dict(chunk_length=128, seq_length=64), "larger than seq_length"),
+        (dict(chunk_length=64, seq_length=100), "not a multiple of chunk_length"),
+    ],
+)
+def test_bad_lengths(kw, match):
+    with pytest.raises(RetroRayError, match=match):
+        C.ProjectConfig(**kw).validate()
+
+
+def test_optional_and_empty():
+    cfg = C.build(C.ProjectConfig, C.parse_overrides(["index.ntrain=", "tokenizer.path=null"]))
+    assert cfg.index.ntrain is None and cfg.tokenizer.path is None
+    cfg = C.build(C.ProjectConfig, C.parse_overrides(["index.ntrain=5000"]))
+    assert cfg.index.ntrain == 5000
+
+
+def test_round_trip_through_dict():
+    cfg = C.build(C.ProjectConfig, C.parse_overrides(["seed=9", "corpus.path=x.jsonl"]))
+    assert C.build(C.ProjectConfig, C.to_dict(cfg)) == cfg
+
+
+def test_every_shipped_yaml_loads():
+    files = sorted(C.shipped_config_dir().glob("*.yaml"))
+    assert {f.name for f in files} >= {"defaults.yaml", "demo.yaml"}
+    for f in files:
+        data = C.load_yaml(f)
+        run_sections = {k: data.pop(k) for k in ("prep", "db") if k in data}
+        C.build(C.ProjectConfig, data).validate()
+        C.build(C.PrepRunConfig, run_sections.get("prep"))
+        C.build(C.DbRunConfig, run_sections.get("db"))
+
+
+def test_defaults_yaml_matches_dataclasses():
+    data = C.load_yaml(C.shipped_config_dir() / "defaults.yaml")
+    assert C.build(C.PrepRunConfig, data.pop("prep")) == C.PrepRunConfig()
+    assert C.build(C.DbRunConfig, data.pop("db")) == C.DbRunConfig()
+    assert C.build(C.ProjectConfig, data) == C.ProjectConfig()
+    # and nothing in the dataclass is missing from the YAML
+    assert set(C.flatten(data)) == set(C.flatten(C.to_dict(C.ProjectConfig())))
+
+
+def test_help_lists_every_field_with_text():
+    rows = C.field_help(C.ProjectConfig)
+    keys = [k for k, _, _ in rows]
+    assert "corpus.text_field" in keys and "index.ntrain" in keys and "chunk_length" in keys
+    assert all(text for _, _, text in rows)
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("a: [1, 2\n")
+    with pytest.raises(RetroRayError, match="not valid YAML"):
+        C.load_yaml(p)
+    with pytest.raises(RetroRayError, match="does not exist"):
+        C.load_yaml(tmp_path / "missing.yaml")
