@@ -1,0 +1,346 @@
+"""Exact tests of the RETRO model: causality, the CCA shift, neighbour masking, config handling.
+
+Models run in float64 and eval mode (the tiny config has no dropout anyway), so "unchanged" is
+checked with torch.equal and "changed" with a margin far above rounding.
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retro_ray.errors import RetroRayError
+from retro_ray.model import RetroConfig, RetroModel
+from retro_ray.model.retro import (
+    IGNORE_INDEX,
+    ChunkedCrossAttention,
+    DecoderLayer,
+    RetroSettings,
+    _Retrieval,
+    default_retro_layers,
+    rotary_cos_sin,
+)
+
+M = 16  # tiny config chunk_length
+N = 64  # tiny config seq_length
+C = N // M
+K = 2
+R = 2 * M
+V = 256
+
+
+def make_model(**overrides) -> RetroModel:
+    torch.manual_seed(0)
+    return RetroModel(RetroConfig.tiny(**overrides)).double().eval()
+
+
+def make_inputs(batch: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (batch, N), generator=g)
+    neighbors = torch.randint(0, V, (batch, C, K, R), generator=g)
+    return tokens, neighbors
+
+
+@pytest.fixture(scope="module")
+def model() -> RetroModel:
+    return make_model()
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a - b).abs().max().item() > 1e-9
+
+
+# ---- causality -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [1, M - 2, M - 1, M, M + 1, 2 * M - 1, 2 * M, 3 * M - 1, N - 1])
+def test_future_tokens_do_not_change_past_logits(model, t):
+    tokens, neighbors = make_inputs()
+    g = torch.Generator().manual_seed(100 + t)
+    changed = tokens.clone()
+    changed[:, t:] = torch.randint(0, V, (2, N - t), generator=g)
+    assert not torch.equal(changed[:, t:], tokens[:, t:])
+    with torch.no_grad():
+        a = model(tokens, neighbors).logits
+        b = model(changed, neighbors).logits
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert differs(a[:, t:], b[:, t:])
+
+
+@pytest.mark.parametrize("j", range(C))
+def test_chunk_neighbours_reach_exactly_from_its_last_token(model, j):
+    tokens, neighbors = make_inputs()
+    changed = neighbors.clone()
+    changed[:, j] = torch.randint(0, V, (2, K, R), generator=torch.Generator().manual_seed(200 + j))
+    boundary = (j + 1) * M - 1  # chunk j's last token: the first that may see chunk j's neighbours
+    with torch.no_grad():
+        a = model(tokens, neighbors).logits
+        b = model(tokens, changed).logits
+    assert torch.equal(a[:, :boundary], b[:, :boundary])
+    assert differs(a[:, boundary], b[:, boundary])
+    if j + 1 < C:  # the next chunk's first m-1 tokens read chunk j's neighbours directly
+        assert differs(a[:, boundary + M - 1], b[:, boundary + M - 1])
+
+
+def test_first_m_minus_1_tokens_get_no_cca_update(model):
+    tokens, neighbors = make_inputs()
+    with torch.no_grad():
+        a = model(tokens, neighbors).logits
+        b = model(tokens).logits
+    assert torch.equal(a[:, : M - 1], b[:, : M - 1])
+    assert differs(a[:, M - 1], b[:, M - 1])
+
+
+@pytest.mark.parametrize("t", [M - 1, M, M + 5, 2 * M - 1, 3 * M + 3])
+def test_prefix_gives_the_same_logits(model, t):
+    """A prefix of any length, with the neighbours of its complete chunks, reproduces the full run."""
+    tokens, neighbors = make_inputs()
+    with torch.no_grad():
+        full = model(tokens, neighbors).logits
+        prefix = model(tokens[:, :t], neighbors[:, : t // M]).logits
+    torch.testing.assert_close(prefix, full[:, :t], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [N, 3 * M + 5])
+def test_cca_matches_a_per_token_reference(n):
+    """Token p's CCA update is its own query attending to chunk ((p+1)//m - 1)'s neighbours, or 0."""
+    torch.manual_seed(0)
+    cfg = RetroConfig.tiny()
+    cca = ChunkedCrossAttention(cfg).double().eval()
+    d, chunks = cfg.hidden_size, n // M
+    x = torch.randn(2, n, d, dtype=torch.float64)
+    encoded = torch.randn(2, chunks, K, R, d, dtype=torch.float64)
+    mask = torch.ones(2, chunks, K, dtype=torch.bool)
+    mask[0, 1, 0] = False  # one neighbour missing
+    mask[1, 2] = False  # a chunk with no neighbour at all
+    retrieval = _Retrieval(encoder=None, embedded=None, mask=mask)
+    retrieval.encoded = encoded  # stands in for the encoder
+    with torch.no_grad():
+        out = cca(x, retrieval)
+        expected = torch.zeros_like(x)
+        for b in range(2):
+            for p in range(M - 1, n):
+                j = (p + 1) // M - 1
+                keys = encoded[b, j].reshape(1, K * R, d)
+                key_mask = mask[b, j].repeat_interleave(R)[None]
+                expected[b, p] = cca.attn(x[b, p][None, None], keys, key_mask)[0, 0]
+    empty = expected[1, 3 * M - 1 : 4 * M - 1]  # the positions that read batch 1's chunk 2
+    assert len(empty) > 0 and torch.equal(empty, torch.zeros_like(empty))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_wrong_neighbour_chunk_count_is_rejected(model):
+    tokens, neighbors = make_inputs()
+    with pytest.raises(ValueError, match="neighbor_tokens must be"):
+        model(tokens, neighbors[:, :2])
+
+
+# ---- retro on / off ------------------------------------------------------------------------------
+
+
+def test_disabled_retro_is_a_plain_gpt_that_ignores_neighbours():
+    plain = make_model(retro=RetroSettings(enabled=False))
+    names = [name for name, _ in plain.named_parameters()]
+    assert plain.encoder is None
+    assert not any("encoder" in name or "cca" in name for name in names)
+    tokens, neighbors = make_inputs()
+    with torch.no_grad():
+        a = plain(tokens).logits
+        b = plain(tokens, neighbors).logits
+    assert torch.equal(a, b)
+
+    # The retro model's decoder has the same parameter names; without neighbours it is that GPT.
+    retro = make_model()
+    result = retro.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all(".cca." in k or ".ln_cca." in k or k.startswith("encoder.")
+                                       for k in result.missing_keys)
+    with torch.no_grad():
+        assert torch.equal(retro(tokens).logits, a)
+
+
+def test_enabled_without_neighbours_runs(model):
+    tokens, _ = make_inputs()
+    out = model(tokens, labels=tokens)
+    assert out.logits.shape == (2, N, V)
+    assert torch.isfinite(out.loss)
+
+
+def test_gradients_reach_encoder_and_cca():
+    model = make_model()
+    tokens, neighbors = make_inputs()
+    labels = torch.roll(tokens, -1, dims=1)
+    model(tokens, neighbors, labels=labels).loss.backward()
+    checked = 0
+    for name, p in model.named_parameters():
+        if name.startswith("encoder.") or ".cca." in name:
+            assert p.grad is not None and p.grad.abs().max() > 0, name
+            checked += 1
+    assert checked > 20
+    assert model.token_embedding.weight.grad.abs().max() > 0
+
+
+# ---- neighbour mask ------------------------------------------------------------------------------
+
+
+def test_fully_masked_chunk_is_finite_and_gets_no_update(model):
+    tokens, neighbors = make_inputs()
+    mask = torch.ones(2, C, K, dtype=torch.bool)
+    mask[:, 1] = False  # chunk 1 has no neighbour
+    with torch.no_grad():
+        masked = model(tokens, neighbors, mask).logits
+        assert torch.isfinite(masked).all()
+        # Every neighbour missing is exactly retrieval off.
+        none = model(tokens, neighbors, torch.zeros(2, C, K, dtype=torch.bool)).logits
+        off = model(tokens).logits
+    assert torch.equal(none, off)
+
+
+def test_masking_a_neighbour_equals_removing_it(model):
+    tokens, neighbors = make_inputs()
+    mask = torch.ones(2, C, K, dtype=torch.bool)
+    mask[:, :, 1] = False
+    with torch.no_grad():
+        masked = model(tokens, neighbors, mask).logits
+        removed = model(tokens, neighbors[:, :, :1]).logits
+        # A missing database row (-1 ids) needs no mask: it counts as missing by itself.
+        minus_one = neighbors.clone()
+        minus_one[:, :, 1] = -1
+        implicit = model(tokens, minus_one).logits
+        full = model(tokens, neighbors).logits
+    torch.testing.assert_close(masked, removed, rtol=0, atol=1e-12)
+    torch.testing.assert_close(implicit, removed, rtol=0, atol=1e-12)
+    assert differs(masked, full)
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+
+
+def test_loss_ignores_masked_labels(model):
+    tokens, neighbors = make_inputs()
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    labels[0, :10] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(tokens, neighbors, labels=labels)
+        keep = labels != IGNORE_INDEX
+        expected = F.cross_entropy(out.logits[keep], labels[keep])
+        torch.testing.assert_close(out.loss, expected.float())
+        nothing = model(tokens, neighbors, labels=torch.full_like(labels, IGNORE_INDEX)).loss
+    assert nothing.item() == 0.0
+
+
+# ---- incremental decoding readiness --------------------------------------------------------------
+
+
+def test_self_attention_with_past_kv_matches_full_pass():
+    torch.manual_seed(0)
+    cfg = RetroConfig.tiny()
+    layer = DecoderLayer(cfg, with_cca=False).double().eval()
+    x = torch.randn(2, 10, cfg.hidden_size, dtype=torch.float64)
+    cos, sin = rotary_cos_sin(torch.arange(10), cfg.head_dim, x.dtype)
+    with torch.no_grad():
+        full, _ = layer(x, cos, sin)
+        first, past = layer(x[:, :6], cos[:6], sin[:6])
+        rest, past = layer(x[:, 6:9], cos[6:9], sin[6:9], past_kv=past)  # several tokens against a cache
+        last, past = layer(x[:, 9:], cos[9:], sin[9:], past_kv=past)  # one token
+    assert past[0].shape == (2, cfg.num_attention_heads, 10, cfg.head_dim)
+    torch.testing.assert_close(torch.cat((first, rest, last), dim=1), full, rtol=0, atol=1e-12)
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+
+def test_default_retro_layers():
+    assert default_retro_layers(12) == (6, 9, 12)
+    assert default_retro_layers(24) == (9, 12, 15, 18, 21, 24)
+    assert RetroConfig(num_layers=12).decoder_retro_layers == (6, 9, 12)
+    assert RetroConfig(num_layers=24).decoder_retro_layers == (9, 12, 15, 18, 21, 24)
+    assert RetroConfig(retro=RetroSettings(enabled=False)).decoder_retro_layers == ()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"seq_length": 100}, r"seq_length=100 is not a multiple of chunk_length=16; set seq_length"),
+        ({"hidden_size": 66}, r"hidden_size=66 is not divisible by num_attention_heads=4; set hidden_size"),
+        ({"hidden_size": 12, "num_attention_heads": 4}, r"head size .* is odd"),
+        ({"retro": RetroSettings(retro_layers=(2, 5))}, r"retro_layers contains 5, outside 1\.\.num_layers=4"),
+        ({"retro": RetroSettings(retro_layers=(0,))}, r"retro_layers contains 0"),
+        ({"retro": RetroSettings(retro_layers=(2, 2))}, r"lists a layer twice"),
+        ({"retro": RetroSettings()}, r"no decoder layer has chunked cross-attention.*retro_layers"),
+        ({"retro": RetroSettings(retro_layers=(2,), retro_encoder_cross_attention_layers=(3,))},
+         r"retro_encoder_cross_attention_layers contains 3"),
+        ({"retro": RetroSettings(retro_layers=(2,), retro_num_neighbors=0)}, r"retro_num_neighbors=0 must be"),
+        ({"hidden_dropout": 1.5}, r"hidden_dropout=1.5 must be a probability"),
+        ({"vocab_size": 0}, r"vocab_size=0 must be a positive integer"),
+    ],
+)
+def test_config_validation_messages(overrides, match):
+    config = RetroConfig.tiny(**overrides)
+    with pytest.raises(RetroRayError, match=match):
+        config.validate()
+    with pytest.raises(RetroRayError, match=match):
+        RetroModel(config)
+
+
+def test_disabled_retro_skips_retro_checks():
+    RetroConfig.tiny(retro=RetroSettings(enabled=False, retro_layers=(99,))).validate()
+
+
+def test_config_dict_round_trip():
+    config = RetroConfig.tiny()
+    data = json.loads(json.dumps(config.to_dict()))
+    assert RetroConfig.from_dict(data) == config
+    assert RetroConfig.from_dict(RetroConfig().to_dict()) == RetroConfig()
+    assert isinstance(data["retro"]["retro_layers"], list)
+    with pytest.raises(RetroRayError, match=r"unknown key\(s\) \['hiden_size'\]"):
+        RetroConfig.from_dict({**data, "hiden_size": 64})
+    with pytest.raises(RetroRayError, match="'retro' section"):
+        RetroConfig.from_dict({**data, "retro": {**data["retro"], "k": 1}})
+    model = RetroModel.from_config(data)
+    assert model.config == config
+
+
+def test_every_field_has_help():
+    for cls in (RetroConfig, RetroSettings):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
+
+
+# ---- parameters and FLOPs ------------------------------------------------------------------------
+
+
+def test_num_parameters(model):
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert model.num_parameters(exclude_embeddings=True) == model.num_parameters() - V * 64
+
+
+def test_gpt2_small_size_and_flops():
+    with torch.device("meta"):  # no memory, no init cost
+        plain = RetroModel(RetroConfig(retro=RetroSettings(enabled=False)))
+        retro = RetroModel(RetroConfig())
+    n_params = plain.num_parameters()
+    # GPT-2 small is 124M with a 1024-row learned position table; RoPE has none.
+    assert 122e6 < n_params < 125e6
+    assert retro.num_parameters() > n_params
+    assert len(retro.retro_layers) == 3
+    c = plain.config
+    attention = 12 * c.num_layers * c.seq_length * c.hidden_size
+    # Matmul FLOPs match 6N + 12*L*n*d up to the biases and norms left out of the estimate.
+    assert math.isclose(plain.flops_per_token(), 6 * n_params + attention, rel_tol=2e-3)
+    assert retro.flops_per_token() > plain.flops_per_token()
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = RetroModel(RetroConfig(num_layers=8, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4,
+                                   seq_length=128, vocab_size=512, retro=RetroSettings(retro_layers=(4, 8))))
+    std = model.config.init_method_std
+    assert model.layers[0].attn.qkv.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert model.layers[0].mlp.fc_out.weight.std().item() == pytest.approx(std / math.sqrt(16), rel=0.05)
+    assert model.layers[3].cca.attn.out_proj.weight.std().item() == pytest.approx(std / 4, rel=0.05)
+    assert model.encoder.layers[0].attn.out_proj.weight.std().item() == pytest.approx(std / 2, rel=0.05)
