@@ -7,6 +7,7 @@ the user can fix (:class:`RetroRayError`) is printed as one line and exits with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import textwrap
@@ -16,8 +17,20 @@ from retro_ray.errors import RetroRayError
 from retro_ray.project import Project
 
 # Stage name → (its run-settings dataclass, the section name of its overrides)
-RUN_CONFIGS = {"prep": C.PrepRunConfig, "db": C.DbRunConfig}
-STAGES = ("prep", "db")
+# The overrides section of each stage's run settings (index-train / index-add share `index`'s).
+RUN_SECTION = {"prep": "prep", "db": "db", "embed": "embed", "index": "index", "index-train": "index",
+               "index-add": "index", "query": "query"}
+STAGE_HELP = {
+    "prep": "corpus → tokenizer → token datasets (data/, tokenizer/)",
+    "db": "token datasets → chunk database (db/merged/*.hdf5)",
+    "embed": "every chunk → a BERT embedding (embeddings/), Ray Data + actor pool",
+    "index": "index-train then index-add",
+    "index-train": "train the Faiss index on the sampled chunks (index/<type>/<str>/empty.faissindex)",
+    "index-add": "add every chunk, in IndexShard actors (shards/ + added.faissindex)",
+    "query": "neighbours for every chunk of every train / valid sample (query/<split>_<hash>/)",
+}
+STAGES = tuple(STAGE_HELP)
+RUN_CONFIGS = {stage: C.RUN_SECTIONS[section] for stage, section in RUN_SECTION.items()}
 
 
 def _help_table(cls: type, prefix: str = "") -> str:
@@ -34,10 +47,17 @@ def _epilog(stage: str) -> str:
     if stage == "prep":
         parts.append("preprocessing settings (recorded in <project>/config.json):\n" + _help_table(C.ProjectConfig))
     else:
-        parts.append("preprocessing settings come from <project>/config.json; repeating one is allowed, "
-                     "changing one is an error.")
+        text = ("preprocessing settings come from <project>/config.json; repeating one is allowed, "
+                "changing one is an error.")
+        owned = {"index": C.IndexSettings, "index-train": C.IndexSettings, "query": C.QuerySettings}.get(stage)
+        if owned is not None:
+            section = "index" if stage.startswith("index") else "query"
+            text += (f" Exception: the `{section}` settings below belong to this stage and may be set here"
+                     " until it has run (the new value is recorded in config.json):\n"
+                     + _help_table(owned, f"{section}."))
+        parts.append(text)
     parts.append(f"run settings of `{stage}` (change how it runs, not what it makes):\n"
-                 + _help_table(RUN_CONFIGS[stage], f"{stage}."))
+                 + _help_table(RUN_CONFIGS[stage], f"{RUN_SECTION[stage]}."))
     return "\n\n".join(parts)
 
 
@@ -47,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="RETRO on Ray: chunk database, embeddings, index, neighbours, training, serving.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage, text in (("prep", "corpus → tokenizer → token datasets (data/, tokenizer/)"),
-                        ("db", "token datasets → chunk database (db/merged/*.hdf5)")):
+    for stage, text in STAGE_HELP.items():
         p = sub.add_parser(stage, help=text, description=text, epilog=_epilog(stage),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--project-dir", required=True, help="the project directory")
@@ -61,19 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings, as in the list below")
     p = sub.add_parser("info", help="which stages are done, with their counts and sizes")
     p.add_argument("--project-dir", required=True)
+    p = sub.add_parser("search", help="print the database chunks nearest to a text",
+                       description="Embed TEXT, search the project's index, print the top chunks with their titles.")
+    p.add_argument("--project-dir", required=True)
+    p.add_argument("text")
+    p.add_argument("-k", type=int, default=5, help="how many chunks (default 5)")
+    p.add_argument("--sharded", action="store_true",
+                   help="search through IndexShard actors on Ray instead of the merged index in this process")
+    p.add_argument("--address", help="Ray cluster address, with --sharded")
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--ef-search", type=int)
     return parser
 
 
 def split_settings(stage: str, settings: dict) -> tuple[dict, dict]:
-    """Separate a stage's run settings (its own section) from preprocessing settings."""
-    settings = dict(settings)
-    run = settings.pop(stage, {}) or {}
-    for other in STAGES:
-        if other != stage and other in settings:
-            settings.pop(other)  # a shared YAML file may hold every stage's section
-    if not isinstance(run, dict):
-        raise RetroRayError(f"`{stage}` is a section of run settings; write e.g. {stage}.docs_per_block=1000.")
-    return settings, run
+    return C.split_run_settings(RUN_SECTION[stage], settings)
 
 
 def _settings(args) -> dict:
@@ -85,7 +106,7 @@ def cmd_stage(args) -> int:
     project = Project(args.project_dir)
     progress = not args.no_progress
     project_settings, run_settings = split_settings(args.command, _settings(args))
-    run_cfg = C.build(RUN_CONFIGS[args.command], run_settings, prefix=f"{args.command}.")
+    run_cfg = C.build(RUN_CONFIGS[args.command], run_settings, prefix=f"{RUN_SECTION[args.command]}.")
     if args.command == "prep":
         from retro_ray.prep import tokens
 
@@ -95,9 +116,48 @@ def cmd_stage(args) -> int:
         from retro_ray.prep import db
 
         report = db.run(project, run_cfg, project_settings, progress=progress, address=args.address)
+    elif args.command == "embed":
+        from retro_ray.prep import embed
+
+        report = embed.run(project, run_cfg, project_settings, progress=progress, address=args.address)
+    elif args.command in ("index", "index-train", "index-add"):
+        from retro_ray.prep import index
+
+        fn = {"index": index.run, "index-train": index.run_train, "index-add": index.run_add}[args.command]
+        report = fn(project, run_cfg, project_settings, progress=progress, address=args.address)
+    elif args.command == "query":
+        from retro_ray.prep import query
+
+        report = query.run(project, run_cfg, project_settings, progress=progress, address=args.address)
     else:  # pragma: no cover
         raise AssertionError(args.command)
     print(report.format())
+    return 0
+
+
+def cmd_search(args) -> int:
+    from retro_ray.retrieval.retriever import Retriever
+
+    project = Project(args.project_dir)
+    if args.sharded:
+        from retro_ray.runtime import connect
+
+        connect(args.address, progress=False)
+        retriever = Retriever.sharded(project, nprobe=args.nprobe, ef_search=args.ef_search)
+    else:
+        retriever = Retriever.local(project, nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.k < 1:
+        raise RetroRayError(f"-k {args.k}: ask for at least one chunk.")
+    found = retriever.search_texts([args.text], args.k)
+    ids = found.ids[0]
+    ids = ids[ids >= 0]
+    titles = retriever.db.titles(ids)
+    texts = retriever.db.texts(ids)
+    print(f"top {len(ids)} chunks for {args.text!r}:")
+    for rank, (cid, dist, title, text) in enumerate(zip(ids, found.distances[0], titles, texts), start=1):
+        snippet = " ".join(text.split())
+        print(f"{rank:>2}. [{title}] chunk {cid}  (distance {dist:.3f})")
+        print(f"    {snippet[:300]}{'…' if len(snippet) > 300 else ''}")
     return 0
 
 
@@ -111,10 +171,13 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "search":
+            return cmd_search(args)
         return cmd_stage(args)
     except RetroRayError as e:
         print(f"retro-ray: error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -37,7 +37,7 @@ def _help(text: str) -> dict:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    path: Optional[str] = field(
+    path: str | None = field(
         default=None,
         metadata=_help(
             "Corpus to read: a .jsonl / .jsonl.gz / .parquet file, a text file, or a directory of "
@@ -61,7 +61,7 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    path: Optional[str] = field(
+    path: str | None = field(
         default=None,
         metadata=_help(
             "A tokenizer.json, or a GPT-2 style vocab.json (merges.txt beside it), or a directory "
@@ -79,7 +79,7 @@ class TokenizerConfig:
 class EmbedderSettings:
     """The parts of the embedder that change the chunk database and the embeddings."""
 
-    model_dir: Optional[str] = field(
+    model_dir: str | None = field(
         default=None,
         metadata=_help(
             "Local BERT directory (config.json, weights, tokenizer). Empty = all-MiniLM-L6-v2 "
@@ -98,12 +98,33 @@ class IndexSettings:
         default="auto",
         metadata=_help("Faiss index_factory string, or auto (chosen from the database size). Megatron: retro_index_str."),
     )
-    ntrain: Optional[int] = field(
+    ntrain: int | None = field(
         default=None,
         metadata=_help(
             "Chunks sampled (seeded, uniformly) into db/merged/sampled.hdf5 to train the index. "
             "Empty = all train chunks up to 1,000,000. Megatron: retro_index_ntrain."
         ),
+    )
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    num_neighbors_query: int = field(
+        default=200,
+        metadata=_help("Candidates searched per chunk before same-document ones are dropped. Megatron: retro_query_num_neighbors_query."),
+    )
+    num_neighbors_save: int = field(
+        default=20,
+        metadata=_help("Neighbours kept per chunk (training uses the first k of them). Megatron: retro_query_num_neighbors_save."),
+    )
+    nprobe: int = field(default=64, metadata=_help("IVF lists probed per query. Megatron: retro_query_nprobe."))
+    ef_search: int = field(default=32, metadata=_help("HNSW search depth of the IVF quantizer. Megatron: retro_query_ef_search."))
+    train_samples: int | None = field(
+        default=None,
+        metadata=_help("Training samples of seq_length + 1 tokens to prepare neighbours for. Empty = one epoch of the train split."),
+    )
+    valid_samples: int | None = field(
+        default=None, metadata=_help("Validation samples. Empty = one epoch of the valid split.")
     )
 
 
@@ -127,8 +148,9 @@ class ProjectConfig:
     )
     embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
+    query: QuerySettings = field(default_factory=QuerySettings)
 
-    def validate(self) -> "ProjectConfig":
+    def validate(self) -> ProjectConfig:
         if self.chunk_length <= 0:
             raise RetroRayError(f"chunk_length={self.chunk_length} must be positive; set chunk_length=64 (the paper's).")
         if self.seq_length <= 0:
@@ -161,6 +183,14 @@ class ProjectConfig:
             raise RetroRayError("embedder.max_chunk_length must be positive; the default is 256.")
         if self.index.ntrain is not None and self.index.ntrain <= 0:
             raise RetroRayError(f"index.ntrain={self.index.ntrain} must be positive, or empty for the default.")
+        q = self.query
+        if q.num_neighbors_save <= 0 or q.num_neighbors_query < q.num_neighbors_save:
+            raise RetroRayError(
+                f"query.num_neighbors_query={q.num_neighbors_query} must be >= query.num_neighbors_save="
+                f"{q.num_neighbors_save} > 0: candidates from the sample's own documents are dropped before saving."
+            )
+        if q.nprobe <= 0 or q.ef_search <= 0:
+            raise RetroRayError("query.nprobe and query.ef_search must be positive.")
         return self
 
     def split_fractions(self) -> tuple[float, float, float]:
@@ -200,6 +230,84 @@ class DbRunConfig:
         default=2000, metadata=_help("Documents per block: the unit of parallel chunking and of resume.")
     )
     cpus_per_task: float = field(default=1.0, metadata=_help("Ray CPUs reserved by each chunking task."))
+
+
+@dataclass(frozen=True)
+class EmbedRunConfig:
+    chunks_per_block: int = field(
+        default=4096, metadata=_help("Chunks per block: the unit of an actor's work, of the output files and of resume.")
+    )
+    batch_size: int = field(default=64, metadata=_help("Chunks per forward pass of the embedder."))
+    precision: str = field(
+        default="auto",
+        metadata=_help("auto | fp32 | bf16 | fp16. auto: fp16 on GPU; bf16 on a CPU with native bf16 when it matches "
+                       "fp32 (cosine >= 0.999); else fp32. The choice is logged and recorded."),
+    )
+    num_actors: int | None = field(
+        default=None, metadata=_help("Embedder actors. Empty = one per GPU, or one per whole CPU of the cluster.")
+    )
+    cpus_per_actor: float = field(
+        default=0.9,
+        metadata=_help("Ray CPUs per embedder actor. Below 1 on purpose: a pool that reserves every CPU can starve "
+                       "Ray Data's own tasks and hang."),
+    )
+    use_gpu: str = field(default="auto", metadata=_help("auto | true | false: embed on GPUs (one actor per GPU)."))
+
+
+@dataclass(frozen=True)
+class IndexRunConfig:
+    num_shards: int = field(default=2, metadata=_help("IndexShard actors; each adds and serves a contiguous chunk-id range."))
+    cpus_per_shard: float = field(default=0.5, metadata=_help("Ray CPUs per shard actor."))
+    use_gpu: str = field(default="auto", metadata=_help("auto | true | false: train the index (k-means) on GPUs."))
+
+
+@dataclass(frozen=True)
+class QueryRunConfig:
+    samples_per_block: int = field(default=256, metadata=_help("Samples per block: the unit of parallel work and of resume."))
+    num_actors: int | None = field(default=None, metadata=_help("Query actors (embed + search). Empty = as for embed."))
+    cpus_per_actor: float = field(
+        default=0.75,
+        metadata=_help("Ray CPUs per query actor (below 1: see embed.cpus_per_actor; 0.75 lets two actors and two "
+                       "0.25-CPU index shards share 2 CPUs)."),
+    )
+    batch_size: int = field(default=64, metadata=_help("Chunks per forward pass of the embedder."))
+    use_gpu: str = field(default="auto", metadata=_help("auto | true | false: embed query chunks on GPUs."))
+
+
+# The section of overrides / YAML that holds each stage's run settings. `index` and `query` are
+# also preprocessing sections (index.index_str, query.nprobe): their keys are told apart by name.
+RUN_SECTIONS: dict[str, type] = {
+    "prep": PrepRunConfig, "db": DbRunConfig, "embed": EmbedRunConfig, "index": IndexRunConfig,
+    "query": QueryRunConfig,
+}
+
+
+def split_run_settings(section: str, settings: dict) -> tuple[dict, dict]:
+    """(preprocessing settings, run settings of ``section``) from one nested dict.
+
+    Run sections of other stages are dropped, so one YAML file can hold every stage's settings.
+    """
+    settings = dict(settings)
+    project_sections = {f.name for f in dataclasses.fields(ProjectConfig)}
+    run: dict = {}
+    for name, cls in RUN_SECTIONS.items():
+        raw = settings.pop(name, None)
+        if raw is None:
+            continue
+        if not isinstance(raw, dict):
+            raise RetroRayError(f"`{name}` is a section of settings; write e.g. {name}.<key>=<value>.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if name == section:
+            run = {k: v for k, v in raw.items() if k in fields}
+        rest = {k: v for k, v in raw.items() if k not in fields}
+        if rest:
+            if name not in project_sections:
+                k = next(iter(rest))
+                raise RetroRayError(
+                    f"unknown config key {name}.{k}; accepted keys under {name}: {', '.join(sorted(fields))}."
+                )
+            settings[name] = rest
+    return settings, run
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
@@ -41,7 +42,7 @@ class Report:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Report":
+    def from_dict(cls, d: dict) -> Report:
         return cls(**{k: d[k] for k in ("stage", "counts", "timings", "outputs", "skipped") if k in d})
 
     def format(self) -> str:
@@ -138,6 +139,17 @@ class Project:
         return self.db_dir / "merged" / f"{name}.hdf5"
 
     @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    def embedding_block(self, split: str, block: int) -> Path:
+        """float32 [chunks_in_block, dim]: the embeddings of one block of a split's chunks."""
+        return self.embeddings_dir / split / f"{block:06d}.npy"
+
+    def index_dir(self, index_type: str, index_dir_name: str) -> Path:
+        return self.root / "index" / index_type / index_dir_name
+
+    @property
     def stages_dir(self) -> Path:
         return self.root / ".stages"
 
@@ -182,20 +194,32 @@ class Project:
         d.setdefault("_derived", {}).update(values)
         atomic_write_json(self.config_path, d)
 
-    def check_overrides(self, overrides: dict) -> C.ProjectConfig:
-        """Later stages may repeat a preprocessing setting, but never change it silently."""
+    def check_overrides(self, overrides: dict, changeable: tuple[str, ...] = ()) -> C.ProjectConfig:
+        """Later stages may repeat a preprocessing setting, but never change it silently.
+
+        Keys that start with one of ``changeable`` (e.g. ``"query."``) belong to the calling stage,
+        which has not run yet: a new value is taken and recorded in config.json (and logged).
+        """
         recorded = self.read_config()
         if not overrides:
             return recorded
         wanted = C.build(C.ProjectConfig, C.merge(C.to_dict(recorded), overrides))
         conflicts = C.diff(C.to_dict(recorded), C.to_dict(wanted))
-        if conflicts:
-            k, old, new = conflicts[0]
+        fixed = [c for c in conflicts if not c[0].startswith(changeable) or not changeable]
+        if fixed:
+            k, old, new = fixed[0]
             raise RetroRayError(
                 f"{k}={new!r} was given but {self.config_path} has {k}={old!r} (set by prep); "
                 "drop the override, or rerun `retro-ray prep ... --overwrite` to start over with it."
             )
-        return recorded
+        if conflicts:
+            wanted.validate()
+            import logging
+
+            for k, old, new in conflicts:
+                logging.getLogger(__name__).info("%s: %r -> %r (recorded in config.json)", k, old, new)
+            self.write_config(wanted)
+        return wanted
 
     # ---------------------------------------------------------------- stage markers
     def marker_path(self, stage: str) -> Path:

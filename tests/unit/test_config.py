@@ -77,24 +77,39 @@ def test_round_trip_through_dict():
     assert C.build(C.ProjectConfig, C.to_dict(cfg)) == cfg
 
 
+def _project_yamls():
+    # train_*.yaml are training configs, loaded by tests/unit/test_train_config.py
+    return [f for f in sorted(C.shipped_config_dir().glob("*.yaml")) if not f.name.startswith("train_")]
+
+
 def test_every_shipped_yaml_loads():
-    files = sorted(C.shipped_config_dir().glob("*.yaml"))
+    files = _project_yamls()
     assert {f.name for f in files} >= {"defaults.yaml", "demo.yaml"}
     for f in files:
         data = C.load_yaml(f)
-        run_sections = {k: data.pop(k) for k in ("prep", "db") if k in data}
-        C.build(C.ProjectConfig, data).validate()
-        C.build(C.PrepRunConfig, run_sections.get("prep"))
-        C.build(C.DbRunConfig, run_sections.get("db"))
+        for section, cls in C.RUN_SECTIONS.items():
+            project, run = C.split_run_settings(section, data)
+            C.build(C.ProjectConfig, project).validate()
+            C.build(cls, run)
 
 
 def test_defaults_yaml_matches_dataclasses():
     data = C.load_yaml(C.shipped_config_dir() / "defaults.yaml")
-    assert C.build(C.PrepRunConfig, data.pop("prep")) == C.PrepRunConfig()
-    assert C.build(C.DbRunConfig, data.pop("db")) == C.DbRunConfig()
-    assert C.build(C.ProjectConfig, data) == C.ProjectConfig()
-    # and nothing in the dataclass is missing from the YAML
-    assert set(C.flatten(data)) == set(C.flatten(C.to_dict(C.ProjectConfig())))
+    for section, cls in C.RUN_SECTIONS.items():
+        project, run = C.split_run_settings(section, data)
+        assert C.build(cls, run) == cls(), section
+        assert set(run) == {f.name for f in dataclasses.fields(cls)}, section  # every run setting is listed
+    assert C.build(C.ProjectConfig, project) == C.ProjectConfig()
+    assert set(C.flatten(project)) == set(C.flatten(C.to_dict(C.ProjectConfig())))
+
+
+def test_run_settings_are_told_apart_from_preprocessing_ones():
+    project, run = C.split_run_settings("index", C.parse_overrides(["index.index_str=Flat", "index.num_shards=4",
+                                                                     "db.docs_per_block=9", "seed=3"]))
+    assert run == {"num_shards": 4}
+    assert project == {"index": {"index_str": "Flat"}, "seed": 3}
+    with pytest.raises(RetroRayError, match=r"unknown config key prep.docs_per_blok; accepted keys under prep"):
+        C.split_run_settings("prep", C.parse_overrides(["prep.docs_per_blok=3"]))
 
 
 def test_help_lists_every_field_with_text():

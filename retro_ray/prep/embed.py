@@ -1,0 +1,224 @@
+"""Stage ``embed``: every chunk of db/merged/{train,valid}.hdf5 → a BERT embedding.
+
+Ray Data over blocks of chunk ids → ``map_batches`` with :class:`EmbedChunks` (the embedder as a
+callable class) on an actor pool → one ``embeddings/<split>/<block>.npy`` (float32 [n, dim]) per
+block, written atomically; a rerun embeds only the blocks that are missing.
+
+Sizing: one actor per GPU when the cluster has GPUs; otherwise one actor per whole CPU, each
+reserving 0.9 CPU. Below 1 on purpose: an actor pool that reserves every CPU can starve Ray Data's
+own tasks and hang (seen on 2-CPU machines); each actor runs torch with as many threads as the
+CPUs it stands for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from retro_ray import config as C
+from retro_ray.errors import RetroRayError
+from retro_ray.project import Project, Report, atomic_write_json
+from retro_ray.runtime import connect
+
+log = logging.getLogger(__name__)
+STAGE = "embed"
+EMBED_SPLITS = ("train", "valid")
+
+
+class EmbedChunks:
+    """Callable class for ``map_batches``: a block of chunk ids in, its embeddings on disk."""
+
+    def __init__(self, project_root: str, model_dir: str | None, max_chunk_length: int, batch_size: int,
+                 precision: str, device: str, torch_threads: int) -> None:
+        import torch
+
+        from retro_ray.embedder import Embedder, EmbedderConfig
+        from retro_ray.indexed import IndexedDataset
+        from retro_ray.tokenizer import load_tokenizer
+
+        torch.set_num_threads(max(1, torch_threads))
+        self.project = Project(project_root)
+        self.gpt = load_tokenizer(self.project.tokenizer_path)
+        self.embedder = Embedder(EmbedderConfig(model_dir=model_dir, max_chunk_length=max_chunk_length,
+                                                batch_size=batch_size, precision=precision, device=device))
+        self.datasets = {s: IndexedDataset(self.project.token_prefix(s)) for s in EMBED_SPLITS}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from retro_ray.retrieval.chunks import decode_chunks
+
+        out: dict[str, list] = {"block_key": [], "chunks": [], "seconds": [], "precision": []}
+        for key, split, start, end, path in zip(batch["block_key"], batch["split"], batch["start"],
+                                                batch["end"], batch["out"]):
+            t0 = time.perf_counter()
+            with h5py.File(self.project.merged_db_path(str(split)), "r") as f:
+                rows = f["chunks"][int(start):int(end)]
+            texts = decode_chunks(self.datasets[str(split)], rows, self.gpt)
+            emb = self.embedder.embed(texts)
+            save_npy_atomic(Path(str(path)), emb)
+            out["block_key"].append(str(key))
+            out["chunks"].append(len(rows))
+            out["seconds"].append(time.perf_counter() - t0)
+            out["precision"].append(self.embedder.precision)
+        return out
+
+
+def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def _want_gpu(flag: str) -> bool:
+    import ray
+
+    flag = str(flag).lower()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if flag in ("true", "1", "yes"):
+        if gpus == 0:
+            raise RetroRayError("use_gpu=true but the Ray cluster has no GPU; set use_gpu=auto or false.")
+        return True
+    if flag in ("false", "0", "no"):
+        return False
+    if flag != "auto":
+        raise RetroRayError(f"use_gpu={flag!r} is not one of auto, true, false.")
+    return gpus > 0
+
+
+def actor_pool(num_actors: int | None, cpus_per_actor: float, use_gpu: str) -> dict:
+    """How many actors, with which resources, for an embedding pool on the connected cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus = res.get("CPU", 0)
+    if _want_gpu(use_gpu):
+        n = num_actors or int(res["GPU"])
+        return {"size": n, "num_gpus": 1, "num_cpus": 1, "device": "cuda", "threads": 1}
+    if cpus_per_actor <= 0:
+        raise RetroRayError("cpus_per_actor must be positive.")
+    n = num_actors or max(1, int(cpus // 1))
+    if n * cpus_per_actor > cpus:
+        raise RetroRayError(
+            f"{n} actors × {cpus_per_actor} CPUs do not fit the cluster's {cpus:g} CPUs; "
+            "lower num_actors or cpus_per_actor."
+        )
+    return {"size": n, "num_gpus": 0, "num_cpus": cpus_per_actor, "device": "cpu",
+            "threads": max(1, math.ceil(cpus_per_actor))}
+
+
+def plan_blocks(project: Project, chunks_per_block: int) -> list[dict]:
+    items = []
+    for split in EMBED_SPLITS:
+        with h5py.File(project.merged_db_path(split), "r") as f:
+            n = int(f["chunks"].shape[0])
+        for b, start in enumerate(range(0, n, chunks_per_block)):
+            items.append({"block_key": f"{split}/{b}", "split": split, "start": start,
+                          "end": min(start + chunks_per_block, n), "out": str(project.embedding_block(split, b))})
+    return items
+
+
+def load_embeddings(project: Project, split: str, chunk_ids: np.ndarray | None = None,
+                    start: int = 0, end: int | None = None) -> np.ndarray:
+    """Embeddings of a split's chunks: a contiguous range, or the rows ``chunk_ids`` (sorted or not)."""
+    per = int(project.report(STAGE).counts["chunks_per_block"])
+    if chunk_ids is not None:
+        chunk_ids = np.asarray(chunk_ids, dtype=np.int64)
+        blocks = chunk_ids // per
+        out = None
+        for b in np.unique(blocks):
+            arr = np.load(project.embedding_block(split, int(b)), mmap_mode="r")
+            sel = blocks == b
+            if out is None:
+                out = np.empty((len(chunk_ids), arr.shape[1]), dtype=np.float32)
+            out[sel] = arr[chunk_ids[sel] - b * per]
+        return out if out is not None else np.zeros((0, 0), np.float32)
+    n = project.derived()["chunks_per_split"][split]
+    end = n if end is None else end
+    parts = []
+    for b in range(start // per, (end - 1) // per + 1 if end > start else start // per):
+        arr = np.load(project.embedding_block(split, b), mmap_mode="r")
+        lo = max(start - b * per, 0)
+        hi = min(end - b * per, len(arr))
+        parts.append(np.asarray(arr[lo:hi]))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overrides: dict | None = None, *,
+        progress: bool = True, address: str | None = None) -> Report:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cfg = project.check_overrides(overrides or {})
+    project.require("db", STAGE)
+    if run_cfg.chunks_per_block <= 0 or run_cfg.batch_size <= 0:
+        raise RetroRayError("embed.chunks_per_block and embed.batch_size must be positive.")
+    if project.is_done(STAGE):
+        done = project.report(STAGE)
+        done.skipped = True
+        return done
+    for split in EMBED_SPLITS:
+        project.remove_stale_temporaries(project.embeddings_dir / split)
+    # A resumed run keeps the block size of the blocks already on disk.
+    layout = project.embeddings_dir / "layout.json"
+    per_block = run_cfg.chunks_per_block
+    if layout.is_file():
+        per_block = json.loads(layout.read_text())["chunks_per_block"]
+        if per_block != run_cfg.chunks_per_block:
+            log.info("embed: resuming with the block size already on disk, %d chunks", per_block)
+    else:
+        atomic_write_json(layout, {"chunks_per_block": per_block})
+    from retro_ray.embedder import load_wordpiece_tokenizer
+
+    load_wordpiece_tokenizer(cfg.embedder.model_dir)  # a bad model directory fails here, once
+    items = plan_blocks(project, per_block)
+    todo = [it for it in items if not Path(it["out"]).is_file()]
+    t0 = time.perf_counter()
+    precisions: set[str] = set()
+    if todo:
+        connect(address, progress)
+        pool = actor_pool(run_cfg.num_actors, run_cfg.cpus_per_actor, run_cfg.use_gpu)
+        pool["size"] = min(pool["size"], len(todo))
+        log.info("embed: %d blocks to do with %d actors (%s, %g CPU%s each)", len(todo), pool["size"],
+                 pool["device"], pool["num_cpus"], f", {pool['num_gpus']} GPU" if pool["num_gpus"] else "")
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            EmbedChunks,
+            fn_constructor_kwargs=dict(project_root=str(project.root), model_dir=cfg.embedder.model_dir,
+                                       max_chunk_length=cfg.embedder.max_chunk_length,
+                                       batch_size=run_cfg.batch_size, precision=run_cfg.precision,
+                                       device=pool["device"], torch_threads=pool["threads"]),
+            batch_size=1,
+            compute=ActorPoolStrategy(size=pool["size"]),
+            num_cpus=pool["num_cpus"],
+            num_gpus=pool["num_gpus"],
+        )
+        rows = ds.take_all()
+        precisions = {r["precision"] for r in rows}
+    seconds = time.perf_counter() - t0
+    n_chunks = sum(it["end"] - it["start"] for it in items)
+    n_done = sum(it["end"] - it["start"] for it in todo)
+    dim = int(np.load(items[0]["out"], mmap_mode="r").shape[1]) if items else 0
+    counts = {
+        "train_chunks": sum(it["end"] - it["start"] for it in items if it["split"] == "train"),
+        "valid_chunks": sum(it["end"] - it["start"] for it in items if it["split"] == "valid"),
+        "chunks_embedded_this_run": n_done,
+        "blocks": len(items),
+        "chunks_per_block": per_block,
+        "dim": dim,
+        "precision": ",".join(sorted(precisions)) or project.derived().get("embed_precision", "unknown"),
+        "chunks_per_s": round(n_done / seconds, 1) if n_done and seconds > 0 else 0,
+    }
+    project.update_derived(embed_dim=dim, embed_precision=counts["precision"])
+    report = Report(stage=STAGE, counts=counts, timings={"embed": seconds},
+                    outputs=[str(project.embeddings_dir / s) for s in EMBED_SPLITS])
+    project.mark_done(report)
+    log.info("embed: %d chunks in %.1f s (%s)", n_chunks, seconds, counts["precision"])
+    return report

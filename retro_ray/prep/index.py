@@ -1,0 +1,195 @@
+"""Stages ``index-train`` and ``index-add`` (``index`` runs both): the Faiss index of the database.
+
+index-train  ``faiss.index_factory(dim, index_str)`` trained on the embeddings of
+             db/merged/sampled.hdf5, in one Ray task (on a GPU when the cluster has one, which
+             Faiss uses for the IVF k-means) → ``index/<type>/<index_str>/empty.faissindex``.
+             ``index.index_str=auto`` chooses from the database size (see
+             :func:`retro_ray.retrieval.index.choose_index_string`).
+index-add    the empty index goes to N ``IndexShard`` actors; shard i adds the embeddings of a
+             contiguous range of train chunk ids (ids = chunk ids) and saves
+             ``shards/shard_<i>.faissindex``; the shards are then merged into ``added.faissindex``,
+             the single-file index for single-process use. A rerun adds only missing shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from retro_ray import config as C
+from retro_ray.errors import RetroRayError
+from retro_ray.project import Project, Report
+from retro_ray.runtime import connect
+
+log = logging.getLogger(__name__)
+TRAIN_STAGE, ADD_STAGE = "index-train", "index-add"
+
+
+def resolve_index_string(project: Project, index_str: str) -> str:
+    if index_str != "auto":
+        return index_str
+    from retro_ray.retrieval.index import choose_index_string
+
+    d = project.derived()
+    return choose_index_string(int(d["chunks_per_split"]["train"]), int(d["embed_dim"]))
+
+
+def index_paths(project: Project) -> dict[str, Path]:
+    """Paths of the project's index (after index-train has resolved the index string)."""
+    from retro_ray.retrieval.index import index_dir_name, index_type
+
+    index_str = project.derived().get("index_str")
+    if index_str is None:
+        raise RetroRayError(
+            f"no index in {project.root} yet; run `retro-ray index --project-dir {project.root}` first."
+        )
+    root = project.index_dir(index_type(index_str), index_dir_name(index_str))
+    return {"dir": root, "empty": root / "empty.faissindex", "added": root / "added.faissindex",
+            "shards": root / "shards"}
+
+
+def shard_paths(project: Project) -> list[Path]:
+    n = int(project.derived()["index_num_shards"])
+    return [index_paths(project)["shards"] / f"shard_{i:03d}.faissindex" for i in range(n)]
+
+
+def shard_ranges(n_chunks: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal chunk-id ranges [start, end) covering 0..n_chunks."""
+    bounds = np.linspace(0, n_chunks, num_shards + 1).round().astype(int)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(num_shards)]
+
+
+def _train_remote(index_str: str, vectors: np.ndarray, use_gpu: bool) -> np.ndarray:
+    from retro_ray.retrieval.index import index_to_bytes, train_index
+
+    return index_to_bytes(train_index(index_str, vectors, use_gpu=use_gpu))
+
+
+def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
+              progress: bool = True, address: str | None = None) -> Report:
+    import ray
+
+    from retro_ray.prep.embed import _want_gpu, load_embeddings
+    from retro_ray.retrieval.index import index_from_bytes, save_index
+
+    if project.is_done(TRAIN_STAGE):
+        project.check_overrides(overrides or {})  # the index string is fixed once trained
+        rep = project.report(TRAIN_STAGE)
+        rep.skipped = True
+        return rep
+    cfg = project.check_overrides(overrides or {}, changeable=("index.index_str",))
+    project.require("embed", TRAIN_STAGE)
+    index_str = resolve_index_string(project, cfg.index.index_str)
+    project.update_derived(index_str=index_str)
+    paths = index_paths(project)
+    t0 = time.perf_counter()
+    with h5py.File(project.merged_db_path("sampled"), "r") as f:
+        ids = f["chunk_ids"][:]
+    vectors = load_embeddings(project, "train", chunk_ids=ids)
+    t_load = time.perf_counter() - t0
+    connect(address, progress)
+    use_gpu = _want_gpu(run_cfg.use_gpu)
+    log.info("index-train: %s on %d sampled chunks (%s)", index_str, len(ids), "GPU" if use_gpu else "CPU")
+    t0 = time.perf_counter()
+    task = ray.remote(_train_remote).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    try:
+        data = ray.get(task.remote(index_str, vectors, use_gpu))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, RetroRayError):
+            raise RetroRayError(str(e.cause)) from None
+        raise
+    save_index(index_from_bytes(data), paths["empty"])
+    report = Report(stage=TRAIN_STAGE, counts={"index_str": index_str, "training_vectors": len(ids),
+                                               "dim": int(vectors.shape[1])},
+                    timings={"load_embeddings": t_load, "train": time.perf_counter() - t0},
+                    outputs=[str(paths["empty"])])
+    project.mark_done(report)
+    return report
+
+
+def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
+            progress: bool = True, address: str | None = None) -> Report:
+    import ray
+    from tqdm import tqdm
+
+    from retro_ray.prep.embed import load_embeddings
+    from retro_ray.retrieval.index import merge_shards, save_index
+    from retro_ray.retrieval.shards import start_shard
+
+    project.check_overrides(overrides or {})
+    project.require(TRAIN_STAGE, ADD_STAGE)
+    if project.is_done(ADD_STAGE):
+        rep = project.report(ADD_STAGE)
+        rep.skipped = True
+        return rep
+    if run_cfg.num_shards <= 0:
+        raise RetroRayError(f"index.num_shards={run_cfg.num_shards} must be positive.")
+    derived = project.derived()
+    num_shards = int(derived.get("index_num_shards") or run_cfg.num_shards)  # a resume keeps its sharding
+    project.update_derived(index_num_shards=num_shards)
+    paths = index_paths(project)
+    n = int(derived["chunks_per_split"]["train"])
+    ranges = shard_ranges(n, num_shards)
+    files = shard_paths(project)
+    todo = [i for i in range(num_shards) if not files[i].is_file()]
+    t0 = time.perf_counter()
+    if todo:
+        connect(address, progress)
+        empty_ref = ray.put(_bytes_of(paths["empty"]))
+        shards = {i: start_shard(i, index_bytes=empty_ref, num_cpus=run_cfg.cpus_per_shard) for i in todo}
+        per = int(project.report("embed").counts["chunks_per_block"])
+        pending = []
+        bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit=" vectors", desc="index-add",
+                   disable=True if not progress else None)
+        try:
+            # Feed each shard its range a block at a time; actor calls run in order, in parallel across shards.
+            for i in todo:
+                start, end = ranges[i]
+                for lo in range(start, end, per):
+                    hi = min(lo + per, end)
+                    pending.append((shards[i].add.remote(ray.put(load_embeddings(project, "train", start=lo, end=hi)), lo),
+                                    hi - lo))
+            for ref, k in pending:
+                ray.get(ref)
+                bar.update(k)
+            ray.get([shards[i].save.remote(str(files[i])) for i in todo])
+        except ray.exceptions.RayActorError as e:
+            raise RetroRayError(
+                f"an IndexShard actor died while adding ({str(e).splitlines()[0]}); nothing was marked done: "
+                "rerun `retro-ray index-add` to redo the missing shards."
+            ) from None
+        finally:
+            bar.close()
+            for s in shards.values():
+                ray.kill(s, no_restart=True)
+    t_add = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    merged = merge_shards([str(f) for f in files])
+    if merged.ntotal != n:
+        raise RetroRayError(
+            f"the merged index holds {merged.ntotal} vectors but the database has {n} chunks; "
+            f"delete {paths['shards']} and rerun `retro-ray index-add`."
+        )
+    save_index(merged, paths["added"])
+    report = Report(stage=ADD_STAGE, counts={"vectors": int(merged.ntotal), "shards": num_shards},
+                    timings={"add": t_add, "merge": time.perf_counter() - t0},
+                    outputs=[str(paths["added"]), str(paths["shards"])])
+    project.mark_done(report)
+    return report
+
+
+def _bytes_of(path: Path) -> np.ndarray:
+    return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+
+
+def run(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
+        progress: bool = True, address: str | None = None) -> Report:
+    """``index``: index-train then index-add; one report with both."""
+    a = run_train(project, run_cfg, overrides, progress=progress, address=address)
+    b = run_add(project, run_cfg, None, progress=progress, address=address)
+    return Report(stage="index", counts={**a.counts, **b.counts}, timings={**a.timings, **b.timings},
+                  outputs=a.outputs + b.outputs, skipped=a.skipped and b.skipped)

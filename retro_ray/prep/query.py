@@ -1,0 +1,230 @@
+"""Stage ``query``: neighbours for every chunk of every train / valid sample.
+
+A sample is ``seq_length + 1`` tokens of the shuffled, concatenated documents of a split
+(:mod:`retro_ray.samples`); its first ``seq_length`` tokens are ``seq_length / chunk_length`` chunks.
+For each chunk: decode → embed → search ``query.num_neighbors_query`` candidates through the sharded
+index → drop candidates from any document the sample spans (they would leak the text being
+predicted) → keep the first ``query.num_neighbors_save``, padded with -1.
+
+Output: ``query/<split>_<hash>/<block>.npy`` int64 [samples_in_block × chunks_per_sample, k_save]
+and ``meta.json``; ``<hash>`` covers everything the neighbours depend on (data, split, seed,
+lengths, tokenizer, embedder, index and search settings, sample count), and config.json records
+the directory names. Ray Data runs it over blocks of samples with an actor pool whose actors embed
+and search the shard actors; a rerun does only the missing blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retro_ray import config as C
+from retro_ray.errors import RetroRayError
+from retro_ray.project import Project, Report, atomic_write_json
+from retro_ray.runtime import connect
+
+log = logging.getLogger(__name__)
+STAGE = "query"
+QUERY_SPLITS = ("train", "valid")
+
+
+def neighbor_inputs(project: Project, split: str) -> dict:
+    """Everything the neighbours of ``split`` depend on (hashed into the directory name)."""
+    cfg = C.to_dict(project.read_config())
+    d = project.derived()
+    q = dict(cfg["query"])
+    samples = q.pop("train_samples") if split == "train" else q.pop("valid_samples")
+    q.pop("valid_samples" if split == "train" else "train_samples")
+    return {
+        "split": split, "corpus": cfg["corpus"], "tokenizer": cfg["tokenizer"], "split_weights": cfg["split"],
+        "seed": cfg["seed"], "seq_length": cfg["seq_length"], "chunk_length": cfg["chunk_length"],
+        "embedder": cfg["embedder"], "embed_precision": d.get("embed_precision"), "index": cfg["index"],
+        "index_str": d.get("index_str"), "search": q, "samples": samples,
+        "data": {"tokens": d.get("tokens_per_split"), "docs": d.get("docs_per_split"),
+                 "db_chunks": d.get("chunks_per_split"), "vocab_size": d.get("vocab_size")},
+    }
+
+
+def neighbor_hash(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def neighbor_dir(project: Project, split: str) -> Path:
+    return project.root / "query" / f"{split}_{neighbor_hash(neighbor_inputs(project, split))}"
+
+
+def make_samples(project: Project, split: str):
+    from retro_ray.indexed import IndexedDataset
+    from retro_ray.samples import GptSamples
+
+    cfg = project.read_config()
+    n = cfg.query.train_samples if split == "train" else cfg.query.valid_samples
+    return GptSamples(IndexedDataset(project.token_prefix(split)), cfg.seq_length, n, cfg.seed, split=split)
+
+
+class QueryNeighbors:
+    """Callable class for ``map_batches``: a block of samples in, its neighbour ids on disk."""
+
+    def __init__(self, project_root: str, shard_handles: list, shard_files: list[str], batch_size: int,
+                 device: str, torch_threads: int) -> None:
+        import torch
+
+        from retro_ray.retrieval.retriever import Retriever
+        from retro_ray.retrieval.shards import ShardedIndex
+
+        torch.set_num_threads(max(1, torch_threads))
+        self.project = Project(project_root)
+        cfg = self.project.read_config()
+        self.cfg = cfg
+        self.retriever = Retriever(self.project, ShardedIndex(shard_handles, shard_files), device=device,
+                                   batch_size=batch_size)
+        self.samples = {s: make_samples(self.project, s) for s in QUERY_SPLITS}
+        self.doc_ids = {s: np.load(self.project.doc_ids_path(s)) for s in QUERY_SPLITS}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from retro_ray.prep.embed import save_npy_atomic
+
+        out: dict[str, list] = {"block_key": [], "chunks": [], "found": []}
+        m = self.cfg.chunk_length
+        k_query, k_save = self.cfg.query.num_neighbors_query, self.cfg.query.num_neighbors_save
+        for key, split, start, end, path in zip(batch["block_key"], batch["split"], batch["start"],
+                                                batch["end"], batch["out"]):
+            split = str(split)
+            spans = [self.samples[split].span(i) for i in range(int(start), int(end))]
+            chunks = np.concatenate([s.tokens[:-1].reshape(-1, m) for s in spans])  # [n_samples*C, m]
+            per_sample = len(chunks) // max(1, len(spans))
+            found = self.retriever.search_token_chunks(chunks, k_query)
+            # Global ids of the documents each chunk's sample spans, and of each candidate.
+            cand_docs = self.retriever.db.global_doc_ids(found.ids)               # [n, k_query]
+            neighbors = np.full((len(chunks), k_save), -1, dtype=np.int64)
+            for s_i, span in enumerate(spans):
+                own = self.doc_ids[split][span.docs]
+                rows = slice(s_i * per_sample, (s_i + 1) * per_sample)
+                keep = (found.ids[rows] >= 0) & ~np.isin(cand_docs[rows], own)
+                for r, (ids_r, keep_r) in enumerate(zip(found.ids[rows], keep)):
+                    chosen = ids_r[keep_r][:k_save]
+                    neighbors[s_i * per_sample + r, :len(chosen)] = chosen
+            save_npy_atomic(Path(str(path)), neighbors)
+            out["block_key"].append(str(key))
+            out["chunks"].append(len(chunks))
+            out["found"].append(int((neighbors >= 0).sum()))
+        return out
+
+
+def _pool_size(num_actors: int | None, cpus_per_actor: float, reserved: float) -> int:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0) - reserved
+    fit = int(math.floor(cpus / cpus_per_actor + 1e-9))
+    if fit < 1:
+        raise RetroRayError(
+            f"no room for a query actor: the cluster has {cpus + reserved:g} CPUs and the index shards take "
+            f"{reserved:g}; lower query.cpus_per_actor or index.cpus_per_shard."
+        )
+    return min(num_actors, fit) if num_actors else fit
+
+
+def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overrides: dict | None = None, *,
+        progress: bool = True, address: str | None = None, shard_cpus: float = 0.25) -> Report:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from retro_ray.prep.embed import _want_gpu
+    from retro_ray.prep.index import shard_paths
+    from retro_ray.retrieval.shards import ShardedIndex
+
+    if not project.has_config():
+        project.read_config()  # raises the "not a project" error
+    if project.is_done(STAGE):
+        project.check_overrides(overrides or {})
+        rep = project.report(STAGE)
+        rep.skipped = True
+        return rep
+    cfg = project.check_overrides(overrides or {}, changeable=("query.",))
+    project.require("index-add", STAGE)
+    if run_cfg.samples_per_block <= 0:
+        raise RetroRayError(f"query.samples_per_block={run_cfg.samples_per_block} must be positive.")
+    items, dirs, counts = [], {}, {}
+    for split in QUERY_SPLITS:
+        samples = make_samples(project, split)
+        d = neighbor_dir(project, split)
+        dirs[split] = str(d.relative_to(project.root))
+        d.mkdir(parents=True, exist_ok=True)
+        project.remove_stale_temporaries(d)
+        meta = {"inputs": neighbor_inputs(project, split), "num_samples": len(samples),
+                "samples_per_block": run_cfg.samples_per_block,
+                "chunks_per_sample": cfg.seq_length // cfg.chunk_length,
+                "num_neighbors_save": cfg.query.num_neighbors_save}
+        if (d / "meta.json").is_file():  # a resume keeps the block size already on disk
+            meta["samples_per_block"] = json.loads((d / "meta.json").read_text())["samples_per_block"]
+        atomic_write_json(d / "meta.json", meta)
+        per = meta["samples_per_block"]
+        for b, start in enumerate(range(0, len(samples), per)):
+            out = d / f"{b:06d}.npy"
+            if not out.is_file():
+                items.append({"block_key": f"{split}/{b}", "split": split, "start": start,
+                              "end": min(start + per, len(samples)), "out": str(out)})
+        counts[f"{split}_samples"] = len(samples)
+        counts[f"{split}_chunks"] = len(samples) * meta["chunks_per_sample"]
+    project.update_derived(neighbor_dirs=dirs)
+    t0 = time.perf_counter()
+    if items:
+        connect(address, progress)
+        files = shard_paths(project)
+        index = ShardedIndex.from_paths(files, num_cpus=shard_cpus)
+        try:
+            gpu = _want_gpu(run_cfg.use_gpu)
+            size = (run_cfg.num_actors or int(ray.cluster_resources()["GPU"])) if gpu else \
+                _pool_size(run_cfg.num_actors, run_cfg.cpus_per_actor, shard_cpus * len(files))
+            size = min(size, len(items))
+            log.info("query: %d blocks with %d actors, %d shards", len(items), size, len(files))
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                QueryNeighbors,
+                fn_constructor_kwargs=dict(project_root=str(project.root), shard_handles=index.shards,
+                                           shard_files=[str(f) for f in files], batch_size=run_cfg.batch_size,
+                                           device="cuda" if gpu else "cpu",
+                                           torch_threads=1 if gpu else max(1, math.ceil(run_cfg.cpus_per_actor))),
+                batch_size=1, compute=ActorPoolStrategy(size=size),
+                num_cpus=1 if gpu else run_cfg.cpus_per_actor, num_gpus=1 if gpu else 0,
+            )
+            ds.take_all()
+        finally:
+            index.shutdown()
+    seconds = time.perf_counter() - t0
+    n_chunks = sum(it["end"] - it["start"] for it in items) * (cfg.seq_length // cfg.chunk_length)
+    counts["chunks_queried_this_run"] = n_chunks
+    counts["chunks_per_s"] = round(n_chunks / seconds, 1) if n_chunks and seconds > 0 else 0
+    for split in QUERY_SPLITS:
+        counts[f"{split}_dir"] = dirs[split]
+    report = Report(stage=STAGE, counts=counts, timings={"query": seconds},
+                    outputs=[str(project.root / d) for d in dirs.values()])
+    project.mark_done(report)
+    return report
+
+
+def load_neighbors(project: Project, split: str) -> tuple[list[np.ndarray], dict]:
+    """The neighbour blocks of a split (memory-mapped) and its meta.json; checks the hash."""
+    recorded = project.derived().get("neighbor_dirs", {}).get(split)
+    if recorded is None or not project.is_done(STAGE):
+        raise RetroRayError(
+            f"no neighbours for the {split} split in {project.root}; run `retro-ray query --project-dir "
+            f"{project.root}` first."
+        )
+    d = project.root / recorded
+    meta = json.loads((d / "meta.json").read_text())
+    now = neighbor_inputs(project, split)
+    if meta["inputs"] != now:
+        changed = C.diff(meta["inputs"], now)
+        k, old, new = changed[0]
+        raise RetroRayError(
+            f"the neighbours in {d} were computed with {k}={old!r}, but the project now has {k}={new!r}; "
+            "rerun `retro-ray query` (it writes a new directory) or restore the setting."
+        )
+    blocks = sorted(d.glob("[0-9]*.npy"))
+    return [np.load(b, mmap_mode="r") for b in blocks], meta

@@ -1,0 +1,372 @@
+"""Sharded Faiss index on Ray: one ``IndexShard`` actor per contiguous range of chunk ids.
+
+Each shard holds a copy of the same empty trained index with its own vectors added under their
+global chunk ids, so ``ShardedIndex.search`` (fan out, then ``merge_topk``) returns what a search of
+the merged index (``index.merge_shards``) would.
+
+Actors ask for a small fraction of a CPU (``DEFAULT_SHARD_NUM_CPUS``) so that a handful of them never
+starve Ray Data tasks on a small machine; Ray then gives each one OMP_NUM_THREADS=1, i.e. Faiss searches
+one query batch per shard on one core and the shards run in parallel.
+
+Failure policy: an actor that dies during a search is restarted once from its saved shard file (when
+the client knows one and it holds the number of vectors the dead shard held); otherwise the search
+raises ``RetroRayError`` naming the shard. Partial results are never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from retro_ray.errors import RetroRayError
+from retro_ray.retrieval import index as ix
+
+logger = logging.getLogger("retro_ray.shards")
+
+__all__ = ["DEFAULT_SHARD_NUM_CPUS", "IndexShard", "RemoteIndexShard", "ShardedIndex", "start_shard"]
+
+DEFAULT_SHARD_NUM_CPUS = 0.25
+
+PathLike = str | os.PathLike
+
+
+def _reraise_user_error(err: RayTaskError):
+    """A ``RetroRayError`` raised inside an actor comes back wrapped with its remote traceback: unwrap it."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, RetroRayError):
+        raise RetroRayError(str(cause)) from None
+    raise err
+
+
+def _death_reason(err: RayActorError) -> str:
+    """One line on why an actor died: the user error its constructor raised, or that its process ended."""
+    text = str(err)
+    for line in reversed(text.splitlines()):
+        if "RetroRayError: " in line:
+            return line.split("RetroRayError: ", 1)[1].strip()
+    if getattr(err, "actor_init_failed", False):
+        return "its constructor failed"
+    return "its worker process ended"
+
+
+class IndexShard:
+    """One shard of the index. Plain class; run it as an actor through ``start_shard``.
+
+    Built from the serialized empty trained index (``index_bytes``, from ``index.index_to_bytes``) or
+    from a saved shard file (``path``); ``shard`` is its number, used in messages.
+    """
+
+    def __init__(
+        self,
+        shard: int,
+        index_bytes: Any = None,
+        path: PathLike | None = None,
+        mmap: bool = False,
+        omp_threads: int | None = None,
+    ) -> None:
+        if (index_bytes is None) == (path is None):
+            raise RetroRayError(
+                f"IndexShard {shard}: pass exactly one of index_bytes (empty trained index) or path (saved shard)"
+            )
+        if omp_threads is not None:
+            import faiss
+
+            faiss.omp_set_num_threads(int(omp_threads))
+        self.shard = int(shard)
+        self.path: str | None = None
+        if path is not None:
+            self.load(path, mmap=mmap)
+        else:
+            self.index = ix.index_from_bytes(index_bytes)
+            self._defaults = ix.get_search_params(self.index)
+
+    def add(self, vectors: np.ndarray, start_id: int) -> int:
+        """Add vectors with ids ``start_id ..``; returns the shard's new vector count."""
+        self.index = ix.add_range(self.index, vectors, start_id)
+        return int(self.index.ntotal)
+
+    def save(self, path: PathLike) -> str:
+        """Write the shard atomically; later restarts load it from there."""
+        ix.save_index(self.index, path)
+        self.path = str(path)
+        return self.path
+
+    def load(self, path: PathLike, mmap: bool = False) -> int:
+        """Replace the shard's index with the one saved at ``path``; returns its vector count."""
+        self.index = ix.load_index(path, mmap=mmap)
+        self._defaults = ix.get_search_params(self.index)
+        self.path = str(path)
+        return int(self.index.ntotal)
+
+    def search(
+        self, queries: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search this shard. ``None`` parameters mean the index's own (as built or loaded), not the last call's."""
+        d_nprobe, d_ef = self._defaults
+        return ix.search(
+            self.index,
+            queries,
+            k,
+            nprobe=d_nprobe if nprobe is None else nprobe,
+            ef_search=d_ef if ef_search is None else ef_search,
+        )
+
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def info(self) -> dict:
+        """Shard number, vector count, dimension, metric, saved path and process id."""
+        return {
+            "shard": self.shard,
+            "ntotal": int(self.index.ntotal),
+            "dim": int(self.index.d),
+            "metric": ix.metric_name(self.index),
+            "path": self.path,
+            "pid": os.getpid(),
+        }
+
+
+RemoteIndexShard = ray.remote(IndexShard)
+
+
+def start_shard(
+    shard: int,
+    index_bytes: Any = None,
+    path: PathLike | None = None,
+    *,
+    num_cpus: float = DEFAULT_SHARD_NUM_CPUS,
+    mmap: bool = False,
+    **actor_options: Any,
+):
+    """Start an ``IndexShard`` actor; returns its handle.
+
+    ``index_bytes`` is best passed as an ``ObjectRef`` (``ray.put(index.index_to_bytes(empty))``) when
+    starting many shards. Extra keyword arguments go to ``.options()`` (e.g. ``name``, ``resources``).
+    Ray never restarts these actors by itself (``max_restarts=0``): a restarted actor would come back
+    empty; ``ShardedIndex`` restarts from saved files instead.
+    """
+    opts = {"num_cpus": num_cpus, "max_restarts": 0}
+    opts.update(actor_options)
+    return RemoteIndexShard.options(**opts).remote(
+        shard, index_bytes=index_bytes, path=None if path is None else str(path), mmap=mmap
+    )
+
+
+class ShardedIndex:
+    """Client that searches every shard actor and merges their top-k.
+
+    ``paths[i]`` (optional) is where shard ``i`` is saved; a shard whose actor dies is restarted from
+    there once per search. Build the client after the shards are fully added (or call ``save`` /
+    ``refresh`` through it): the vector counts it records are what a restart is checked against.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[Any],
+        paths: Sequence[PathLike | None] | None = None,
+        *,
+        num_cpus: float = DEFAULT_SHARD_NUM_CPUS,
+        mmap: bool = False,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.shards = list(shards)
+        if not self.shards:
+            raise RetroRayError("ShardedIndex needs at least one shard actor; start shards with start_shard()")
+        self.num_cpus = num_cpus
+        self.mmap = mmap
+        self._lock = threading.Lock()
+        self.timeout_s = timeout_s
+        infos = self._get_all([s.info.remote() for s in self.shards], "reading shard info")
+        given = list(paths) if paths is not None else [None] * len(self.shards)
+        if len(given) != len(self.shards):
+            raise RetroRayError(
+                f"ShardedIndex got {len(self.shards)} shards but {len(given)} paths; pass one path per shard"
+            )
+        self.paths = [str(p) if p is not None else info["path"] for p, info in zip(given, infos)]
+        self._record(infos)
+
+    @classmethod
+    def from_paths(
+        cls,
+        paths: Sequence[PathLike],
+        *,
+        num_cpus: float = DEFAULT_SHARD_NUM_CPUS,
+        mmap: bool = False,
+        timeout_s: float | None = None,
+    ) -> ShardedIndex:
+        """Start one actor per saved shard file (shard numbers follow the order of ``paths``)."""
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise RetroRayError("ShardedIndex.from_paths got no paths; pass the saved shard files")
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise RetroRayError(
+                f"shard file(s) missing: {', '.join(missing)}; build and save the shards first "
+                "or point to the right project directory"
+            )
+        shards = [start_shard(i, path=p, num_cpus=num_cpus, mmap=mmap) for i, p in enumerate(paths)]
+        try:
+            return cls(shards, paths, num_cpus=num_cpus, mmap=mmap, timeout_s=timeout_s)
+        except BaseException:
+            for s in shards:
+                ray.kill(s, no_restart=True)
+            raise
+
+    # ---------------------------------------------------------------------------------------------
+    def _record(self, infos: list[dict]) -> None:
+        dims = {i["dim"] for i in infos}
+        metrics = {i["metric"] for i in infos}
+        if len(dims) != 1 or len(metrics) != 1:
+            raise RetroRayError(
+                f"shards disagree on dimension {sorted(dims)} / metric {sorted(metrics)}; "
+                "build every shard from the same empty trained index"
+            )
+        self.dim = dims.pop()
+        self.metric = metrics.pop()
+        self.shard_ntotal = [int(i["ntotal"]) for i in infos]
+
+    def _get_all(self, refs: list, what: str) -> list:
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except GetTimeoutError:
+            raise RetroRayError(
+                f"shards did not answer within {self.timeout_s}s while {what}; check the actors with "
+                "`ray status` / `ray list actors` or raise timeout_s"
+            ) from None
+        except RayTaskError as e:
+            _reraise_user_error(e)
+        except RayActorError:
+            pass
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=self.timeout_s))
+            except RayActorError as e:
+                reason = _death_reason(e)
+                if getattr(e, "actor_init_failed", False) and "RetroRayError" in str(e):
+                    raise RetroRayError(f"index shard {i} could not start: {reason}") from None
+                raise RetroRayError(
+                    f"index shard {i} died while {what} ({reason}); restart it from its saved file "
+                    "(ShardedIndex.from_paths) or rebuild that shard"
+                ) from None
+        return out
+
+    def refresh(self) -> None:
+        """Re-read every shard's vector count and saved path (after adding through the actors)."""
+        infos = self._get_all([s.info.remote() for s in self.shards], "reading shard info")
+        self.paths = [info["path"] or p for p, info in zip(self.paths, infos)]
+        self._record(infos)
+
+    def save(self, paths: Sequence[PathLike]) -> list[str]:
+        """Save every shard (atomically) and remember the files for restarts."""
+        if len(paths) != len(self.shards):
+            raise RetroRayError(f"save got {len(paths)} paths for {len(self.shards)} shards; pass one per shard")
+        saved = self._get_all([s.save.remote(str(p)) for s, p in zip(self.shards, paths)], "saving shards")
+        self.paths = list(saved)
+        self.refresh()
+        return self.paths
+
+    def ntotal(self) -> int:
+        return int(sum(self.shard_ntotal))
+
+    def _restart(self, i: int, dead: Any, cause: BaseException) -> Any:
+        with self._lock:
+            if self.shards[i] is not dead:  # another thread restarted it already
+                return self.shards[i]
+            return self._restart_locked(i, cause)
+
+    def _restart_locked(self, i: int, cause: BaseException) -> Any:
+        path = self.paths[i]
+        if path is None or not Path(path).is_file():
+            raise RetroRayError(
+                f"index shard {i} died during search ({_death_reason(cause)}) and has no saved shard file "
+                "to restart from; save the shards (ShardedIndex.save) and start again, or rebuild the index"
+            )
+        logger.warning("index shard %d died (%s); restarting it from %s", i, _death_reason(cause), path)
+        actor = start_shard(i, path=path, num_cpus=self.num_cpus, mmap=self.mmap)
+        try:
+            n = ray.get(actor.ntotal.remote(), timeout=self.timeout_s)
+        except (RayActorError, GetTimeoutError, RayTaskError) as e:
+            why = _death_reason(e) if isinstance(e, RayActorError) else type(e).__name__
+            raise RetroRayError(
+                f"index shard {i} died and could not be restarted from {path} ({why}); "
+                "check that file (rebuild the shard if it is corrupt) and the Ray cluster's memory"
+            ) from None
+        if n != self.shard_ntotal[i]:
+            ray.kill(actor, no_restart=True)
+            raise RetroRayError(
+                f"index shard {i} died and its saved file {path} holds {n} vectors, not the {self.shard_ntotal[i]} "
+                "the shard had; save the shards after adding (ShardedIndex.save) or rebuild the index"
+            )
+        self.shards[i] = actor
+        return actor
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` over all shards: ``(D float32 [nq, k], I int64 [nq, k])`` with global chunk ids.
+
+        ``nprobe`` / ``ef_search`` apply to this call (each shard sets them before searching).
+        """
+        q = np.ascontiguousarray(np.asarray(queries), dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise RetroRayError(
+                f"queries must be [n, {self.dim}] (the index dimension), got shape {q.shape}; "
+                "embed queries with the model the index was built with"
+            )
+        k = int(k)
+        if k < 1:
+            raise RetroRayError(f"k must be >= 1, got {k}; ask for at least one neighbour")
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and int(value) < 1:
+                raise RetroRayError(f"{name} must be >= 1, got {value}; pass a positive value or None")
+        qref = ray.put(q)
+        handles = list(self.shards)
+        refs = [s.search.remote(qref, k, nprobe, ef_search) for s in handles]
+        try:
+            results = ray.get(refs, timeout=self.timeout_s)
+        except GetTimeoutError:
+            raise RetroRayError(
+                f"index shards did not answer a search within {self.timeout_s}s; check the actors with "
+                "`ray list actors` or raise timeout_s"
+            ) from None
+        except RayTaskError as e:
+            _reraise_user_error(e)
+        except RayActorError:
+            results = []
+            for i, ref in enumerate(refs):
+                try:
+                    results.append(ray.get(ref, timeout=self.timeout_s))
+                except RayActorError as e:
+                    actor = self._restart(i, handles[i], e)
+                    try:
+                        results.append(
+                            ray.get(actor.search.remote(qref, k, nprobe, ef_search), timeout=self.timeout_s)
+                        )
+                    except (RayActorError, GetTimeoutError):
+                        raise RetroRayError(
+                            f"index shard {i} died again after a restart from {self.paths[i]}; "
+                            "check the node's memory and the shard file, then retry"
+                        ) from None
+        D, I = ix.merge_topk([r[0] for r in results], [r[1] for r in results], k, metric=self.metric)
+        return D, I
+
+    def shutdown(self) -> None:
+        """Kill every shard actor."""
+        for s in self.shards:
+            try:
+                ray.kill(s, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - already gone is fine
+                logger.debug("shard actor already gone: %s", e)

@@ -1,0 +1,185 @@
+"""Sharded Faiss search on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+
+import faiss
+import numpy as np
+import pytest
+import ray
+
+from retro_ray.errors import RetroRayError
+from retro_ray.retrieval import index as ix
+from retro_ray.retrieval.shards import IndexShard, ShardedIndex, start_shard
+
+DIM = 32
+N = 3000
+BOUNDS = [0, 1000, 2200, 3000]  # three contiguous chunk-id ranges
+K = 10
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((N, DIM)).astype(np.float32), rng.standard_normal((50, DIM)).astype(np.float32)
+
+
+def start_and_fill(empty: faiss.Index, vectors: np.ndarray) -> list:
+    blob = ray.put(ix.index_to_bytes(empty))
+    shards = [start_shard(i, blob) for i in range(len(BOUNDS) - 1)]
+    counts = ray.get([s.add.remote(vectors[lo:hi], lo) for s, lo, hi in zip(shards, BOUNDS[:-1], BOUNDS[1:])])
+    assert counts == [hi - lo for lo, hi in itertools.pairwise(BOUNDS)]
+    return shards
+
+
+def merged_reference(empty: faiss.Index, vectors: np.ndarray) -> faiss.Index:
+    blob = ix.index_to_bytes(empty)
+    return ix.merge_shards([ix.add_range(blob, vectors[lo:hi], lo) for lo, hi in itertools.pairwise(BOUNDS)])
+
+
+def test_index_shard_plain_class(data):
+    vectors, _queries = data
+    shard = IndexShard(0, ix.index_to_bytes(ix.train_index("Flat", vectors[:10])))
+    assert shard.add(vectors[:100], 500) == 100
+    assert shard.search(vectors[:3], 1)[1][:, 0].tolist() == [500, 501, 502]
+    with pytest.raises(RetroRayError, match="exactly one"):
+        IndexShard(1)
+
+
+def test_flat_sharded_equals_merged(ray_cluster, data, tmp_path):
+    vectors, queries = data
+    empty = ix.train_index("Flat", vectors[:10])
+    shards = start_and_fill(empty, vectors)
+    sharded = ShardedIndex(shards)
+    try:
+        assert sharded.ntotal() == N and sharded.dim == DIM and sharded.metric == "l2"
+        D, I = sharded.search(queries, K)
+        Dm, Im = ix.search(merged_reference(empty, vectors), queries, K)
+        np.testing.assert_array_equal(I, Im)
+        np.testing.assert_allclose(D, Dm, rtol=1e-5, atol=1e-4)
+        # every vector finds itself, whichever shard holds it
+        _, own = sharded.search(vectors[::97], 1)
+        np.testing.assert_array_equal(own[:, 0], np.arange(N)[::97])
+        with pytest.raises(RetroRayError, match=f"queries must be \\[n, {DIM}\\]"):
+            sharded.search(queries[:, :8], K)
+    finally:
+        sharded.shutdown()
+
+
+def test_ivf_nprobe_per_call(ray_cluster, data):
+    vectors, queries = data
+    nlist = 16
+    empty = ix.train_index(f"IVF{nlist},Flat", vectors)
+    sharded = ShardedIndex(start_and_fill(empty, vectors))
+    try:
+        exact = faiss.IndexFlatL2(DIM)
+        exact.add(vectors)
+        _, I_exact = exact.search(queries, K)
+
+        _, I_full = sharded.search(queries, K, nprobe=nlist)
+        np.testing.assert_array_equal(I_full, I_exact)
+
+        merged = merged_reference(empty, vectors)
+        _, I_one = sharded.search(queries, K, nprobe=1)
+        np.testing.assert_array_equal(I_one, ix.search(merged, queries, K, nprobe=1)[1])
+        recall_one = np.mean([len(set(a) & set(b)) / K for a, b in zip(I_one, I_exact)])
+        assert recall_one < 0.9
+
+        # nprobe=None means the index's own setting (1), not the previous call's
+        _, I_default = sharded.search(queries, K)
+        np.testing.assert_array_equal(I_default, I_one)
+    finally:
+        sharded.shutdown()
+
+
+def test_killed_shard_restarts_from_saved_file(ray_cluster, data, tmp_path):
+    vectors, queries = data
+    empty = ix.train_index("Flat", vectors[:10])
+    shards = start_and_fill(empty, vectors)
+    sharded = ShardedIndex(shards)
+    paths = sharded.save([tmp_path / f"shard{i}.faissindex" for i in range(len(shards))])
+    assert all(os.path.isfile(p) for p in paths)
+    try:
+        want = sharded.search(queries, K)
+        victim = sharded.shards[1]
+        pid = ray.get(victim.info.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)  # kill -9 of the shard's worker process
+        D, I = sharded.search(queries, K)
+        np.testing.assert_array_equal(I, want[1])
+        np.testing.assert_allclose(D, want[0], rtol=1e-5, atol=1e-4)
+        assert sharded.shards[1] is not victim
+        assert ray.get(sharded.shards[1].info.remote())["pid"] != pid
+
+        # kill -9 while a long search is running on the shard
+        many = np.repeat(queries, 2000, axis=0)  # 100k queries: each shard is busy for ~1 s
+        want_many = ix.search(merged_reference(empty, vectors), many, K)[1]
+        victim = sharded.shards[0]
+        pid = ray.get(victim.info.remote())["pid"]
+        killer = threading.Timer(0.3, os.kill, (pid, signal.SIGKILL))
+        killer.start()
+        _, I_many = sharded.search(many, K)
+        killer.join()
+        np.testing.assert_array_equal(I_many, want_many)
+        assert sharded.shards[0] is not victim
+    finally:
+        sharded.shutdown()
+
+
+def test_from_paths_and_dead_shard_without_file(ray_cluster, data, tmp_path):
+    vectors, queries = data
+    empty = ix.train_index("Flat", vectors[:10])
+    blob = ix.index_to_bytes(empty)
+    paths = [
+        ix.save_index(ix.add_range(blob, vectors[lo:hi], lo), tmp_path / f"s{i}.faissindex")
+        for i, (lo, hi) in enumerate(itertools.pairwise(BOUNDS))
+    ]
+    sharded = ShardedIndex.from_paths(paths)
+    try:
+        _, I = sharded.search(queries, K)
+        np.testing.assert_array_equal(I, ix.search(merged_reference(empty, vectors), queries, K)[1])
+    finally:
+        sharded.shutdown()
+
+    # shards that were never saved: a dead one is an error naming it, never partial results
+    unsaved = ShardedIndex(start_and_fill(empty, vectors))
+    try:
+        ray.kill(unsaved.shards[2], no_restart=True)
+        with pytest.raises(RetroRayError, match=r"index shard 2 died during search .*no saved shard file"):
+            unsaved.search(queries, K)
+    finally:
+        unsaved.shutdown()
+
+    with pytest.raises(RetroRayError, match="missing"):
+        ShardedIndex.from_paths([tmp_path / "nope.faissindex"])
+    bad = tmp_path / "bad.faissindex"
+    bad.write_bytes(b"not an index")
+    with pytest.raises(RetroRayError, match=r"index shard 1 could not start: could not read Faiss index .*corrupt"):
+        ShardedIndex.from_paths([paths[0], bad])
+
+
+def test_stale_saved_file_is_not_used(ray_cluster, data, tmp_path):
+    vectors, queries = data
+    empty = ix.train_index("Flat", vectors[:10])
+    shard = start_shard(0, ix.index_to_bytes(empty))
+    ray.get(shard.add.remote(vectors[:100], 0))
+    path = ray.get(shard.save.remote(str(tmp_path / "s0.faissindex")))
+    ray.get(shard.add.remote(vectors[100:200], 100))  # added after the save
+    sharded = ShardedIndex([shard])
+    assert sharded.paths == [path] and sharded.ntotal() == 200
+    try:
+        ray.kill(shard, no_restart=True)
+        with pytest.raises(RetroRayError, match=r"holds 100 vectors, not the 200"):
+            sharded.search(queries, K)
+    finally:
+        sharded.shutdown()
