@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true",
                            help="delete what retro-ray wrote in the project directory and start over")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings, as in the list below")
+    p = sub.add_parser("pipeline", help="prep → db → embed → index → query, skipping what is done",
+                       description="Run every data stage in order; a stage already complete is skipped. "
+                                   "Preprocessing settings go to prep (recorded in config.json); each stage's "
+                                   "run settings (prep.*, db.*, embed.*, index.*, query.*) go to that stage.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project-dir", required=True)
+    p.add_argument("--config", help="a YAML file of settings; overrides on the command line win")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="start the project over (passed to prep)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p = sub.add_parser("info", help="which stages are done, with their counts and sizes")
     p.add_argument("--project-dir", required=True)
     p = sub.add_parser("search", help="print the database chunks nearest to a text",
@@ -102,37 +113,63 @@ def _settings(args) -> dict:
     return C.merge(base, C.parse_overrides(args.overrides))
 
 
+PIPELINE = ("prep", "db", "embed", "index", "query")
+
+
+def cmd_pipeline(args) -> int:
+    settings = _settings(args)
+    # Check every stage's settings before running anything.
+    for stage in PIPELINE:
+        project_settings, run_settings = split_settings(stage, settings)
+        C.build(RUN_CONFIGS[stage], run_settings, prefix=f"{RUN_SECTION[stage]}.")
+    C.build(C.ProjectConfig, split_settings("prep", settings)[0]).validate()
+    for stage in PIPELINE:
+        print(f"== {stage}", flush=True)
+        run_stage(stage, Project(args.project_dir), settings, progress=not args.no_progress,
+                  address=args.address, overwrite=args.overwrite and stage == "prep",
+                  recorded=stage != "prep")
+    return 0
+
+
 def cmd_stage(args) -> int:
-    project = Project(args.project_dir)
-    progress = not args.no_progress
-    project_settings, run_settings = split_settings(args.command, _settings(args))
-    run_cfg = C.build(RUN_CONFIGS[args.command], run_settings, prefix=f"{RUN_SECTION[args.command]}.")
-    if args.command == "prep":
+    run_stage(args.command, Project(args.project_dir), _settings(args), progress=not args.no_progress,
+              address=args.address, overwrite=getattr(args, "overwrite", False))
+    return 0
+
+
+def run_stage(stage: str, project: Project, settings: dict, *, progress: bool, address: str | None,
+              overwrite: bool = False, recorded: bool = False) -> None:
+    """Run one stage with its settings; ``recorded``: preprocessing settings were just given to prep."""
+    project_settings, run_settings = split_settings(stage, settings)
+    if recorded:
+        project_settings = {}
+    run_cfg = C.build(RUN_CONFIGS[stage], run_settings, prefix=f"{RUN_SECTION[stage]}.")
+    kw = dict(progress=progress, address=address)
+    if stage == "prep":
         from retro_ray.prep import tokens
 
         cfg = C.build(C.ProjectConfig, project_settings)
-        report = tokens.run(project, cfg, run_cfg, overwrite=args.overwrite, progress=progress, address=args.address)
-    elif args.command == "db":
+        report = tokens.run(project, cfg, run_cfg, overwrite=overwrite, **kw)
+    elif stage == "db":
         from retro_ray.prep import db
 
-        report = db.run(project, run_cfg, project_settings, progress=progress, address=args.address)
-    elif args.command == "embed":
+        report = db.run(project, run_cfg, project_settings, **kw)
+    elif stage == "embed":
         from retro_ray.prep import embed
 
-        report = embed.run(project, run_cfg, project_settings, progress=progress, address=args.address)
-    elif args.command in ("index", "index-train", "index-add"):
+        report = embed.run(project, run_cfg, project_settings, **kw)
+    elif stage in ("index", "index-train", "index-add"):
         from retro_ray.prep import index
 
-        fn = {"index": index.run, "index-train": index.run_train, "index-add": index.run_add}[args.command]
-        report = fn(project, run_cfg, project_settings, progress=progress, address=args.address)
-    elif args.command == "query":
+        fn = {"index": index.run, "index-train": index.run_train, "index-add": index.run_add}[stage]
+        report = fn(project, run_cfg, project_settings, **kw)
+    elif stage == "query":
         from retro_ray.prep import query
 
-        report = query.run(project, run_cfg, project_settings, progress=progress, address=args.address)
+        report = query.run(project, run_cfg, project_settings, **kw)
     else:  # pragma: no cover
-        raise AssertionError(args.command)
-    print(report.format())
-    return 0
+        raise AssertionError(stage)
+    print(report.format(), flush=True)
 
 
 def cmd_search(args) -> int:
@@ -178,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "search":
             return cmd_search(args)
+        if args.command == "pipeline":
+            return cmd_pipeline(args)
         return cmd_stage(args)
     except RetroRayError as e:
         print(f"retro-ray: error: {e}", file=sys.stderr)

@@ -235,7 +235,7 @@ class DbRunConfig:
 @dataclass(frozen=True)
 class EmbedRunConfig:
     chunks_per_block: int = field(
-        default=4096, metadata=_help("Chunks per block: the unit of an actor's work, of the output files and of resume.")
+        default=2048, metadata=_help("Chunks per block: the unit of an actor's work, of the output files and of resume.")
     )
     batch_size: int = field(default=64, metadata=_help("Chunks per forward pass of the embedder."))
     precision: str = field(

@@ -8,6 +8,10 @@ from retro_ray.project import Project
 PIPELINE = (
     ("prep", lambda p: [p.data_dir, p.tokenizer_dir]),
     ("db", lambda p: [p.db_dir / "merged"]),
+    ("embed", lambda p: [p.embeddings_dir]),
+    ("index-train", lambda p: []),
+    ("index-add", lambda p: [p.root / "index"]),
+    ("query", lambda p: [p.root / "query"]),
 )
 
 
@@ -32,11 +36,11 @@ def describe(project: Project) -> str:
     for stage, outputs in PIPELINE:
         report = project.report(stage)
         if report is None:
-            lines.append(f"  {stage:<6} not done")
+            lines.append(f"  {stage:<11} not done")
             continue
         size = sum(project.disk_usage(o) for o in outputs(project) if o.exists())
         total_s = sum(report.timings.values())
-        lines.append(f"  {stage:<6} done  ({total_s:.1f} s, {_size(size)} on disk)")
+        lines.append(f"  {stage:<11} done  ({total_s:.1f} s" + (f", {_size(size)} on disk)" if size else ")"))
         for k, v in report.counts.items():
-            lines.append(f"         {k:<28} {v:,}" if isinstance(v, int) else f"         {k:<28} {v}")
+            lines.append(f"              {k:<28} {v:,}" if isinstance(v, int) else f"              {k:<28} {v}")
     return "\n".join(lines)

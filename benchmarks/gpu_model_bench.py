@@ -1,0 +1,142 @@
+"""RETRO model on a CUDA GPU: exact causality checks, then bf16 training throughput and MFU.
+
+Needs only torch (the lent GPU machines have no Ray / DeepSpeed / Faiss): it exercises the
+single-device model that Ray Train + DeepSpeed wrap. For each config, RETRO and its GPT baseline
+(same decoder, retrieval off) are timed in the same run, and the ratio printed.
+
+    python benchmarks/gpu_model_bench.py --out results.json [--compile]
+
+MFU = model.flops_per_token() × tokens/s ÷ the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s,
+H200 989, A100 312; the peak is looked up by device name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retro_ray.model import RetroConfig, RetroModel  # noqa: E402
+from retro_ray.model.retro import RetroSettings  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(name: str) -> float | None:
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def causality_checks(device: str) -> dict:
+    """The exact tests of tests/unit/test_model.py, on the GPU in float32 (TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    cfg = RetroConfig.tiny()
+    m = RetroModel(cfg).to(device).eval()
+    n, mlen = cfg.seq_length, cfg.chunk_length
+    C, K, r = n // mlen, 2, 2 * mlen
+    tokens = torch.randint(0, cfg.vocab_size, (2, n), device=device)
+    nb = torch.randint(0, cfg.vocab_size, (2, C, K, r), device=device)
+    with torch.no_grad():
+        base = m(tokens, nb).logits
+        worst_token, worst_nb = 0.0, 0.0
+        for t in (1, mlen - 1, mlen, 2 * mlen + 3, n - 1):
+            t2 = tokens.clone()
+            t2[:, t:] = torch.randint(0, cfg.vocab_size, t2[:, t:].shape, device=device)
+            out = m(t2, nb).logits
+            worst_token = max(worst_token, (out[:, :t] - base[:, :t]).abs().max().item())
+        for j in range(C):
+            nb2 = nb.clone()
+            nb2[:, j] = torch.randint(0, cfg.vocab_size, nb2[:, j].shape, device=device)
+            out = m(tokens, nb2).logits
+            cut = (j + 1) * mlen - 1
+            worst_nb = max(worst_nb, (out[:, :cut] - base[:, :cut]).abs().max().item())
+    return {"max_logit_change_before_changed_token": worst_token,
+            "max_logit_change_before_changed_neighbours": worst_nb,
+            "exact": worst_token == 0.0 and worst_nb == 0.0}
+
+
+def throughput(cfg: RetroConfig, batch: int, steps: int, device: str, compile_: bool) -> dict:
+    torch.manual_seed(0)
+    model = RetroModel(cfg).to(device)
+    if compile_:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    n, m = cfg.seq_length, cfg.chunk_length
+    K = cfg.retro.retro_num_neighbors
+    tokens = torch.randint(0, cfg.vocab_size, (batch, n + 1), device=device)
+    nb = torch.randint(0, cfg.vocab_size, (batch, n // m, K, 2 * m), device=device) if cfg.retro.enabled else None
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(tokens[:, :-1], nb, labels=tokens[:, 1:])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    raw = model._orig_mod if compile_ else model
+    tok_s = batch * n / dt
+    peak = peak_flops(torch.cuda.get_device_name())
+    return {"step_s": dt, "tokens_per_s": tok_s, "params": raw.num_parameters(),
+            "flops_per_token": raw.flops_per_token(),
+            "mfu": raw.flops_per_token() * tok_s / peak if peak else None,
+            "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_model_bench.json")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    device = "cuda"
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "causality_fp32": causality_checks(device)}
+    print(json.dumps(results, indent=1), flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gpt2_vocab = 50304
+    configs = {
+        # demo size (what the 2-core demo trains), at a GPU-sized batch
+        "demo": (RetroConfig(vocab_size=8192, num_layers=6, hidden_size=256, ffn_hidden_size=1024,
+                             num_attention_heads=4, seq_length=256, chunk_length=64, hidden_dropout=0.0,
+                             attention_dropout=0.0, ffn_dropout=0.0,
+                             retro=RetroSettings(retro_layers=(3, 6))), 64),
+        # the reference's defaults: 12 layers, 768 hidden, 12 heads, 2048 tokens (~125M parameters)
+        "125m": (RetroConfig(vocab_size=gpt2_vocab, hidden_dropout=0.0, attention_dropout=0.0, ffn_dropout=0.0,
+                             retro=RetroSettings(retro_encoder_hidden_dropout=0.0,
+                                                 retro_encoder_attention_dropout=0.0)), 8),
+    }
+    for name, (cfg, batch) in configs.items():
+        for variant in ("retro", "gpt"):
+            c = cfg if variant == "retro" else replace(cfg, retro=replace(cfg.retro, enabled=False))
+            torch.cuda.reset_peak_memory_stats()
+            r = throughput(c, batch, args.steps, device, args.compile)
+            results[f"{name}_{variant}"] = {"batch": batch, **r}
+            print(name, variant, json.dumps(r), flush=True)
+        results[f"{name}_retro_over_gpt_step_time"] = (results[f"{name}_retro"]["step_s"]
+                                                        / results[f"{name}_gpt"]["step_s"])
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
