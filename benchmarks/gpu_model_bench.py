@@ -106,11 +106,12 @@ def main() -> None:
     ap.add_argument("--out", default="gpu_model_bench.json")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--configs", default="demo,125m", help="comma-separated: demo, 125m")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     device = "cuda"
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "causality_fp32": causality_checks(device)}
+               "compile": args.compile, "causality_fp32": causality_checks(device)}
     print(json.dumps(results, indent=1), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     gpt2_vocab = 50304
@@ -126,6 +127,8 @@ def main() -> None:
                                                  retro_encoder_attention_dropout=0.0)), 8),
     }
     for name, (cfg, batch) in configs.items():
+        if name not in args.configs.split(","):
+            continue
         for variant in ("retro", "gpt"):
             c = cfg if variant == "retro" else replace(cfg, retro=replace(cfg.retro, enabled=False))
             torch.cuda.reset_peak_memory_stats()
