@@ -35,6 +35,7 @@ from retro_ray import config as C
 from retro_ray.embedder import load_wordpiece_tokenizer, wordpiece_lengths
 from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset
+from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, tmp_path_for
 from retro_ray.runtime import connect, run_block_tasks
 from retro_ray.tokenizer import load_tokenizer
@@ -105,6 +106,9 @@ def chunk_block(item: dict) -> dict:
     with open(tmp, "wb") as f:
         np.save(f, rows)
     os.replace(tmp, out)
+    m = stage_metrics(STAGE)
+    m.rows(last - first)
+    m.chunks(len(rows))
     return {"block_key": item["block_key"], "chunks": len(rows), "docs": last - first}
 
 
@@ -206,6 +210,7 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
     report = Report(stage=STAGE, counts=counts, timings=timings,
                     outputs=[str(project.merged_db_path(n)) for n in ("train", "valid", "sampled")])
     project.mark_done(report)
+    stage_metrics(STAGE).seconds(sum(timings.values()), step="run")
     for plan in plans.values():
         for _, out in plan:
             out.unlink(missing_ok=True)

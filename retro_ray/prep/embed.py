@@ -24,6 +24,7 @@ import numpy as np
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
+from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, atomic_write_json
 from retro_ray.runtime import connect
 
@@ -62,6 +63,11 @@ class EmbedChunks:
             texts = decode_chunks(self.datasets[str(split)], rows, self.gpt)
             emb = self.embedder.embed(texts)
             save_npy_atomic(Path(str(path)), emb)
+            seconds = time.perf_counter() - t0
+            m = stage_metrics(STAGE)
+            m.chunks(len(rows))
+            m.seconds(seconds)
+            m.chunks_per_second(len(rows) / max(seconds, 1e-9))
             out["block_key"].append(str(key))
             out["chunks"].append(len(rows))
             out["seconds"].append(time.perf_counter() - t0)
@@ -220,5 +226,6 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
     report = Report(stage=STAGE, counts=counts, timings={"embed": seconds},
                     outputs=[str(project.embeddings_dir / s) for s in EMBED_SPLITS])
     project.mark_done(report)
+    stage_metrics(STAGE).seconds(seconds, step="run")
     log.info("embed: %d chunks in %.1f s (%s)", n_chunks, seconds, counts["precision"])
     return report

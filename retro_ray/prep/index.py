@@ -22,6 +22,7 @@ import numpy as np
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
+from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report
 from retro_ray.runtime import connect
 
@@ -153,9 +154,15 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
                     hi = min(lo + per, end)
                     pending.append((shards[i].add.remote(ray.put(load_embeddings(project, "train", start=lo, end=hi)), lo),
                                     hi - lo))
+            metrics = stage_metrics("index")
+            t_prev = time.perf_counter()
             for ref, k in pending:
                 ray.get(ref)
                 bar.update(k)
+                now = time.perf_counter()
+                metrics.index_add_seconds(now - t_prev)  # wall time per added block, as seen by the driver
+                metrics.chunks(k)
+                t_prev = now
             ray.get([shards[i].save.remote(str(files[i])) for i in todo])
         except ray.exceptions.RayActorError as e:
             raise RetroRayError(

@@ -26,6 +26,7 @@ import numpy as np
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
+from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, atomic_write_json
 from retro_ray.runtime import connect
 
@@ -111,6 +112,10 @@ class QueryNeighbors:
                     chosen = ids_r[keep_r][:k_save]
                     neighbors[s_i * per_sample + r, :len(chosen)] = chosen
             save_npy_atomic(Path(str(path)), neighbors)
+            m = stage_metrics(STAGE)
+            m.rows(len(spans))
+            m.chunks(len(chunks))
+            m.neighbors(int((neighbors >= 0).sum()))
             out["block_key"].append(str(key))
             out["chunks"].append(len(chunks))
             out["found"].append(int((neighbors >= 0).sum()))
@@ -205,6 +210,7 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
     report = Report(stage=STAGE, counts=counts, timings={"query": seconds},
                     outputs=[str(project.root / d) for d in dirs.values()])
     project.mark_done(report)
+    stage_metrics(STAGE).seconds(seconds, step="run")
     return report
 
 

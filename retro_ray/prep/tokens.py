@@ -27,6 +27,7 @@ from retro_ray import config as C
 from retro_ray.corpus import ingest
 from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset, IndexedDatasetWriter
+from retro_ray.metrics import stage_metrics
 from retro_ray.project import SPLITS, Project, Report, atomic_write_json, tmp_path_for
 from retro_ray.runtime import connect, run_block_tasks
 from retro_ray.tokenizer import load_tokenizer, load_user_tokenizer, token_dtype, train_tokenizer
@@ -120,6 +121,7 @@ def tokenize_block(item: dict) -> dict:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, out)
+    stage_metrics(STAGE).rows(len(texts))
     return {"block_key": item["block_key"], "docs": len(texts), "tokens": int(lengths.sum())}
 
 
@@ -249,6 +251,7 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
         outputs=[str(project.token_prefix(n)) + ".bin/.idx" for n in SPLITS] + [str(project.tokenizer_path)],
     )
     project.mark_done(report)
+    stage_metrics(STAGE).seconds(sum(timings.values()), step="run")
     # The per-block files are only a resume aid; the merged datasets are the output.
     for p in block_files:
         p.unlink(missing_ok=True)

@@ -82,7 +82,13 @@ class Retriever:
         return cls(project, ShardedIndex.from_paths(shard_paths(project)), **kw)
 
     def search_embeddings(self, vectors: np.ndarray, k: int) -> Neighbors:
+        import time
+
+        from retro_ray.metrics import stage_metrics
+
+        t0 = time.perf_counter()
         D, I = self.searcher.search(vectors, k, nprobe=self.nprobe, ef_search=self.ef_search)
+        stage_metrics("query").index_search_seconds(time.perf_counter() - t0)
         return Neighbors(ids=np.asarray(I, dtype=np.int64), distances=np.asarray(D, dtype=np.float32))
 
     def search_texts(self, texts: list[str], k: int) -> Neighbors:
