@@ -1,0 +1,303 @@
+"""Benchmark of the train stage: Ray Train + DeepSpeed against a plain PyTorch loop, RETRO against GPT.
+
+What is measured (one run of this script)
+    ray_deepspeed  ``retro_ray.train.trainer.run``: a Ray Train TorchTrainer whose workers drive a
+                   DeepSpeed engine (CPU: 2 workers x 1 CPU, gloo; CUDA: 1 worker, 1 GPU, nccl).
+                   tokens/s is taken from the workers' own step timers (the per-window tokens/s the
+                   training loop logs), over the steps after ``--warmup``: Ray start-up, worker
+                   start-up, DeepSpeed initialisation, the first steps and the final checkpoint
+                   report are all outside the timed region.
+    plain          one process, no Ray, no DeepSpeed: the same RetroModel, the same synthetic data
+                   (same items, same collate), the same global batch as the same micro-batches
+                   (accumulated, one update per step), the same torch.optim.AdamW parameter
+                   groups, LR schedule and gradient clipping. Timed over the same steps after the
+                   same warm-up (CUDA: synchronised).
+    retro vs gpt   the plain loop again with retro.enabled=false (the same decoder, no encoder and
+                   no chunked cross-attention): step-time ratio, next to the ratio of the model's
+                   own FLOP counts (``RetroModel.flops_per_token``), which bounds what any
+                   implementation can reach.
+
+CPU (default): the model of ``train_demo.yaml`` (6 layers, d=256, 8 heads, CCA in layers 3 and 6,
+2 neighbours) at seq_length 256, chunk_length 64, vocabulary 8192, fp32, global batch 8 (micro 4).
+Both sides get the machine's 2 cores: Ray gives each 1-CPU worker one intra-op thread; the plain loop
+uses torch's default (one thread per core; --plain-threads to change). The plain loop runs before and
+after the Ray run and the two are averaged; per-step medians are reported (means in the JSON), and
+the load average, because on a shared machine a 2-thread loop stalls on OpenMP barriers whenever
+other processes hold the cores.
+
+CUDA (``--device cuda``, for a GPU machine; not run on CPU-only hosts): bf16, single GPU, for the
+demo config (micro 32, global 64) and the 125M config (12 layers, d=768, seq 2048, vocabulary
+50304, ZeRO-1, micro 8, global 64), reporting tokens/s and MFU (bf16 dense peak from the table in
+``retro_ray.train.loop``) for the Ray + DeepSpeed path (DeepSpeed bf16: bf16 weights, fp32 master
+copies) and the plain loop (bf16 autocast, fp32 weights), and RETRO vs GPT step time.
+
+Run:  .venv/bin/python benchmarks/bench_train.py [--device cpu|cuda] [--steps 20] [--warmup 5]
+      [--configs demo,125m] [--work-dir DIR]
+Writes <work-dir>/bench_train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from retro_ray.model.retro import RetroConfig, RetroModel
+from retro_ray.train import trainer
+from retro_ray.train.config import TrainConfig, load_train_config, lr_at, resolve_model_config
+from retro_ray.train.loop import collate, gpu_peak_flops, param_groups
+from retro_ray.train.synthetic import SyntheticDatasetFactory
+
+DATA = {  # seq_length, chunk_length, tokenizer vocabulary
+    "demo": (256, 64, 8192),
+    "125m": (2048, 64, 50257),
+}
+# (micro, global) batch sizes on one GPU, unless given on the command line; on CPU the YAML's.
+CUDA_BATCH = {"demo": (32, 64), "125m": (8, 64)}
+
+
+def make_config(name: str, device: str, steps: int, micro: int | None, global_batch: int | None,
+                retro: bool = True) -> TrainConfig:
+    overrides = [
+        f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", f"trainer.checkpoint_interval={steps}",
+        "trainer.limit_val_batches=0", f"model.optim.sched.warmup_steps={max(1, steps // 10)}",
+        f"exp_manager.name=bench_{name}_{'retro' if retro else 'gpt'}",
+        "exp_manager.create_tensorboard_logger=false",
+    ]
+    if device == "cpu":
+        overrides += ["trainer.num_workers=2", "trainer.use_gpu=false", "trainer.precision=32", "trainer.zero_stage=0"]
+    else:  # the YAML's ZeRO stage (125m: 1)
+        overrides += ["trainer.num_workers=1", "trainer.use_gpu=true", "trainer.precision=bf16"]
+        micro = micro or CUDA_BATCH[name][0]
+        global_batch = global_batch or CUDA_BATCH[name][1]
+    if micro:
+        overrides.append(f"model.micro_batch_size={micro}")
+    if global_batch:
+        overrides.append(f"model.global_batch_size={global_batch}")
+    if not retro:
+        overrides.append("model.retro.enabled=false")
+    return load_train_config(name, overrides)
+
+
+def factory_for(name: str, n_train: int) -> SyntheticDatasetFactory:
+    seq, chunk, vocab = DATA[name]
+    return SyntheticDatasetFactory(n_train=n_train, n_valid=8, seq_length=seq, chunk_length=chunk,
+                                   num_neighbors=2, vocab_size=vocab, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Train + DeepSpeed
+# ------------------------------------------------------------------------------------------------
+def run_ray(cfg: TrainConfig, factory: SyntheticDatasetFactory, warmup: int, work_dir: Path) -> dict:
+    exp_dir = Path(tempfile.mkdtemp(prefix="bench_train_", dir=work_dir))
+    t0 = time.perf_counter()
+    trainer.run(cfg, factory, factory.model_data(), exp_dir)
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train" and r["step"] > warmup]
+    # log_every_n_steps=1 and no validation / checkpoint inside the timed steps: one record per step,
+    # each timed by the workers themselves (rank 0's clock, after the step's gradient all-reduce).
+    out = summarize([r["step_time_s"] for r in steps], cfg.model.global_batch_size * factory.seq_length, None, None)
+    mfu = [r["mfu"] for r in steps if r.get("mfu")]
+    out["mfu"] = statistics.median(mfu) if mfu else None
+    event = next(r for r in records if r["kind"] == "event")
+    out.update(wall_s_including_startup=wall, worker_init={k: v for k, v in event.items() if k.endswith("_s")},
+               final_loss=steps[-1]["train_loss"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The plain single-process loop
+# ------------------------------------------------------------------------------------------------
+class PlainLoop:
+    """One process, no Ray, no DeepSpeed; ``step(i)`` makes optimizer step i and returns its seconds."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, device: str):
+        self.cfg, self.model_cfg, self.device = cfg, model_cfg, device
+        self.dev = torch.device(device)
+        torch.manual_seed(cfg.trainer.seed)
+        self.model = RetroModel(model_cfg).to(self.dev)
+        o = cfg.model.optim
+        self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                     eps=o.eps, **({"fused": True} if device == "cuda" else {}))
+        self.ds = factory("train")
+        g = torch.Generator().manual_seed(cfg.trainer.seed)
+        self.order = torch.randperm(len(self.ds), generator=g).tolist()
+        self.loss = float("nan")
+
+    def step(self, step: int) -> float:
+        cfg, B, micro = self.cfg, self.cfg.model.global_batch_size, self.cfg.model.micro_batch_size
+        accumulation = B // micro  # the same micro-batches as all the workers together; one update per step
+        with_neighbors = self.model_cfg.retro.enabled
+        t0 = time.perf_counter()
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        idx = [self.order[(step * B + i) % len(self.order)] for i in range(B)]
+        self.opt.zero_grad(set_to_none=True)
+        for a in range(accumulation):
+            items = [self.ds[i] for i in idx[a * micro:(a + 1) * micro]]
+            batch = {k: v.to(self.dev, non_blocking=True) for k, v in collate(items, with_neighbors).items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+                out = self.model(**batch)
+            (out.loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.gradient_clip_val)
+        self.opt.step()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.loss = out.loss.item()
+        return time.perf_counter() - t0
+
+
+def summarize(step_times: list[float], tokens_per_step: int, flops_per_token: float | None, peak: float | None) -> dict:
+    """Median-based (robust to a busy machine's spikes) and mean-based rates over the timed steps."""
+    med, mean = statistics.median(step_times), statistics.fmean(step_times)
+    tps = tokens_per_step / med
+    return {"tokens_per_s": tps, "tokens_per_s_mean_based": tokens_per_step / mean, "step_time_s": med,
+            "step_time_s_mean": mean, "timed_steps": len(step_times),
+            "mfu": flops_per_token * tps / peak if (peak and flops_per_token) else None}
+
+
+def run_plain(cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, warmup: int,
+              device: str) -> dict:
+    loop = PlainLoop(cfg, model_cfg, factory, device)
+    times = [loop.step(s) for s in range(cfg.trainer.max_steps)][warmup:]
+    peak = gpu_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
+    out = summarize(times, cfg.model.global_batch_size * model_cfg.seq_length, loop.model.flops_per_token(), peak)
+    return {**out, "final_loss": loop.loss, "threads": torch.get_num_threads()}
+
+
+def run_retro_vs_gpt(cfg: TrainConfig, model_cfg: RetroConfig, gpt_cfg: TrainConfig, gpt_model_cfg: RetroConfig,
+                     factory: SyntheticDatasetFactory, warmup: int, device: str) -> dict:
+    """Both plain loops, their steps interleaved (RETRO step i, GPT step i, ...), so that both see the
+    same machine load; the ratio of their median step times (CPU: one thread)."""
+    retro, gpt = PlainLoop(cfg, model_cfg, factory, device), PlainLoop(gpt_cfg, gpt_model_cfg, factory, device)
+    rt, gt = [], []
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        # One intra-op thread, as in each Ray worker: a ratio does not need both cores, and a single
+        # thread does not stall on OpenMP barriers when the machine is shared.
+        torch.set_num_threads(1)
+    try:
+        for s in range(cfg.trainer.max_steps):
+            rt.append(retro.step(s))
+            gt.append(gpt.step(s))
+    finally:
+        torch.set_num_threads(threads)
+    tokens = cfg.model.global_batch_size * model_cfg.seq_length
+    peak = gpu_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
+    return {"retro": summarize(rt[warmup:], tokens, retro.model.flops_per_token(), peak),
+            "gpt": summarize(gt[warmup:], tokens, gpt.model.flops_per_token(), peak)}
+
+
+def flops_ratio(model_cfg: RetroConfig) -> float:
+    gpt = dataclasses.replace(model_cfg, retro=dataclasses.replace(model_cfg.retro, enabled=False))
+    with torch.device("meta"):
+        return RetroModel(model_cfg).flops_per_token() / RetroModel(gpt).flops_per_token()
+
+
+# ------------------------------------------------------------------------------------------------
+def line(label: str, r: dict) -> None:
+    mfu = f", MFU {r['mfu']:.3f}" if r.get("mfu") else ""
+    print(f"  {label:<26} {r['tokens_per_s']:10,.0f} tokens/s  (median step {r['step_time_s'] * 1e3:,.0f} ms, "
+          f"mean {r['step_time_s_mean'] * 1e3:,.0f} ms{mfu})", flush=True)
+
+
+def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
+    steps = args.warmup + args.steps
+    seq, chunk, vocab = DATA[name]
+    cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size)
+    gpt_cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size, retro=False)
+    factory = factory_for(name, n_train=max(256, steps * cfg.model.global_batch_size))
+    model_cfg = resolve_model_config(cfg, seq, chunk, vocab)
+    gpt_model_cfg = resolve_model_config(gpt_cfg, seq, chunk, vocab)
+    with torch.device("meta"):
+        n_params = RetroModel(model_cfg).num_parameters()
+    print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, seq {seq}, chunk {chunk}, vocab {model_cfg.vocab_size}, "
+          f"global batch {cfg.model.global_batch_size}, micro {cfg.model.micro_batch_size}, "
+          f"{cfg.trainer.num_workers} worker(s), {cfg.trainer.precision}; {args.warmup} warm-up + {args.steps} timed steps",
+          flush=True)
+    out: dict = {"config": name, "parameters": n_params, "global_batch_size": cfg.model.global_batch_size,
+                 "micro_batch_size": cfg.model.micro_batch_size, "num_workers": cfg.trainer.num_workers,
+                 "precision": cfg.trainer.precision, "seq_length": seq}
+    # plain, then Ray + DeepSpeed, then plain again: the two plain runs bracket the Ray run in time,
+    # so a change in the machine's load shows up as a difference between them.
+    out["load_avg_before"] = os.getloadavg()
+    out["plain_before"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device)
+    line("plain pytorch (before)", out["plain_before"])
+    out["ray_deepspeed"] = run_ray(cfg, factory, args.warmup, work_dir)
+    line("ray + deepspeed", out["ray_deepspeed"])
+    out["plain_after"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device)
+    line("plain pytorch (after)", out["plain_after"])
+    plain_tps = statistics.fmean([out["plain_before"]["tokens_per_s"], out["plain_after"]["tokens_per_s"]])
+    out["ray_vs_plain"] = out["ray_deepspeed"]["tokens_per_s"] / plain_tps
+    out["retro_vs_gpt"] = run_retro_vs_gpt(cfg, model_cfg, gpt_cfg, gpt_model_cfg, factory, args.warmup, args.device)
+    line("plain RETRO (interleaved)", out["retro_vs_gpt"]["retro"])
+    line("plain GPT (interleaved)", out["retro_vs_gpt"]["gpt"])
+    out["retro_vs_gpt_step_time"] = (out["retro_vs_gpt"]["retro"]["step_time_s"]
+                                     / out["retro_vs_gpt"]["gpt"]["step_time_s"])
+    out["retro_vs_gpt_flops"] = flops_ratio(model_cfg)
+    out["load_avg_after"] = os.getloadavg()
+    print(f"  ratio ray+deepspeed / plain tokens/s: {out['ray_vs_plain']:.2f}x  (goal >= 0.85x; plain = mean of "
+          "the runs before and after)")
+    print(f"  ratio RETRO / GPT step time:          {out['retro_vs_gpt_step_time']:.2f}x  (goal <= 1.3x; "
+          f"the FLOP ratio of these two models is {out['retro_vs_gpt_flops']:.2f}x)")
+    print(f"  load average before / after: {out['load_avg_before'][0]:.1f} / {out['load_avg_after'][0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--configs", default=None, help="comma list of demo,125m (default: demo on cpu, demo,125m on cuda)")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="steps before the timed region")
+    ap.add_argument("--plain-threads", type=int, default=None,
+                    help="intra-op threads of the plain loop (default: torch's, one per core)")
+    ap.add_argument("--micro-batch-size", type=int, default=None)
+    ap.add_argument("--global-batch-size", type=int, default=None)
+    ap.add_argument("--work-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    if args.plain_threads:
+        torch.set_num_threads(args.plain_threads)
+    configs = (args.configs or ("demo,125m" if args.device == "cuda" else "demo")).split(",")
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_train_"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    t0 = time.perf_counter()
+    if args.device == "cpu":
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    print(f"ray.init: {time.perf_counter() - t0:.1f} s (not timed); {ray.cluster_resources()}")
+    results = {"device": args.device, "host_cpus": os.cpu_count(),
+               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+               "torch": torch.__version__, "runs": []}
+    try:
+        for name in configs:
+            results["runs"].append(bench_config(name.strip(), args, work_dir))
+    finally:
+        ray.shutdown()
+    path = work_dir / "bench_train.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
