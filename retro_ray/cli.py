@@ -89,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="start the project over (passed to prep)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p = sub.add_parser("train", help="pretrain RETRO (or the GPT baseline) with Ray Train + DeepSpeed",
+                       description="Train on the project's samples and neighbours. Data settings (sequence and "
+                                   "chunk length, vocabulary, neighbours) come from <project>/config.json. "
+                                   "Rerunning the same command resumes from the latest checkpoint.",
+                       epilog="settings (NeMo names):\n" + _train_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project-dir", required=True)
+    p.add_argument("--exp-dir", required=True, help="where checkpoints, logs and the loss curve go")
+    p.add_argument("--config", default="demo", help="a YAML file, or a shipped config: tiny, demo, 125m (default demo)")
+    p.add_argument("--resume", action="store_true", help="continue an experiment whose settings changed")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p = sub.add_parser("export", help="one-file checkpoint (model.pt) from an experiment, for inference")
+    p.add_argument("--exp-dir", required=True, help="experiment directory, run directory or checkpoint")
+    p.add_argument("--out", required=True, help="output file, e.g. model.pt")
     p = sub.add_parser("info", help="which stages are done, with their counts and sizes")
     p.add_argument("--project-dir", required=True)
     p = sub.add_parser("search", help="print the database chunks nearest to a text",
@@ -172,6 +187,38 @@ def run_stage(stage: str, project: Project, settings: dict, *, progress: bool, a
     print(report.format(), flush=True)
 
 
+def _train_help() -> str:
+    from retro_ray.train.config import TrainConfig
+
+    return _help_table(TrainConfig)
+
+
+def cmd_train(args) -> int:
+    from retro_ray.prep.query import load_neighbors
+    from retro_ray.train import trainer
+    from retro_ray.train.config import load_train_config
+
+    project = Project(args.project_dir)
+    project.read_config()  # "not a retro-ray project" comes first
+    train_cfg = load_train_config(args.config, args.overrides)
+    project.require("query", "train")
+    _, meta = load_neighbors(project, "train")  # also checks the neighbours still match the project
+    k = train_cfg.model.retro.retro_num_neighbors if train_cfg.model.retro.enabled else 0
+    factory = trainer.ProjectDatasetFactory(str(project.root), k)
+    model_data = trainer.project_model_data(project, int(meta["num_neighbors_save"]))
+    report = trainer.run(train_cfg, factory, model_data, args.exp_dir, resume=args.resume, address=args.address)
+    print(report.format(), flush=True)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from retro_ray.train.export import export
+
+    out = export(args.exp_dir, args.out)
+    print(f"exported {out}")
+    return 0
+
+
 def cmd_search(args) -> int:
     from retro_ray.retrieval.retriever import Retriever
 
@@ -217,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_search(args)
         if args.command == "pipeline":
             return cmd_pipeline(args)
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_stage(args)
     except RetroRayError as e:
         print(f"retro-ray: error: {e}", file=sys.stderr)
