@@ -199,8 +199,8 @@ def cmd_train(args) -> int:
     from retro_ray.train.config import load_train_config
 
     project = Project(args.project_dir)
-    project.read_config()  # "not a retro-ray project" comes first
     train_cfg = load_train_config(args.config, args.overrides)
+    project.read_config()  # a clear "not a retro-ray project" before the stage check
     project.require("query", "train")
     _, meta = load_neighbors(project, "train")  # also checks the neighbours still match the project
     k = train_cfg.model.retro.retro_num_neighbors if train_cfg.model.retro.enabled else 0
