@@ -7,7 +7,6 @@ the user can fix (:class:`RetroRayError`) is printed as one line and exits with 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import textwrap
@@ -104,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="one-file checkpoint (model.pt) from an experiment, for inference")
     p.add_argument("--exp-dir", required=True, help="experiment directory, run directory or checkpoint")
     p.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    p = sub.add_parser("generate", help="generate text with a trained model, neighbours given or retrieved",
+                       description="Continue a prompt. Neighbours come from neighbors=[...] (NeMo semantics) or, "
+                                   "with --project-dir, are retrieved at the prompt end and at every chunk boundary.",
+                       epilog="settings:\n" + _generate_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `retro-ray export`")
+    p.add_argument("--project-dir", help="the project to retrieve from (and whose tokenizer to use)")
+    p.add_argument("--index", default="local", choices=("local", "sharded", "none"),
+                   help="local: merged index in this process; sharded: IndexShard actors on Ray; none: no retrieval")
+    p.add_argument("--address", help="Ray cluster address, with --index sharded")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (text, tokens, neighbours used)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p = sub.add_parser("info", help="which stages are done, with their counts and sizes")
     p.add_argument("--project-dir", required=True)
     p = sub.add_parser("search", help="print the database chunks nearest to a text",
@@ -211,6 +222,42 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _generate_help() -> str:
+    from retro_ray.serve.generate import GenerateConfig
+
+    return _help_table(GenerateConfig)
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from retro_ray.serve.generate import GenerateConfig, Generator
+
+    settings = C.parse_overrides(args.overrides)
+    if "prompt" in settings and settings["prompt"] is None:
+        settings["prompt"] = ""  # `prompt=` is an empty prompt (fine with inference.add_BOS=true)
+    cfg = C.build(GenerateConfig, settings)
+    cfg.inference.validate()
+    if args.index == "sharded":
+        from retro_ray.runtime import connect
+
+        connect(args.address, progress=False)
+    gen = Generator.load(args.checkpoint, args.project_dir, index=args.index if args.project_dir else "none",
+                         device=args.device)
+    result = gen.generate([cfg.request()])[0]
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=1))
+        return 0
+    print(f"prompt ({result.prompt_tokens} tokens): {result.prompt}")
+    print(f"generated ({len(result.tokens)} tokens, {result.finish_reason}): {result.text}")
+    for ev in result.retrievals:
+        print(f"neighbours read from token {ev.position} (query {' '.join(ev.query.split())[:60]!r}):")
+        for n in ev.neighbors:
+            where = f"[{n.title}] chunk {n.chunk_id}" if n.chunk_id >= 0 else "[given]"
+            print(f"  {where}: {' '.join(n.text.split())[:160]}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from retro_ray.train.export import export
 
@@ -268,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "generate":
+            return cmd_generate(args)
         return cmd_stage(args)
     except RetroRayError as e:
         print(f"retro-ray: error: {e}", file=sys.stderr)

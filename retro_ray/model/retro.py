@@ -349,8 +349,7 @@ class SelfAttention(nn.Module):
         past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([N, h, S_past, dh],) * 2
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         N, T, d = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [N, h, T, dh]
+        q, k, v = self.rotated_qkv(x, cos, sin)  # [N, h, T, dh] each
         if past_kv is not None:
             k = torch.cat((past_kv[0], k), dim=2)  # [N, h, S, dh], S = S_past + T
             v = torch.cat((past_kv[1], v), dim=2)
@@ -367,6 +366,12 @@ class SelfAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )  # [N, h, T, dh]
         return self.out_proj(y.transpose(1, 2).reshape(N, T, d)), (k, v)
+
+    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v [N, h, T, dh] of x [N, T, d], q and k rotated (cos/sin broadcast against [N, h, T, dh/2])."""
+        N, T, d = x.shape
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
 class CrossAttention(nn.Module):
@@ -390,11 +395,23 @@ class CrossAttention(nn.Module):
         context: torch.Tensor,  # [N, Tk, d]
         key_mask: torch.Tensor | None = None,  # [N, Tk] bool
     ) -> torch.Tensor:  # [N, Tq, d]
-        N, Tq, d = x.shape
-        Tk, h = context.shape[1], self.num_heads
-        q = self.q(x).view(N, Tq, h, d // h).transpose(1, 2)  # [N, h, Tq, dh]
-        k, v = self.kv(context).view(N, Tk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [N, h, Tk, dh] each
+        return self.attend(x, *self.context_kv(context), key_mask)
 
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [N, h, Tk, dh] of the context [N, Tk, d]; a generator computes them once per neighbour set."""
+        N, Tk, d = context.shape
+        k, v = self.kv(context).view(N, Tk, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(
+        self,
+        x: torch.Tensor,  # [N, Tq, d]
+        k: torch.Tensor,  # [N, h, Tk, dh]
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,  # [N, Tk] bool
+    ) -> torch.Tensor:  # [N, Tq, d]
+        N, Tq, d = x.shape
+        q = self.q(x).view(N, Tq, self.num_heads, d // self.num_heads).transpose(1, 2)  # [N, h, Tq, dh]
         mask, has_keys = None, None
         if key_mask is not None:
             has_keys = key_mask.any(dim=-1)  # [N]

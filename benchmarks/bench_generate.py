@@ -1,0 +1,147 @@
+"""Benchmark of generation: KV-cache decoding against full recomputation, and against HF GPT-2.
+
+What is measured (one process, one thread unless --threads, same prompt for every side)
+    cache       ``Generator.generate``: prefill the prompt, then one token per step against the
+                self-attention KV cache; neighbours (given, 2 of them) encoded once.
+    recompute   ``Generator.generate(recompute=True)``: the whole sequence from scratch for every
+                token, with the same neighbours (the equality of the two is a unit test).
+    ours-gpt    the same Generator with retro.enabled=false (our decoder alone, with the cache).
+    hf-gpt2     ``transformers`` GPT2LMHeadModel of the same decoder size (layers, width, heads, MLP,
+                vocabulary), random weights, ``generate(do_sample=False, use_cache=True)``.
+Per-token decode time is (time for P + N tokens − time for P + 1 tokens) / (N − 1): the prompt's
+prefill cancels out, so the figure is the cost of one decode step at context P..P+N (default
+448 + 64 = 512 tokens of context at the end). Median of --repeats runs.
+
+Model: the decoder of ``train_demo.yaml`` (6 layers, d=256, 8 heads, MLP 1024, CCA in layers 3 and 6,
+2 neighbours of 128 tokens, chunk 64, vocabulary 8192), fp32, random weights.
+Goals (issue 6): cache ≥ 5× faster than recompute; RETRO with cache ≤ 1.3× HF GPT-2's per-token time.
+
+Run:  .venv/bin/python benchmarks/bench_generate.py [--prompt-tokens 448] [--new-tokens 64] [--repeats 3]
+Writes benchmarks/results/bench_generate.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def demo_config(retro: bool):
+    from retro_ray.config import load_yaml, shipped_config_dir
+    from retro_ray.model.retro import RetroConfig
+
+    model = dict(load_yaml(shipped_config_dir() / "train_demo.yaml")["model"])
+    for key in ("micro_batch_size", "global_batch_size", "optim", "data"):
+        model.pop(key, None)
+    model.update(vocab_size=8192, seq_length=512, chunk_length=64, hidden_dropout=0.0, attention_dropout=0.0,
+                 ffn_dropout=0.0)
+    model["retro"] = {**model["retro"], "enabled": retro, "retro_encoder_hidden_dropout": 0.0,
+                      "retro_encoder_attention_dropout": 0.0}
+    return RetroConfig.from_dict(model)
+
+
+def train_tokenizer_on_corpus(vocab: int):
+    from itertools import islice
+
+    from retro_ray.config import CorpusConfig, TokenizerConfig
+    from retro_ray.corpus import IngestStats, iter_raw_documents
+    from retro_ray.tokenizer import train_tokenizer
+
+    texts = [t for _, t in islice(iter_raw_documents(CorpusConfig(), IngestStats()), 3000)]
+    return train_tokenizer(texts, TokenizerConfig(vocab_size=vocab), progress=False), texts
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompt-tokens", type=int, default=448)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_generate.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from retro_ray.model.retro import RetroModel
+    from retro_ray.serve.generate import GenerationRequest, Generator, InferenceConfig
+
+    tok, texts = train_tokenizer_on_corpus(8192)
+    eod = tok.token_to_id("<|endoftext|>")
+    ids = [i for t in texts for i in tok.encode(t).ids][: args.prompt_tokens]
+    prompt = tok.decode(ids)
+    P = len(tok.encode(prompt).ids)
+    neighbors = [texts[-1][:600], texts[-2][:600]]
+    N = args.new_tokens
+
+    def ours(gen: Generator, n: int, recompute: bool = False, nbrs=None):
+        cfg = InferenceConfig(tokens_to_generate=n, greedy=True)
+        out = gen.generate([GenerationRequest(prompt, nbrs, cfg)], recompute=recompute)[0]
+        assert len(out.tokens) == n, (len(out.tokens), out.finish_reason)
+
+    retro = Generator(RetroModel(demo_config(True)), tok, eod)
+    gpt = Generator(RetroModel(demo_config(False)), tok, eod)
+    # never stop early at the end-of-document token: the timings must cover N tokens
+    for g in (retro, gpt):
+        with torch.no_grad():
+            g.model.token_embedding.weight[eod] = 0.0
+
+    results = {}
+
+    def per_token(name: str, fn_n, n_full: int) -> None:
+        fn_n(2)  # warm-up
+        full, one = timed(lambda: fn_n(n_full), args.repeats), timed(lambda: fn_n(1), args.repeats)
+        results[name] = {"ms_per_token": 1000 * (full - one) / (n_full - 1), "total_s": full, "prefill_s": one}
+        print(f"{name:>10}: {results[name]['ms_per_token']:.2f} ms/token (prefill {1000 * one:.0f} ms)", flush=True)
+
+    per_token("cache", lambda n: ours(retro, n, nbrs=neighbors), N)
+    per_token("recompute", lambda n: ours(retro, n, True, nbrs=neighbors), N)
+    per_token("ours-gpt", lambda n: ours(gpt, n), N)
+
+    c = demo_config(False)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=1024, n_embd=c.hidden_size, n_layer=c.num_layers,
+                                    n_head=c.num_attention_heads, n_inner=c.ffn_hidden_size, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eod, eos_token_id=eod)).eval()
+    input_ids = torch.tensor([tok.encode(prompt).ids])
+
+    def hf_gen(n: int) -> None:
+        with torch.inference_mode():
+            out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, use_cache=True, pad_token_id=eod, eos_token_id=None)
+        assert out.shape[1] == P + n
+
+    per_token("hf-gpt2", hf_gen, N)
+
+    cache, rec, hfg = (results[k]["ms_per_token"] for k in ("cache", "recompute", "hf-gpt2"))
+    summary = {
+        "prompt_tokens": P, "new_tokens": N, "context_at_end": P + N, "threads": args.threads,
+        "load_average": os.getloadavg(), "results": results,
+        "cache_speedup_vs_recompute": rec / cache, "retro_cache_vs_hf_gpt2": cache / hfg,
+        "ours_gpt_vs_hf_gpt2": results["ours-gpt"]["ms_per_token"] / hfg,
+    }
+    print(f"KV cache vs full recomputation: {rec / cache:.1f}x faster (goal >= 5x)")
+    print(f"RETRO (cache) per token vs HF GPT-2 generate: {cache / hfg:.2f}x (goal <= 1.3x); "
+          f"our GPT vs HF GPT-2: {summary['ours_gpt_vs_hf_gpt2']:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
