@@ -57,6 +57,14 @@ class CorpusConfig:
     normalization: str = field(
         default="NFC", metadata=_help("Unicode normal form applied to every document (NFC, NFKC, NFD, NFKD).")
     )
+    holdout_fraction: float = field(
+        default=0.0,
+        metadata=_help(
+            "Fraction of documents held out of the project entirely (no training, no retrieval database), "
+            "chosen by a hash of their text and written to data/heldout.jsonl: the knowledge-update "
+            "evaluation adds them later with add-docs. 0 = none."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,11 @@ class ProjectConfig:
         if self.corpus.normalization not in ("NFC", "NFKC", "NFD", "NFKD"):
             raise RetroRayError(
                 f"corpus.normalization={self.corpus.normalization!r} is not one of NFC, NFKC, NFD, NFKD."
+            )
+        if not 0 <= self.corpus.holdout_fraction < 1:
+            raise RetroRayError(
+                f"corpus.holdout_fraction={self.corpus.holdout_fraction} must be in [0, 1); e.g. 0.005 holds out "
+                "about 1 document in 200."
             )
         if self.tokenizer.vocab_size < 300:
             raise RetroRayError(

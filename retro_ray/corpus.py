@@ -55,6 +55,7 @@ class IngestStats:
     documents_empty: int = 0
     documents_duplicate: int = 0
     documents_kept: int = 0
+    documents_held_out: int = 0
     bad_utf8_sequences: int = 0
     files_read: int = 0
 
@@ -64,6 +65,7 @@ class IngestStats:
             "documents_empty_dropped": self.documents_empty,
             "documents_duplicate_dropped": self.documents_duplicate,
             "documents_kept": self.documents_kept,
+            "documents_held_out": self.documents_held_out,
             "bad_utf8_sequences_replaced": self.bad_utf8_sequences,
             "files_read": self.files_read,
         }
@@ -205,10 +207,18 @@ def normalize_text(text: str, form: str) -> str:
     return text.strip()
 
 
-def ingest(cfg: CorpusConfig, out_path: Path, docs_per_block: int, progress: bool = True) -> IngestStats:
+def is_held_out(digest: bytes, fraction: float) -> bool:
+    """A document is held out when its text digest falls in the lowest ``fraction`` of the hash range:
+    deterministic, independent of corpus order, and no second pass over the corpus."""
+    return fraction > 0 and int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def ingest(cfg: CorpusConfig, out_path: Path, docs_per_block: int, progress: bool = True,
+           heldout_path: Path | None = None) -> IngestStats:
     """Stream the corpus into ``out_path`` (Parquet, one row group per ``docs_per_block`` docs).
 
-    The file is written under a temporary name and renamed when complete.
+    Documents selected by ``cfg.holdout_fraction`` go to ``heldout_path`` (JSONL of title, text)
+    instead. Both files are written under temporary names and renamed when complete.
     """
     from tqdm import tqdm
 
@@ -216,6 +226,10 @@ def ingest(cfg: CorpusConfig, out_path: Path, docs_per_block: int, progress: boo
     seen: set[bytes] = set()  # 16-byte digests: ~50 bytes a document, not the text itself
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.holdout_fraction > 0 and heldout_path is None:
+        raise ValueError("ingest: holdout_fraction > 0 needs a heldout_path")
+    held_tmp = heldout_path.with_name(f".{heldout_path.name}.tmp-{os.getpid()}") if heldout_path else None
+    held = open(held_tmp, "w", encoding="utf-8") if held_tmp else None
     writer = pq.ParquetWriter(tmp, DOCS_SCHEMA, compression="zstd")
     titles: list[str] = []
     texts: list[str] = []
@@ -249,6 +263,11 @@ def ingest(cfg: CorpusConfig, out_path: Path, docs_per_block: int, progress: boo
                 stats.documents_duplicate += 1
                 continue
             seen.add(digest)
+            if held is not None and is_held_out(digest, cfg.holdout_fraction):
+                held.write(json.dumps({"title": normalize_text(title, cfg.normalization), "text": text},
+                                      ensure_ascii=False) + "\n")
+                stats.documents_held_out += 1
+                continue
             titles.append(normalize_text(title, cfg.normalization))
             texts.append(text)
             stats.documents_kept += 1
@@ -256,23 +275,33 @@ def ingest(cfg: CorpusConfig, out_path: Path, docs_per_block: int, progress: boo
                 flush()
         flush()
         writer.close()
+        if held is not None:
+            held.close()
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
+        if held is not None:
+            held.close()
+            held_tmp.unlink(missing_ok=True)
         raise
     finally:
         bar.close()
     if stats.documents_kept == 0:
         tmp.unlink(missing_ok=True)
+        if held_tmp is not None:
+            held_tmp.unlink(missing_ok=True)
         where = cfg.path or "the default corpus"
         raise RetroRayError(
             f"the corpus {where} has no non-empty documents ({stats.documents_read} read, "
             f"{stats.documents_empty} empty); check corpus.path and corpus.text_field."
         )
+    if held_tmp is not None:
+        os.replace(held_tmp, heldout_path)  # before docs.parquet, whose presence marks ingest done
     os.replace(tmp, out_path)
     log.info(
-        "corpus: %d documents read, %d kept, %d empty and %d duplicates dropped, %d bad UTF-8 sequences replaced",
-        stats.documents_read, stats.documents_kept, stats.documents_empty, stats.documents_duplicate,
-        stats.bad_utf8_sequences,
+        "corpus: %d documents read, %d kept, %d held out, %d empty and %d duplicates dropped, "
+        "%d bad UTF-8 sequences replaced",
+        stats.documents_read, stats.documents_kept, stats.documents_held_out, stats.documents_empty,
+        stats.documents_duplicate, stats.bad_utf8_sequences,
     )
     return stats

@@ -103,6 +103,11 @@ class Project:
         return self.data_dir / "docs.parquet"
 
     @property
+    def heldout_path(self) -> Path:
+        """Documents held out of the project by corpus.holdout_fraction (JSONL of title, text)."""
+        return self.data_dir / "heldout.jsonl"
+
+    @property
     def doc_split_path(self) -> Path:
         """uint8 per document: 0 train, 1 valid, 2 test."""
         return self.data_dir / "doc_split.npy"

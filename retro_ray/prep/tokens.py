@@ -109,7 +109,7 @@ def tokenize_block(item: dict) -> dict:
         pos += n + 1
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     arrays = {}
-    for s, name in enumerate(SPLITS):
+    for name in SPLITS:
         sel = np.flatnonzero(split_of == s)
         arrays[f"{name}_doc_ids"] = doc_ids[sel]
         arrays[f"{name}_lengths"] = lengths[sel]
@@ -184,7 +184,8 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
     t0 = time.perf_counter()
     stats_path = project.data_dir / "ingest_stats.json"
     if not project.docs_path.is_file():
-        stats = ingest(cfg.corpus, project.docs_path, run_cfg.docs_per_block, progress=progress)
+        stats = ingest(cfg.corpus, project.docs_path, run_cfg.docs_per_block, progress=progress,
+                       heldout_path=project.heldout_path if cfg.corpus.holdout_fraction > 0 else None)
         atomic_write_json(stats_path, stats.as_counts())
     counts = json.loads(stats_path.read_text())
     timings["ingest"] = time.perf_counter() - t0
@@ -222,7 +223,7 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
     # 5. merge blocks into one token dataset per split
     t0 = time.perf_counter()
     split_docs, split_tokens = {}, {}
-    for s, name in enumerate(SPLITS):
+    for name in SPLITS:
         writer = IndexedDatasetWriter(project.token_prefix(name), dtype)
         ids = []
         try:

@@ -121,3 +121,24 @@ def test_default_corpus_is_the_wiki_summaries():
 def test_normalize_text():
     assert normalize_text("  A\r\nb\x00 ", "NFC") == "A\nb"
     assert normalize_text("ﬁ", "NFKC") == "fi"
+
+
+def test_holdout_fraction_splits_documents_off_deterministically(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"title": f"t{i}", "text": f"document number {i}"}) + "\n" for i in range(2000)))
+    cfg = CorpusConfig(path=str(src), holdout_fraction=0.05)
+    stats = ingest(cfg, tmp_path / "docs.parquet", docs_per_block=500, progress=False, heldout_path=tmp_path / "h.jsonl")
+    held = [json.loads(x) for x in (tmp_path / "h.jsonl").read_text().splitlines()]
+    kept = _read(tmp_path / "docs.parquet")
+    assert stats.documents_held_out == len(held) and 60 <= len(held) <= 140  # ~5 % of 2000
+    assert stats.documents_kept == len(kept) == 2000 - len(held)
+    assert not {h["text"] for h in held} & {k["text"] for k in kept}
+    assert [r["doc_id"] for r in kept] == list(range(len(kept)))  # ids stay contiguous
+    # the same documents in another order: the same ones are held out
+    lines = (src.read_text().splitlines())[::-1]
+    src2 = tmp_path / "c2.jsonl"
+    src2.write_text("\n".join(lines) + "\n")
+    ingest(CorpusConfig(path=str(src2), holdout_fraction=0.05), tmp_path / "d2.parquet", docs_per_block=500,
+           progress=False, heldout_path=tmp_path / "h2.jsonl")
+    held2 = [json.loads(x) for x in (tmp_path / "h2.jsonl").read_text().splitlines()]
+    assert sorted(h["title"] for h in held2) == sorted(h["title"] for h in held)
