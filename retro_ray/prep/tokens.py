@@ -109,7 +109,7 @@ def tokenize_block(item: dict) -> dict:
         pos += n + 1
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     arrays = {}
-    for name in SPLITS:
+    for s, name in enumerate(SPLITS):
         sel = np.flatnonzero(split_of == s)
         arrays[f"{name}_doc_ids"] = doc_ids[sel]
         arrays[f"{name}_lengths"] = lengths[sel]
