@@ -115,6 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON (text, tokens, neighbours used)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p = sub.add_parser("add-docs", help="add documents to the retrieval database, without retraining",
+                       description="Tokenize, chunk, embed and add documents to the chunk database and every index "
+                                   "file. Training data is untouched; documents already there are skipped. A "
+                                   "running server picks the new documents up before its next generation.",
+                       epilog="settings:\n" + _add_docs_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project-dir", required=True)
+    p.add_argument("source", help="a .jsonl / .jsonl.gz / .parquet / text file, or a directory of them")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("eval", help="perplexity / bits-per-byte of RETRO vs its GPT baseline, and the knowledge update",
+                       description="Score the RETRO run (with retrieval, without, at k = 1, 2, 4, the leakage-filtered "
+                                   "curve) and the GPT baseline on the valid split; measure held-out documents before "
+                                   "and after add-docs. Writes <project>/eval/report.md, results.json and plots.",
+                       epilog="settings:\n" + _eval_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project-dir", required=True)
+    p.add_argument("--exp-dir", required=True, help="the RETRO run: experiment directory, checkpoint or model.pt")
+    p.add_argument("--baseline", help="the GPT baseline run (same forms); without it GPT figures are left out")
+    p.add_argument("--heldout", help="held-out documents (jsonl); default: <project>/data/heldout.jsonl if prep wrote one")
+    p.add_argument("--no-heldout", action="store_true", help="skip the knowledge update")
+    p.add_argument("--out", help="output directory (default <project>/eval)")
+    p.add_argument("--config", help="a YAML file of settings; overrides on the command line win")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("info", help="which stages are done, with their counts and sizes")
     p.add_argument("--project-dir", required=True)
     p = sub.add_parser("search", help="print the database chunks nearest to a text",
@@ -258,6 +281,38 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_docs_help() -> str:
+    from retro_ray.prep.add_docs import AddDocsConfig
+
+    return _help_table(AddDocsConfig)
+
+
+def cmd_add_docs(args) -> int:
+    from retro_ray.prep.add_docs import AddDocsConfig, add_documents
+
+    cfg = C.build(AddDocsConfig, C.parse_overrides(args.overrides))
+    report = add_documents(Project(args.project_dir), args.source, cfg, progress=not args.no_progress)
+    print(report.format(), flush=True)
+    return 0
+
+
+def _eval_help() -> str:
+    from retro_ray.eval.config import EvalConfig
+
+    return _help_table(EvalConfig)
+
+
+def cmd_eval(args) -> int:
+    from retro_ray.eval import format_results, load_eval_config, run_eval
+
+    cfg = load_eval_config(args.config, args.overrides)
+    heldout = False if args.no_heldout else args.heldout
+    results = run_eval(args.project_dir, args.exp_dir, args.baseline, cfg, out_dir=args.out, heldout=heldout,
+                       progress=not args.no_progress)
+    print(format_results(results), flush=True)
+    return 0
+
+
 def cmd_export(args) -> int:
     from retro_ray.train.export import export
 
@@ -303,7 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves key=value settings that come after an option (`add-docs DIR f.jsonl --no-progress
+    # text_field=body`) unparsed; they are settings all the same.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "info":
             return cmd_info(args)
@@ -317,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "add-docs":
+            return cmd_add_docs(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         return cmd_stage(args)
     except RetroRayError as e:
         print(f"retro-ray: error: {e}", file=sys.stderr)

@@ -42,8 +42,11 @@ def neighbor_inputs(project: Project, split: str) -> dict:
     q = dict(cfg["query"])
     samples = q.pop("train_samples") if split == "train" else q.pop("valid_samples")
     q.pop("valid_samples" if split == "train" else "train_samples")
+    # Settings added after projects already existed are hashed only when set away from their default,
+    # so that a project made before them keeps its neighbours.
+    corpus = {k: v for k, v in cfg["corpus"].items() if not (k == "holdout_fraction" and v == 0.0)}
     return {
-        "split": split, "corpus": cfg["corpus"], "tokenizer": cfg["tokenizer"], "split_weights": cfg["split"],
+        "split": split, "corpus": corpus, "tokenizer": cfg["tokenizer"], "split_weights": cfg["split"],
         "seed": cfg["seed"], "seq_length": cfg["seq_length"], "chunk_length": cfg["chunk_length"],
         "embedder": cfg["embedder"], "embed_precision": d.get("embed_precision"), "index": cfg["index"],
         "index_str": d.get("index_str"), "search": q, "samples": samples,
@@ -87,6 +90,7 @@ class QueryNeighbors:
                                    batch_size=batch_size)
         self.samples = {s: make_samples(self.project, s) for s in QUERY_SPLITS}
         self.doc_ids = {s: np.load(self.project.doc_ids_path(s)) for s in QUERY_SPLITS}
+        self.n_train = self.retriever.db.n_train
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from retro_ray.prep.embed import save_npy_atomic
@@ -107,7 +111,9 @@ class QueryNeighbors:
             for s_i, span in enumerate(spans):
                 own = self.doc_ids[split][span.docs]
                 rows = slice(s_i * per_sample, (s_i + 1) * per_sample)
-                keep = (found.ids[rows] >= 0) & ~np.isin(cand_docs[rows], own)
+                # Pretraining neighbours come from the training database only: chunks added later with
+                # add-docs (ids >= n_train) are for inference, and would make a rerun differ.
+                keep = (found.ids[rows] >= 0) & (found.ids[rows] < self.n_train) & ~np.isin(cand_docs[rows], own)
                 for r, (ids_r, keep_r) in enumerate(zip(found.ids[rows], keep)):
                     chosen = ids_r[keep_r][:k_save]
                     neighbors[s_i * per_sample + r, :len(chosen)] = chosen

@@ -8,6 +8,13 @@ Actors ask for a small fraction of a CPU (``DEFAULT_SHARD_NUM_CPUS``) so that a 
 starve Ray Data tasks on a small machine; Ray then gives each one OMP_NUM_THREADS=1, i.e. Faiss searches
 one query batch per shard on one core and the shards run in parallel.
 
+Documents added after index-add (:mod:`retro_ray.prep.add_docs`) get chunk ids after the train
+chunks; they are dealt to the shards round-robin (:func:`added_chunk_ids`), so every shard grows
+alike and a shard's vector count alone tells which added ids it holds. ``IndexShard.add_with_ids``
+and ``ShardedIndex.add_to_shards`` add them to live actors; with ``expected_ntotal`` an add happens
+only when the shard holds exactly that many vectors, so two clients bringing the same shard up to
+date never add a vector twice (an actor runs one call at a time).
+
 Failure policy: an actor that dies during a search is restarted once from its saved shard file (when
 the client knows one and it holds the number of vectors the dead shard held); otherwise the search
 raises ``RetroRayError`` naming the shard. Partial results are never returned.
@@ -31,7 +38,8 @@ from retro_ray.retrieval import index as ix
 
 logger = logging.getLogger("retro_ray.shards")
 
-__all__ = ["DEFAULT_SHARD_NUM_CPUS", "IndexShard", "RemoteIndexShard", "ShardedIndex", "start_shard"]
+__all__ = ["DEFAULT_SHARD_NUM_CPUS", "IndexShard", "RemoteIndexShard", "ShardedIndex", "add_ids", "added_chunk_ids",
+           "start_shard"]
 
 DEFAULT_SHARD_NUM_CPUS = 0.25
 
@@ -55,6 +63,44 @@ def _death_reason(err: RayActorError) -> str:
     if getattr(err, "actor_init_failed", False):
         return "its constructor failed"
     return "its worker process ended"
+
+
+def added_chunk_ids(shard: int, num_shards: int, n_base: int, n_added: int, start: int = 0) -> np.ndarray:
+    """Global ids of the added chunks that ``shard`` holds, from its ``start``-th added one on.
+
+    Added chunk ``n_base + j`` belongs to shard ``j % num_shards`` (round-robin), so shard ``s`` holds
+    ``n_base + s, n_base + s + num_shards, ...`` in that order, and the number of added vectors it holds
+    says exactly which.
+    """
+    if not 0 <= shard < num_shards:
+        raise RetroRayError(f"shard {shard} is not one of the {num_shards} shards; pass 0 .. {num_shards - 1}")
+    return np.arange(n_base + shard, n_base + n_added, num_shards, dtype=np.int64)[start:]
+
+
+def add_ids(index, vectors: np.ndarray, ids: np.ndarray):
+    """Add ``vectors`` under the chunk ids ``ids`` (any ids, unlike ``index.add_range``); returns the index."""
+    x = np.ascontiguousarray(np.asarray(vectors), dtype=np.float32)
+    ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64)
+    if x.ndim != 2 or x.shape[0] != len(ids) or (len(ids) and x.shape[1] != index.d):
+        raise RetroRayError(
+            f"add_ids got vectors of shape {x.shape} for {len(ids)} ids into a {index.d}-d index; "
+            "pass one row of the index's dimension per id"
+        )
+    if not len(ids):
+        return index
+    if not ix._supports_ids(index):
+        raise RetroRayError(
+            f"the index ({type(index).__name__}) cannot store chunk ids; rebuild it with `retro-ray index` "
+            "(train_index wraps such indexes in IndexIDMap2)"
+        )
+    try:
+        index.add_with_ids(x, ids)
+    except RuntimeError as e:
+        raise RetroRayError(
+            f"Faiss could not add {len(ids)} vectors: {ix._faiss_reason(e)}; an index loaded memory-mapped "
+            "(read-only) takes no new vectors: load it without mmap"
+        ) from None
+    return index
 
 
 class IndexShard:
@@ -91,6 +137,18 @@ class IndexShard:
     def add(self, vectors: np.ndarray, start_id: int) -> int:
         """Add vectors with ids ``start_id ..``; returns the shard's new vector count."""
         self.index = ix.add_range(self.index, vectors, start_id)
+        return int(self.index.ntotal)
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray, expected_ntotal: int | None = None) -> int:
+        """Add vectors under ``ids``; returns the shard's vector count afterwards.
+
+        With ``expected_ntotal``, add only if the shard holds exactly that many vectors now (else add
+        nothing and return the count it has): a compare-and-add, so that a retried or concurrent
+        update never adds the same chunks twice.
+        """
+        if expected_ntotal is not None and int(self.index.ntotal) != int(expected_ntotal):
+            return int(self.index.ntotal)
+        self.index = add_ids(self.index, vectors, ids)
         return int(self.index.ntotal)
 
     def save(self, path: PathLike) -> str:
@@ -276,6 +334,30 @@ class ShardedIndex:
 
     def ntotal(self) -> int:
         return int(sum(self.shard_ntotal))
+
+    def add_to_shards(
+        self,
+        adds: dict[int, tuple[np.ndarray, np.ndarray]],
+        expected_ntotal: dict[int, int] | None = None,
+    ) -> list[int]:
+        """Add ``{shard: (vectors, ids)}`` to the live shard actors, in parallel; returns every shard's count.
+
+        ``expected_ntotal[shard]`` makes that shard's add a compare-and-add (see ``IndexShard.add_with_ids``).
+        The saved shard files are not touched: write them first (``add-docs`` does), or a shard
+        restarted from its file would come back without the new vectors (and be refused: its count
+        would not match).
+        """
+        expected_ntotal = expected_ntotal or {}
+        for i in adds:
+            if not 0 <= i < len(self.shards):
+                raise RetroRayError(f"add_to_shards got shard {i} but there are {len(self.shards)}; pass 0 .. {len(self.shards) - 1}")
+        with self._lock:
+            # One call per shard (a count where nothing is added), so a failure names the right shard.
+            refs = [s.add_with_ids.remote(adds[i][0], adds[i][1], expected_ntotal.get(i)) if i in adds else s.ntotal.remote()
+                    for i, s in enumerate(self.shards)]
+            self._get_all(refs, "adding vectors")
+        self.refresh()
+        return list(self.shard_ntotal)
 
     def _restart(self, i: int, dead: Any, cause: BaseException) -> Any:
         with self._lock:

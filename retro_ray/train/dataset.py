@@ -46,7 +46,7 @@ class RetroDataset(torch.utils.data.Dataset):
             )
         self.per_block = int(meta["samples_per_block"])
         self.chunks_per_sample = int(meta["chunks_per_sample"])
-        self.db = ChunkDatabase(self.project, "train")
+        self.db = ChunkDatabase(self.project, "train", include_added=False)  # neighbour ids are all < n_train
 
     def __len__(self) -> int:
         return len(self.samples)
