@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file of settings; overrides on the command line win")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("demo", help="the whole system on the default corpus: data, RETRO + GPT, eval, serving",
+                       description=(__import__("retro_ray.demo").demo.__doc__ or "").split("\n\n", 1)[-1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project-dir", default="runs/demo")
+    p.add_argument("--stop", action="store_true", help="stop the Serve app after the sample request")
+    p.add_argument("--no-serve", action="store_true", help="end after the evaluation")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="train_steps=, eval_samples=, port=")
     p = sub.add_parser("info", help="which stages are done, with their counts and sizes")
     p.add_argument("--project-dir", required=True)
     p = sub.add_parser("search", help="print the database chunks nearest to a text",
@@ -313,6 +321,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from retro_ray.demo import Demo, DemoConfig
+
+    cfg = C.build(DemoConfig, C.parse_overrides(args.overrides))
+    return Demo(Path(args.project_dir), cfg, stop=args.stop, serve=not args.no_serve,
+                progress=not args.no_progress).main()
+
+
 def cmd_export(args) -> int:
     from retro_ray.train.export import export
 
@@ -383,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_add_docs(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "demo":
+            return cmd_demo(args)
         return cmd_stage(args)
     except RetroRayError as e:
         print(f"retro-ray: error: {e}", file=sys.stderr)

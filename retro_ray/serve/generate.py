@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from retro_ray.errors import RetroRayError
+from retro_ray.metrics import stage_metrics
 from retro_ray.model.retro import RetroModel, rotary_cos_sin
 
 log = logging.getLogger(__name__)
@@ -281,7 +283,18 @@ class Generator:
         if not requests:
             return
         rows = [self._start_row(i, r) for i, r in enumerate(requests)]
-        yield from self._run(rows, is_cancelled, recompute)
+        # Ray metrics (no-ops outside a Ray worker): per-request latency, batch tokens/s.
+        metrics = stage_metrics("serve")
+        t0, n_tokens = time.perf_counter(), 0
+        for events in self._run(rows, is_cancelled, recompute):
+            n_tokens += sum(e.token is not None for e in events)
+            for e in events:
+                if e.finished:
+                    metrics.generate_latency_seconds(time.perf_counter() - t0)
+            yield events
+        elapsed = time.perf_counter() - t0
+        if n_tokens and elapsed > 0:
+            metrics.generate_tokens_per_second(n_tokens / elapsed)
 
     # ---- request setup ---------------------------------------------------------------------------
 
@@ -348,7 +361,9 @@ class Generator:
                 queries.setdefault(row.request.inference.retro_inference.retro_num_neighbors, []).append(i)
         for k, idx in queries.items():
             chunks = [wanted[i][0].ids[max(0, wanted[i][1] - self.m + 1): wanted[i][1] + 1] for i in idx]
+            t0 = time.perf_counter()
             found = self.retriever.search_token_chunks(chunks, k)
+            stage_metrics("serve").serve_retrieval_latency_seconds(time.perf_counter() - t0)
             tokens = self.retriever.neighbor_tokens(found.ids)  # [n, k, r]
             db = self.retriever.db
             texts = self.tokenizer.decode_batch([list(c) for c in chunks], skip_special_tokens=True)

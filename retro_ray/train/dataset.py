@@ -86,16 +86,3 @@ class _FetchItems:
         items = [self.ds[int(i)] for i in batch["id"]]
         return {k: np.stack([it[k] for it in items]) for k in ("text", "neighbor_tokens", "neighbor_mask")}
 
-
-def make_dataset_factory(project_root: str, num_neighbors: int):
-    """A picklable ``split -> RetroDataset`` for the trainer."""
-    return _Factory(project_root, num_neighbors)
-
-
-class _Factory:
-    def __init__(self, project_root: str, num_neighbors: int) -> None:
-        self.project_root = project_root
-        self.num_neighbors = num_neighbors
-
-    def __call__(self, split: str) -> RetroDataset:
-        return RetroDataset(self.project_root, split, self.num_neighbors)

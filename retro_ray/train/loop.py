@@ -497,6 +497,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- train -----------------------------------------------------------------------------------
+    from retro_ray.metrics import stage_metrics
+
+    train_metrics = stage_metrics("train")  # Ray metrics (Prometheus / Grafana), recorded by rank 0
     engine.train()
     data = batches()
     step = start_step
@@ -540,6 +543,11 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             if rank == 0:
                 history.append(rec)
                 loggers.log(rec)
+                train_metrics.train_loss(rec["train_loss"])
+                if tps:
+                    train_metrics.train_tokens_per_second(tps)
+                if rec["mfu"]:
+                    train_metrics.train_mfu(rec["mfu"])
                 say(f"step {step}/{t.max_steps} loss {rec['train_loss']:.4f} lr {rec['lr']:.3g} "
                     f"grad_norm {rec['grad_norm'] or 0:.3f} tokens/s {tps or 0:,.0f}"
                     + (f" mfu {rec['mfu']:.3f}" if rec["mfu"] else ""))
@@ -551,6 +559,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             if rank == 0:
                 history.append(rec)
                 loggers.log(rec)
+                train_metrics.train_loss(rec["val_loss"], split="valid")
                 say(f"step {step} val_loss {rec['val_loss']:.4f} val_ppl {rec['val_ppl']:.2f}")
             last.update(val_loss=rec["val_loss"], val_ppl=rec["val_ppl"])
         if do_ckpt:

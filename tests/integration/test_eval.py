@@ -259,12 +259,14 @@ def test_bad_input_is_one_clear_error(project, models, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(project, ray_address, tmp_path_factory) -> Path:
-    """A real 4-step RETRO run (Ray Train + DeepSpeed) on the project, validating on 8 valid samples."""
+    """A real 30-step RETRO run (Ray Train + DeepSpeed, 2 workers) on the project's stage-3 data, validating
+    on 8 valid samples (issue 5's real-data training test, and the eval's experiment directory)."""
     from retro_ray.train import trainer
     from retro_ray.train.config import load_train_config
 
     exp = tmp_path_factory.mktemp("exp")
-    cfg = load_train_config("tiny", ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.checkpoint_interval=4",
+    cfg = load_train_config("tiny", ["trainer.max_steps=30", "trainer.val_check_interval=15", "trainer.checkpoint_interval=30",
+                                     "trainer.num_workers=2",
                                      "trainer.limit_val_batches=2", "trainer.use_gpu=false",
                                      "exp_manager.create_tensorboard_logger=false"])
     trainer.run(cfg, trainer.ProjectDatasetFactory(str(project.root), 2), trainer.project_model_data(project, 4), exp)
@@ -276,14 +278,19 @@ def test_experiment_directory_and_loss_curves(project, trained, models, tmp_path
 
     r = evaluate(project, trained, models["gpt"], EvalConfig(max_samples=8, ks=(2,)), tmp_path / "exp")
     history = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    last_val = [h for h in history if h["kind"] == "val"][-1]
+    losses = [h["train_loss"] for h in history if h["kind"] == "train"]
+    vals = [h for h in history if h["kind"] == "val"]
+    assert len(losses) == 30 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5  # real data: the loss goes down
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"]
+    assert (Path(json.loads((trained / "train_report.json").read_text())["final_checkpoint"]) / "retro_ray.json").is_file()
+    last_val = vals[-1]
     # the training run validated on the same 8 samples with the same neighbours: the same perplexity
-    assert last_val["step"] == 4 and r["retro_ppl"] == pytest.approx(last_val["val_ppl"], rel=1e-4)
-    assert r["models"]["retro"]["train_step"] == 4 and r["models"]["retro"]["history_records"] == len(history)
+    assert last_val["step"] == 30 and r["retro_ppl"] == pytest.approx(last_val["val_ppl"], rel=1e-4)
+    assert r["models"]["retro"]["train_step"] == 30 and r["models"]["retro"]["history_records"] == len(history)
     # the baseline has the same decoder but was not trained like RETRO: the report says so
-    assert r["comparability"] == ["training steps: RETRO 4, GPT 0"]
+    assert r["comparability"] == ["training steps: RETRO 30, GPT 0"]
     report = (tmp_path / "exp" / "report.md").read_text()
-    assert "not a like-for-like comparison: training steps: RETRO 4, GPT 0" in report
+    assert "not a like-for-like comparison: training steps: RETRO 30, GPT 0" in report
     assert (tmp_path / "exp" / "loss_curves.png").stat().st_size > 5000 and "](loss_curves.png)" in report
     # the same run given as an exported model.pt gives the same figures
     pt = export(trained, tmp_path / "model.pt")

@@ -1,0 +1,148 @@
+"""`retro-ray demo` (`make demo`): the whole system on the default corpus, sized for a 2-core laptop.
+
+    1. pipeline   prep → db → embed → index → query (conf/demo.yaml; about 0.5 % of the documents are
+                  held out of training and of the database, in data/heldout.jsonl)
+    2. train      a small RETRO (conf/train_demo.yaml) and its GPT baseline: the same decoder, steps
+                  and data, retrieval off
+    3. export     model.pt and model-gpt.pt
+    4. eval       perplexity / bits-per-byte of both, RETRO at k = 1, 2, 4, the leakage-filtered curve,
+                  and the knowledge update: held-out documents before and after `add-docs`
+    5. serve      the Ray Serve app on localhost:8000, one sample request; it keeps answering until
+                  Ctrl-C (or stops at once with --stop)
+
+Every step is one `retro-ray` command (printed before it runs), on one local Ray cluster started
+here; each is skipped or resumed when its outputs are already there, so a rerun is quick. The
+timings of every step are printed at the end and written to <project>/demo_report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retro_ray.config import shipped_config_dir
+from retro_ray.errors import RetroRayError
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    train_steps: int = field(default=120, metadata={"help": "Optimizer steps for RETRO and for the GPT baseline."})
+    eval_samples: int = field(default=64, metadata={"help": "Validation samples the evaluation scores."})
+    port: int = field(default=8000, metadata={"help": "HTTP port of the Serve app."})
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "retro_ray.cli", *args]
+
+
+class Demo:
+    def __init__(self, project_dir: Path, cfg: DemoConfig, *, stop: bool = False, serve: bool = True,
+                 progress: bool = True) -> None:
+        self.p = project_dir
+        self.cfg = cfg
+        self.stop = stop
+        self.serve_app = serve
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    def run_step(self, name: str, cmd: list[str]) -> None:
+        shown = " ".join(shlex.quote(c) for c in (["retro-ray", *cmd[3:]] if cmd[:3] == _cli() else cmd))
+        print(f"\n== [{name}] {shown}", flush=True)
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=os.environ.copy())
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        if r.returncode != 0:
+            raise RetroRayError(f"demo step {name!r} failed (exit {r.returncode}); its output is above. Fix it and "
+                                f"rerun `make demo`: finished steps are skipped.")
+
+    def train(self, name: str, exp: Path, *extra: str) -> None:
+        self.run_step(name, _cli("train", "--project-dir", str(self.p), "--exp-dir", str(exp), "--config", "demo",
+                                 f"trainer.max_steps={self.cfg.train_steps}",
+                                 f"trainer.val_check_interval={max(1, self.cfg.train_steps // 3)}",
+                                 f"trainer.checkpoint_interval={self.cfg.train_steps}", *extra))
+
+    def export(self, name: str, exp: Path, out: Path) -> None:
+        report = exp / "train_report.json"
+        if out.is_file() and report.is_file() and out.stat().st_mtime > report.stat().st_mtime:
+            print(f"\n== [{name}] {out} is newer than the training run: kept", flush=True)
+            self.timings[name] = 0.0
+            return
+        self.run_step(name, _cli("export", "--exp-dir", str(exp), "--out", str(out)))
+
+    def main(self) -> int:
+        t_start = time.perf_counter()
+        if not os.environ.get("RAY_ADDRESS"):
+            import ray
+
+            # One cluster for every step (each would otherwise start and stop its own).
+            ray.init(include_dashboard=False, logging_level="WARNING")
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+            print(f"== local Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+        no_progress = [] if self.progress else ["--no-progress"]
+        self.run_step("pipeline", _cli("pipeline", "--project-dir", str(self.p), "--config",
+                                       str(shipped_config_dir() / "demo.yaml"), *no_progress))
+        self.train("train-retro", self.p / "exp")
+        self.train("train-gpt", self.p / "exp-gpt", "model.retro.enabled=false", "exp_manager.name=gpt")
+        self.export("export-retro", self.p / "exp", self.p / "model.pt")
+        self.export("export-gpt", self.p / "exp-gpt", self.p / "model-gpt.pt")
+        self.run_step("eval", _cli("eval", "--project-dir", str(self.p), "--exp-dir", str(self.p / "exp"),
+                                   "--baseline", str(self.p / "exp-gpt"), "--heldout", str(self.p / "data" / "heldout.jsonl"),
+                                   f"max_samples={self.cfg.eval_samples}"))
+        results = json.loads((self.p / "eval" / "results.json").read_text())
+        self.timings["total_before_serve"] = round(time.perf_counter() - t_start, 1)
+        summary = {"project_dir": str(self.p), "timings_s": self.timings, "results": results}
+        (self.p / "demo_report.json").write_text(json.dumps(summary, indent=1))
+        self.print_summary(results)
+        return self.serve() if self.serve_app else 0
+
+    def print_summary(self, results: dict) -> None:
+        print("\n== demo: what was done, and where it is", flush=True)
+        rows = [("project (data, index, neighbours)", self.p), ("RETRO run / model", f"{self.p / 'exp'} / {self.p / 'model.pt'}"),
+                ("GPT baseline run / model", f"{self.p / 'exp-gpt'} / {self.p / 'model-gpt.pt'}"),
+                ("evaluation report", self.p / "eval" / "report.md"), ("timings", self.p / "demo_report.json")]
+        for what, where in rows:
+            print(f"  {what:<36} {where}")
+        print("== timings (s): " + ", ".join(f"{k} {v}" for k, v in self.timings.items()))
+        def fmt(key: str) -> str:
+            v = results.get(key)
+            return "n/a" if v is None else f"{v:.2f}"
+
+        print("== headline figures (validation split):")
+        print(f"  perplexity: RETRO {fmt('retro_ppl')}, RETRO with retrieval off {fmt('retro_off_ppl')}, "
+              f"GPT baseline {fmt('gpt_ppl')}")
+        print(f"  held-out documents: perplexity {fmt('knowledge_update_before_ppl')} before add-docs, "
+              f"{fmt('knowledge_update_after_ppl')} after (no retraining)")
+        for goal in (results.get("goals") or {}).values():
+            value = "n/a" if goal["value"] is None else f"{goal['value']:.3f}"
+            verdict = {True: "met", False: "MISSED", None: "not measured"}[goal["met"]]
+            print(f"  {verdict:>12}: {goal['goal']}: {value}")
+
+    def serve(self) -> int:
+        from retro_ray.serve.app import ServeConfig, serve_main
+
+        print(f"\n== [serve] retro-ray serve --project-dir {self.p} --checkpoint {self.p / 'model.pt'}", flush=True)
+        cfg = ServeConfig(http_port=self.cfg.port)
+        handle = serve_main(str(self.p / "model.pt"), str(self.p), cfg, blocking=False)
+        sample = {"prompt": "The Battle of Hastings", "tokens_to_generate": 32, "greedy": True}
+        url = f"http://127.0.0.1:{self.cfg.port}/generate"
+        print(f"== sample request: curl -s {url} -d '{json.dumps(sample)}'", flush=True)
+        import requests
+
+        out = requests.post(url, json=sample, timeout=120).json()
+        print(json.dumps(out, indent=1, ensure_ascii=False)[:3000])
+        if self.stop:
+            handle.shutdown()
+            return 0
+        print(f"\n== the app is answering at http://127.0.0.1:{self.cfg.port} (docs at /docs); Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            handle.shutdown()
+        return 0
