@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="end after the evaluation")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train_steps=, eval_samples=, port=")
+    p = sub.add_parser("serve", help="the Ray Serve app: /generate, /v1/completions (OpenAI), /documents, /health",
+                       description="Serve a model over HTTP with retrieval from the project, until Ctrl-C. "
+                                   "(`serve run serve_config.yaml` runs the same app from a Serve config file.)",
+                       epilog="settings:\n" + _serve_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project-dir", help="the project to retrieve from and add documents to")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `retro-ray export`")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("info", help="which stages are done, with their counts and sizes")
     p.add_argument("--project-dir", required=True)
     p = sub.add_parser("search", help="print the database chunks nearest to a text",
@@ -331,6 +339,22 @@ def cmd_demo(args) -> int:
                 progress=not args.no_progress).main()
 
 
+def _serve_help() -> str:
+    from retro_ray.serve.config import ServeConfig
+
+    return _help_table(ServeConfig)
+
+
+def cmd_serve(args) -> int:
+    from retro_ray.serve.app import serve_main
+    from retro_ray.serve.config import ServeConfig
+
+    cfg = C.build(ServeConfig, C.parse_overrides(args.overrides))
+    cfg.validate()
+    serve_main(args.checkpoint, args.project_dir, cfg, blocking=True, address=args.address)
+    return 0
+
+
 def cmd_export(args) -> int:
     from retro_ray.train.export import export
 
@@ -403,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_stage(args)
     except RetroRayError as e:
         print(f"retro-ray: error: {e}", file=sys.stderr)

@@ -124,25 +124,35 @@ class Demo:
             print(f"  {verdict:>12}: {goal['goal']}: {value}")
 
     def serve(self) -> int:
-        from retro_ray.serve.app import ServeConfig, serve_main
-
-        print(f"\n== [serve] retro-ray serve --project-dir {self.p} --checkpoint {self.p / 'model.pt'}", flush=True)
-        cfg = ServeConfig(http_port=self.cfg.port)
-        handle = serve_main(str(self.p / "model.pt"), str(self.p), cfg, blocking=False)
-        sample = {"prompt": "The Battle of Hastings", "tokens_to_generate": 32, "greedy": True}
-        url = f"http://127.0.0.1:{self.cfg.port}/generate"
-        print(f"== sample request: curl -s {url} -d '{json.dumps(sample)}'", flush=True)
         import requests
+        from ray import serve
 
-        out = requests.post(url, json=sample, timeout=120).json()
-        print(json.dumps(out, indent=1, ensure_ascii=False)[:3000])
+        from retro_ray.serve.app import serve_main
+        from retro_ray.serve.config import ServeConfig
+
+        print(f"\n== [serve] retro-ray serve --project-dir {self.p} --checkpoint {self.p / 'model.pt'} port={self.cfg.port}",
+              flush=True)
+        t0 = time.perf_counter()
+        url = serve_main(str(self.p / "model.pt"), str(self.p), ServeConfig(port=self.cfg.port), blocking=False)
+        sample = {"prompt": "The Battle of Hastings", "tokens_to_generate": 32, "greedy": True}
+        print(f"== sample request: curl -s {url}/generate -d '{json.dumps(sample)}'", flush=True)
+        out = requests.post(f"{url}/generate", json=sample, timeout=300)
+        self.timings["serve_first_answer"] = round(time.perf_counter() - t0, 1)
+        gen = out.json()["generations"][0] if out.ok else out.json()
+        if out.ok:
+            print(f"  generated: {gen['text']!r} ({gen['finish_reason']})")
+            for ev in gen["retrievals"][:3]:
+                print(f"  neighbours read from token {ev['position']}: "
+                      + "; ".join(f"[{n['title']}] {' '.join(n['text'].split())[:60]}" for n in ev["neighbors"]))
+        else:
+            print(f"  the app answered {out.status_code}: {gen}")
         if self.stop:
-            handle.shutdown()
-            return 0
-        print(f"\n== the app is answering at http://127.0.0.1:{self.cfg.port} (docs at /docs); Ctrl-C stops it", flush=True)
+            serve.shutdown()
+            return 0 if out.ok else 1
+        print(f"\n== the app is answering at {url} (OpenAPI docs at {url}/docs); Ctrl-C stops it", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            handle.shutdown()
+            serve.shutdown()
         return 0
