@@ -134,7 +134,14 @@ class Demo:
               flush=True)
         t0 = time.perf_counter()
         url = serve_main(str(self.p / "model.pt"), str(self.p), ServeConfig(port=self.cfg.port), blocking=False)
-        sample = {"prompt": "The Battle of Hastings", "tokens_to_generate": 32, "greedy": True}
+        # A prompt from a document the model never saw and the database only has since the eval's add-docs:
+        # its neighbours should come from that document.
+        held = self.p / "data" / "heldout.jsonl"
+        title, prompt = "", "The Battle of Hastings"
+        if held.is_file() and held.stat().st_size:
+            doc = json.loads(held.read_text(encoding="utf-8").splitlines()[0])
+            title, prompt = doc["title"], " ".join(doc["text"].split()[:12])
+        sample = {"prompt": prompt, "tokens_to_generate": 32, "greedy": True}
         print(f"== sample request: curl -s {url}/generate -d '{json.dumps(sample)}'", flush=True)
         out = requests.post(f"{url}/generate", json=sample, timeout=300)
         self.timings["serve_first_answer"] = round(time.perf_counter() - t0, 1)
@@ -144,6 +151,10 @@ class Demo:
             for ev in gen["retrievals"][:3]:
                 print(f"  neighbours read from token {ev['position']}: "
                       + "; ".join(f"[{n['title']}] {' '.join(n['text'].split())[:60]}" for n in ev["neighbors"]))
+            if title:
+                used = any(n["title"] == title for ev in gen["retrievals"] for n in ev["neighbors"])
+                print(f"  the prompt comes from the held-out document {title!r}, added by add-docs after training: "
+                      f"{'its chunks were retrieved' if used else 'its chunks were NOT among the neighbours'}")
         else:
             print(f"  the app answered {out.status_code}: {gen}")
         if self.stop:

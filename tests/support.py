@@ -3,10 +3,15 @@ CLI) and an exported model with random weights that fits it. Real files, a real 
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,15 +24,28 @@ SMALL_PIPELINE = ["tokenizer.vocab_size=1024", "split=90,10,0", "seq_length=256"
                   "index.num_shards=2"]
 
 
+_built: dict[str, Path] = {}  # (docs, settings) digest -> a finished project, built once per test session
+
+
 def build_small_project(root: Path, docs: list[tuple[str, str]], ray_address: str, *extra: str) -> Project:
-    """`retro-ray pipeline` on (title, text) docs into root/proj; returns the finished Project."""
-    corpus = write_jsonl(root / "corpus.jsonl", [{"title": t, "text": x} for t, x in docs])
-    p = Project(root / "proj")
-    cmd = [sys.executable, "-m", "retro_ray.cli", "pipeline", "--project-dir", str(p.root), "--no-progress",
-           f"corpus.path={corpus}", *SMALL_PIPELINE, *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ray_address})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return p
+    """`retro-ray pipeline` on (title, text) docs into root/proj; returns the finished Project.
+
+    The first call for given docs and settings runs the pipeline (into a session-wide directory);
+    later calls copy that project (seconds instead of a minute), so modules that change their
+    project (add-docs, serving) still each get their own.
+    """
+    key = hashlib.sha256(json.dumps([docs, list(extra)]).encode()).hexdigest()[:16]
+    if key not in _built:
+        base = Path(tempfile.mkdtemp(prefix=f"retro-ray-test-project-{key}-"))
+        corpus = write_jsonl(base / "corpus.jsonl", [{"title": t, "text": x} for t, x in docs])
+        cmd = [sys.executable, "-m", "retro_ray.cli", "pipeline", "--project-dir", str(base / "proj"), "--no-progress",
+               f"corpus.path={corpus}", *SMALL_PIPELINE, *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ray_address})
+        assert r.returncode == 0, r.stderr[-3000:]
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        _built[key] = base
+    shutil.copytree(_built[key] / "proj", root / "proj")
+    return Project(root / "proj")
 
 
 def write_random_export(path: Path, project: Project, *, retro: bool = True, seed: int = 0, **model) -> Path:
