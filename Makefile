@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROJECT_DIR ?= runs/demo
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install test test-all demo bench clean-venv lint
 
@@ -26,7 +27,7 @@ lint: install
 	$(BIN)/ruff check retro_ray tests benchmarks
 
 demo: install
-	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh $(PROJECT_DIR)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh $(PROJECT_DIR) $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
