@@ -1,4 +1,4 @@
-"""Connecting to Ray, the same way for every stage.
+"""Connecting to Ray, the same way for every stage, and running a stage's blocks as Ray tasks.
 
 ``ray.init()`` starts a local cluster when no address is given; ``--address`` or RAY_ADDRESS connects
 to a running one. A stage never assumes it started Ray: tests and notebooks may have already.
@@ -10,6 +10,11 @@ import logging
 import os
 
 log = logging.getLogger(__name__)
+
+
+# Whether run_block_tasks shows a progress bar; connect() sets it, as it sets Ray Data's.
+_SHOW_PROGRESS = {"on": True}
+_TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
 def connect(address: str | None = None, progress: bool = True) -> None:
@@ -24,22 +29,67 @@ def connect(address: str | None = None, progress: bool = True) -> None:
     ctx.enable_progress_bars = progress
     # One line per operator is enough for a person to follow; the per-task log noise is not.
     ctx.print_on_execution_start = False
+    _SHOW_PROGRESS["on"] = progress
+
+
+def _run_block(fn, item: dict, serial_tokenizers: bool) -> dict:
+    """One block task. A task that reserves one CPU runs HF tokenizers on one thread.
+
+    Without that, each of the tasks running side by side would start a rayon thread per core of the
+    machine, and they would take turns on the same cores.
+    """
+    if not serial_tokenizers:
+        return fn(item)
+    before = os.environ.get(_TOKENIZERS_PARALLELISM)
+    os.environ[_TOKENIZERS_PARALLELISM] = "false"
+    try:
+        return fn(item)
+    finally:
+        if before is None:
+            os.environ.pop(_TOKENIZERS_PARALLELISM, None)
+        else:
+            os.environ[_TOKENIZERS_PARALLELISM] = before
 
 
 def run_block_tasks(fn, items: list[dict], num_cpus: float, desc: str) -> list[dict]:
-    """Run ``fn(item) -> dict`` over ``items`` with Ray Data, one task per item; results in order.
+    """Run ``fn(item) -> dict`` over ``items`` as Ray tasks, one task per item; results in item order.
 
-    Each item is its own block, so every item becomes one task and the cluster's CPUs are all used.
-    The tasks write their own outputs (atomically); what comes back is a small dict of counts.
+    Every item is submitted at once (an autoscaling cluster sees the whole backlog) and Ray runs as
+    many side by side as the cluster's CPUs allow. The tasks write their own outputs (atomically), so
+    a task that is retried, or a rerun after a crash, does no harm; what comes back is a small dict of
+    counts. Plain tasks rather than Ray Data: for a list of independent blocks Ray Data only adds its
+    planning and start-up (seconds on a small machine) and keeps fewer tasks running.
+    A RetroRayError raised in a task is raised here as itself.
     """
     import ray
+    from tqdm.auto import tqdm
+
+    from retro_ray.errors import RetroRayError
 
     if not items:
         return []
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(fn, num_cpus=num_cpus).materialize()
-    rows = ds.take_all()
-    order = {it["block_key"]: i for i, it in enumerate(items)}
-    rows.sort(key=lambda r: order[r["block_key"]])
+    task = ray.remote(_run_block).options(num_cpus=num_cpus, scheduling_strategy="SPREAD", name=f"retro_ray.{desc}")
+    serial = num_cpus <= 1
+    refs = [task.remote(fn, item, serial) for item in items]
+    index = {ref: i for i, ref in enumerate(refs)}
+    rows: list[dict | None] = [None] * len(refs)
+    pending = list(refs)
+    try:
+        with tqdm(total=len(refs), desc=desc, unit="block", disable=not _SHOW_PROGRESS["on"]) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                for ref in done:
+                    rows[index[ref]] = ray.get(ref)
+                bar.update(len(done))
+    except ray.exceptions.RayTaskError as e:
+        for ref in pending:
+            ray.cancel(ref)
+        if isinstance(e.cause, RetroRayError):
+            raise e.cause from None
+        raise
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
     log.info("%s: %d blocks done", desc, len(rows))
-    return rows
+    return rows  # type: ignore[return-value]

@@ -5,7 +5,7 @@ Steps, each committed atomically and skipped on a rerun once done:
 1. ingest   stream the corpus into data/docs.parquet (normalised, empty and duplicate docs dropped)
 2. split    seeded document-level shuffle into train / valid / test (data/doc_split.npy)
 3. tokenizer  train byte-level BPE on the train split, or convert the one given (tokenizer/)
-4. tokenize   Ray Data, one task per block of documents → data/_blocks/<block>.npz
+4. tokenize   Ray tasks, one per block of documents → data/_blocks/<block>.npz
 5. merge      the blocks, in order, into data/<split>.bin/.idx (Megatron MMIDIDX) and
               data/<split>_doc_ids.npy (the docs.parquet row of each document)
 
@@ -98,7 +98,9 @@ def tokenize_block(item: dict) -> dict:
     split_of = np.load(item["doc_split"], mmap_mode="r")[doc_ids]
     eod = item["eod_id"]
     dtype = np.dtype(item["dtype"])
-    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    # encode_batch_fast (tokenizers >= 0.20) skips the offsets, which are not needed here.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    encodings = encode(texts, add_special_tokens=False)
     lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int32, count=len(encodings))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
     pos = 0
@@ -107,15 +109,12 @@ def tokenize_block(item: dict) -> dict:
         flat[pos:pos + n] = e.ids
         flat[pos + n] = eod
         pos += n + 1
-    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     arrays = {}
     for s, name in enumerate(SPLITS):
-        sel = np.flatnonzero(split_of == s)
-        arrays[f"{name}_doc_ids"] = doc_ids[sel]
-        arrays[f"{name}_lengths"] = lengths[sel]
-        arrays[f"{name}_tokens"] = (
-            np.concatenate([flat[starts[i]:starts[i + 1]] for i in sel]) if len(sel) else np.zeros(0, dtype)
-        )
+        in_split = split_of == s
+        arrays[f"{name}_doc_ids"] = doc_ids[in_split]
+        arrays[f"{name}_lengths"] = lengths[in_split]
+        arrays[f"{name}_tokens"] = flat[np.repeat(in_split, lengths)]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
@@ -205,7 +204,7 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
     dtype = np.dtype(token_dtype(vocab_size))
     timings["tokenizer"] = time.perf_counter() - t0
 
-    # 4. tokenize blocks (Ray Data), skipping blocks already written
+    # 4. tokenize blocks (Ray tasks), skipping blocks already written
     t0 = time.perf_counter()
     n_blocks = pq.ParquetFile(project.docs_path).num_row_groups
     block_files = [project.prep_blocks_dir / f"{b:06d}.npz" for b in range(n_blocks)]

@@ -267,7 +267,7 @@ def trained(project, ray_address, tmp_path_factory) -> Path:
     exp = tmp_path_factory.mktemp("exp")
     cfg = load_train_config("tiny", ["trainer.max_steps=30", "trainer.val_check_interval=15", "trainer.checkpoint_interval=30",
                                      "trainer.num_workers=2",
-                                     "trainer.limit_val_batches=2", "trainer.use_gpu=false",
+                                     "trainer.limit_val_batches=1", "trainer.use_gpu=false",
                                      "exp_manager.create_tensorboard_logger=false"])
     trainer.run(cfg, trainer.ProjectDatasetFactory(str(project.root), 2), trainer.project_model_data(project, 4), exp)
     return exp
