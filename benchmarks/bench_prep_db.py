@@ -3,8 +3,8 @@
 What is timed
     pipeline  ``retro_ray.prep.tokens.run`` then ``retro_ray.prep.db.run`` on a fresh project
               directory: ingest (JSONL -> normalised, de-duplicated docs.parquet), split, tokenizer
-              (copying the given tokenizer.json), Ray Data tokenization into per-block files, merge
-              into Megatron .bin/.idx, Ray Data chunking (64-token chunks + each chunk's wordpiece
+              (copying the given tokenizer.json), tokenization in Ray tasks into per-block files, merge
+              into Megatron .bin/.idx, chunking in Ray tasks (64-token chunks + each chunk's wordpiece
               length), merge into db/merged/{train,valid,sampled}.hdf5.
     baseline  one Python loop in the driver process doing the same work with the same libraries:
               stream the JSONL, normalise, drop empty/duplicate docs, HF ``encode_batch`` (+ EOD),
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer training (once, shared, not timed below): {tok_s:.2f} s"
           + (" (reused from the work dir)" if tok_s == 0 else ""))
     print(f"Ray start-up (ray.init(num_cpus={NUM_CPUS}) + one no-op task per CPU, excluded): {ray_s:.2f} s")
-    print(f"pipeline (Ray Data, prep.docs_per_block={prep_run.docs_per_block}, "
+    print(f"pipeline (Ray tasks, prep.docs_per_block={prep_run.docs_per_block}, "
           f"db.docs_per_block={db_run.docs_per_block}), median of {args.repeat}:")
     print(_fmt_phases(pipe["phases"]))
     print(f"    {'total':<22} {pipe['total_s']:8.2f} s   ({pipe_tps:,.0f} tokens/s)"
