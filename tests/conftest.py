@@ -31,3 +31,14 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Decode steps are many tiny ops: on a busy 2-core machine two intra-op threads make them ~25x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

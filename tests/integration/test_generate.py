@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import ray
-import torch
 
 from retro_ray.serve.generate import GenerationRequest, Generator, InferenceConfig
 from tests.support import build_small_project, write_random_export
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +31,6 @@ def project(ray_cluster, wiki_docs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_pt(project):
     return write_random_export(project.root.parent / "model.pt", project)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_retrieval_at_every_chunk_boundary_and_cache_equals_recompute(project, model_pt):

@@ -19,16 +19,8 @@ from retro_ray.serve.generate import (
 )
 from retro_ray.tokenizer import train_tokenizer
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 M = 16  # chunk length of the tiny model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decode steps are many tiny ops: on a busy 2-core machine two intra-op threads make them ~25x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
