@@ -200,12 +200,14 @@ class PlainQuery:
         _, ids = search(self.index, emb, q.num_neighbors_query, nprobe=q.nprobe, ef_search=q.ef_search)
         t3 = time.perf_counter()
         # Same-document filter: a candidate is dropped when its document is one the sample spans.
-        cand_doc = np.where(ids >= 0, self.chunk_doc[np.maximum(ids, 0)], -1)
+        # As in the stage, chunks added later with add-docs (ids >= n_train) are never pretraining neighbours.
+        valid = (ids >= 0) & (ids < len(self.chunk_doc))
+        cand_doc = np.where(valid, self.chunk_doc[np.where(valid, ids, 0)], -1)
         out = np.full((len(chunks), q.num_neighbors_save), -1, np.int64)
         for s_i, sp in enumerate(spans):
             own = self.doc_ids[split][sp.docs]
             for r in range(s_i * per, (s_i + 1) * per):
-                ok = ids[r][(ids[r] >= 0) & ~np.isin(cand_doc[r], own)][: q.num_neighbors_save]
+                ok = ids[r][valid[r] & ~np.isin(cand_doc[r], own)][: q.num_neighbors_save]
                 out[r, : len(ok)] = ok
         t4 = time.perf_counter()
         for key, dt in (("samples+decode", t1 - t), ("embed", t2 - t1), ("search", t3 - t2), ("filter", t4 - t3)):
