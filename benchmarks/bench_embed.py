@@ -35,12 +35,12 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+from benchlib import BlockWatcher, Region, say, start_ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -53,43 +53,6 @@ GOAL_VS_ST = 1.0
 # ------------------------------------------------------------------------------------------------
 # machine load
 # ------------------------------------------------------------------------------------------------
-def _cpu_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    idle = parts[3] + parts[4]
-    return sum(parts) - idle, sum(parts)
-
-
-class Region:
-    """Wall time, machine CPU utilisation (% of all cores) and load average over a block of code."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> Region:
-        self.load0 = os.getloadavg()[0]
-        self.busy0, self.total0 = _cpu_ticks()
-        self.cpu0 = time.process_time()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        busy, total = _cpu_ticks()
-        self.util = 100.0 * (busy - self.busy0) / max(1, total - self.total0)
-        self.own_cpu = time.process_time() - self.cpu0
-        self.load1 = os.getloadavg()[0]
-
-    def line(self) -> str:
-        return (f"wall {self.seconds:7.1f} s | machine CPU busy {self.util:5.1f}% of {NUM_CPUS} cores | "
-                f"this process {self.own_cpu / max(self.seconds, 1e-9):4.2f} cores | "
-                f"load avg {self.load0:.1f} -> {self.load1:.1f}")
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # project copy
 # ------------------------------------------------------------------------------------------------
@@ -121,30 +84,12 @@ def reset_embed(project) -> None:
 # ------------------------------------------------------------------------------------------------
 # the three contenders
 # ------------------------------------------------------------------------------------------------
-class BlockWatcher(threading.Thread):
-    """Records when each embeddings/<split>/<block>.npy first appears (seconds since start)."""
-
-    def __init__(self, root: Path, t0: float) -> None:
-        super().__init__(daemon=True)
-        self.root, self.t0 = root, t0
-        self.seen: dict[str, float] = {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for p in self.root.glob("*/[0-9]*.npy"):
-                key = f"{p.parent.name}/{p.stem}"
-                if key not in self.seen:
-                    self.seen[key] = time.perf_counter() - self.t0
-            self.stop.wait(0.05)
-
-
 def run_stage(project, n_chunks: int) -> dict:
     from retro_ray import config as C
     from retro_ray.prep import embed
 
     reset_embed(project)
-    watcher = BlockWatcher(project.embeddings_dir, time.perf_counter())
+    watcher = BlockWatcher(project.embeddings_dir)
     watcher.start()
     with Region("stage") as r:
         watcher.t0 = r.t0
@@ -211,25 +156,6 @@ def load_outputs(root: Path, items: list[dict]) -> np.ndarray:
     return np.concatenate([np.load(root / it["split"] / Path(it["out"]).name) for it in items])
 
 
-def start_ray(num_cpus: int) -> None:
-    """``ray.init`` with retries: on an overloaded machine the raylet can miss Ray's 30 s start-up wait."""
-    import ray
-
-    for attempt in range(1, 4):
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
-            print(f"ray.init attempt {attempt} failed: {e}", flush=True)
-            ray.shutdown()
-            time.sleep(5)
-    raise SystemExit("could not start Ray")
-
-
-def _pid() -> int:
-    return os.getpid()
-
-
 # ------------------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -268,8 +194,7 @@ def main() -> int:
         f"valid {sum(it['end'] - it['start'] for it in items if it['split'] == 'valid')})")
 
     say(f"ray.init(num_cpus={NUM_CPUS}) -- not timed")
-    start_ray(NUM_CPUS)
-    ray.get([ray.remote(num_cpus=1)(_pid).remote() for _ in range(NUM_CPUS)])
+    start_ray(NUM_CPUS, warm_workers=True)
 
     torch.set_num_threads(NUM_CPUS)
     gpt = load_tokenizer(project.tokenizer_path)

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from benchlib import start_ray
 
 NUM_CPUS = 2
 GOAL_RECALL = 0.95
@@ -205,21 +206,6 @@ def build_shards(empty_bytes, db: np.ndarray, num_shards: int, out: Path) -> lis
         paths.append(save_index(ix, out / f"shard_{i:03d}.faissindex"))
         del ix
     return paths
-
-
-def start_ray(num_cpus: int) -> None:
-    """``ray.init`` with retries: on an overloaded machine the raylet can miss Ray's 30 s start-up wait."""
-    import ray
-
-    for attempt in range(1, 4):
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
-            print(f"ray.init attempt {attempt} failed: {e}", flush=True)
-            ray.shutdown()
-            time.sleep(5)
-    raise SystemExit("could not start Ray")
 
 
 def probe_actor_threads() -> dict:

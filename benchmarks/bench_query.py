@@ -37,11 +37,11 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import BlockWatcher, Region, say, start_ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,53 +49,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 NUM_CPUS = 2
 GOAL_QUERY = 1.0
 GOAL_DATA_PCT = 5.0
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    idle = parts[3] + parts[4]
-    return sum(parts) - idle, sum(parts)
-
-
-class Region:
-    def __enter__(self) -> Region:
-        self.load0 = os.getloadavg()[0]
-        self.busy0, self.total0 = _cpu_ticks()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        busy, total = _cpu_ticks()
-        self.util = 100.0 * (busy - self.busy0) / max(1, total - self.total0)
-        self.load1 = os.getloadavg()[0]
-
-    def line(self) -> str:
-        return f"machine CPU busy {self.util:5.1f}% | load avg {self.load0:.1f} -> {self.load1:.1f}"
-
-
-def start_ray(num_cpus: int) -> None:
-    """``ray.init`` with retries: on an overloaded machine the raylet can miss Ray's 30 s start-up wait."""
-    import ray
-
-    for attempt in range(1, 4):
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
-            print(f"ray.init attempt {attempt} failed: {e}", flush=True)
-            ray.shutdown()
-            time.sleep(5)
-    raise SystemExit("could not start Ray")
-
-
-def _pid() -> int:
-    return os.getpid()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,31 +70,14 @@ def copy_project_without_query(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # part 1
 # ------------------------------------------------------------------------------------------------
-class BlockWatcher(threading.Thread):
-    """Records when each query/<split>_<hash>/<block>.npy first appears (seconds since start)."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(daemon=True)
-        self.root, self.t0 = root, time.perf_counter()
-        self.seen: dict[str, float] = {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for p in self.root.glob("*/[0-9]*.npy"):
-                key = f"{p.parent.name.split('_')[0]}/{p.stem.lstrip('0') or '0'}"
-                if key not in self.seen:
-                    self.seen[key] = time.perf_counter() - self.t0
-            self.stop.wait(0.05)
-
-
 def run_stage(project, train_samples: int) -> tuple[dict, dict]:
     from retro_ray import config as C
     from retro_ray.prep import query
 
     project.clear_done("query")
     shutil.rmtree(project.root / "query", ignore_errors=True)
-    watcher = BlockWatcher(project.root / "query")
+    # query/<split>_<hash>/<block>.npy -> "<split>/<block number>"
+    watcher = BlockWatcher(project.root / "query", key=lambda p: f"{p.parent.name.split('_')[0]}/{p.stem.lstrip('0') or '0'}")
     with Region() as r:
         watcher.t0 = r.t0
         watcher.start()
@@ -395,8 +331,7 @@ def main() -> int:
         f"query settings {C.to_dict(project.read_config().query)}; run settings {C.to_dict(qrun)}")
 
     say(f"ray.init(num_cpus={NUM_CPUS}) -- not timed")
-    start_ray(NUM_CPUS)
-    ray.get([ray.remote(num_cpus=1)(_pid).remote() for _ in range(NUM_CPUS)])
+    start_ray(NUM_CPUS, warm_workers=True)
     torch.set_num_threads(NUM_CPUS)
 
     rounds = []
