@@ -32,6 +32,13 @@ STAGES = tuple(STAGE_HELP)
 RUN_CONFIGS = {stage: C.RUN_SECTIONS[section] for stage, section in RUN_SECTION.items()}
 
 
+def _settings_help(module: str, cls: str) -> str:
+    """The settings table of a subcommand's config class (imported here, not at CLI import time)."""
+    import importlib
+
+    return _help_table(getattr(importlib.import_module(module), cls))
+
+
 def _help_table(cls: type, prefix: str = "") -> str:
     rows = C.field_help(cls, prefix)
     out = []
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train on the project's samples and neighbours. Data settings (sequence and "
                                    "chunk length, vocabulary, neighbours) come from <project>/config.json. "
                                    "Rerunning the same command resumes from the latest checkpoint.",
-                       epilog="settings (NeMo names):\n" + _train_help(),
+                       epilog="settings (NeMo names):\n" + _settings_help("retro_ray.train.config", "TrainConfig"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project-dir", required=True)
     p.add_argument("--exp-dir", required=True, help="where checkpoints, logs and the loss curve go")
@@ -106,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a trained model, neighbours given or retrieved",
                        description="Continue a prompt. Neighbours come from neighbors=[...] (NeMo semantics) or, "
                                    "with --project-dir, are retrieved at the prompt end and at every chunk boundary.",
-                       epilog="settings:\n" + _generate_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="settings:\n" + _settings_help("retro_ray.serve.generate", "GenerateConfig"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model.pt written by `retro-ray export`")
     p.add_argument("--project-dir", help="the project to retrieve from (and whose tokenizer to use)")
     p.add_argument("--index", default="local", choices=("local", "sharded", "none"),
@@ -119,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize, chunk, embed and add documents to the chunk database and every index "
                                    "file. Training data is untouched; documents already there are skipped. A "
                                    "running server picks the new documents up before its next generation.",
-                       epilog="settings:\n" + _add_docs_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="settings:\n" + _settings_help("retro_ray.prep.add_docs", "AddDocsConfig"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project-dir", required=True)
     p.add_argument("source", help="a .jsonl / .jsonl.gz / .parquet / text file, or a directory of them")
     p.add_argument("--no-progress", action="store_true")
@@ -128,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score the RETRO run (with retrieval, without, at k = 1, 2, 4, the leakage-filtered "
                                    "curve) and the GPT baseline on the valid split; measure held-out documents before "
                                    "and after add-docs. Writes <project>/eval/report.md, results.json and plots.",
-                       epilog="settings:\n" + _eval_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="settings:\n" + _settings_help("retro_ray.eval.config", "EvalConfig"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project-dir", required=True)
     p.add_argument("--exp-dir", required=True, help="the RETRO run: experiment directory, checkpoint or model.pt")
     p.add_argument("--baseline", help="the GPT baseline run (same forms); without it GPT figures are left out")
@@ -149,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the Ray Serve app: /generate, /v1/completions (OpenAI), /documents, /health",
                        description="Serve a model over HTTP with retrieval from the project, until Ctrl-C. "
                                    "(`serve run serve_config.yaml` runs the same app from a Serve config file.)",
-                       epilog="settings:\n" + _serve_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="settings:\n" + _settings_help("retro_ray.serve.config", "ServeConfig"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project-dir", help="the project to retrieve from and add documents to")
     p.add_argument("--checkpoint", required=True, help="model.pt written by `retro-ray export`")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
@@ -237,12 +248,6 @@ def run_stage(stage: str, project: Project, settings: dict, *, progress: bool, a
     print(report.format(), flush=True)
 
 
-def _train_help() -> str:
-    from retro_ray.train.config import TrainConfig
-
-    return _help_table(TrainConfig)
-
-
 def cmd_train(args) -> int:
     from retro_ray.prep.query import load_neighbors
     from retro_ray.train import trainer
@@ -259,12 +264,6 @@ def cmd_train(args) -> int:
     report = trainer.run(train_cfg, factory, model_data, args.exp_dir, resume=args.resume, address=args.address)
     print(report.format(), flush=True)
     return 0
-
-
-def _generate_help() -> str:
-    from retro_ray.serve.generate import GenerateConfig
-
-    return _help_table(GenerateConfig)
 
 
 def cmd_generate(args) -> int:
@@ -297,12 +296,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _add_docs_help() -> str:
-    from retro_ray.prep.add_docs import AddDocsConfig
-
-    return _help_table(AddDocsConfig)
-
-
 def cmd_add_docs(args) -> int:
     from retro_ray.prep.add_docs import AddDocsConfig, add_documents
 
@@ -310,12 +303,6 @@ def cmd_add_docs(args) -> int:
     report = add_documents(Project(args.project_dir), args.source, cfg, progress=not args.no_progress)
     print(report.format(), flush=True)
     return 0
-
-
-def _eval_help() -> str:
-    from retro_ray.eval.config import EvalConfig
-
-    return _help_table(EvalConfig)
 
 
 def cmd_eval(args) -> int:
@@ -337,12 +324,6 @@ def cmd_demo(args) -> int:
     cfg = C.build(DemoConfig, C.parse_overrides(args.overrides))
     return Demo(Path(args.project_dir), cfg, stop=args.stop, serve=not args.no_serve,
                 progress=not args.no_progress).main()
-
-
-def _serve_help() -> str:
-    from retro_ray.serve.config import ServeConfig
-
-    return _help_table(ServeConfig)
 
 
 def cmd_serve(args) -> int:

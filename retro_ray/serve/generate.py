@@ -208,6 +208,7 @@ class Generator:
         self.r = cfg.neighbor_length
         self.vocab = min(int(tokenizer.get_vocab_size()), cfg.vocab_size)
         self.cca_layers = [i for i, layer in enumerate(model.layers) if layer.cca is not None]
+        self.cca_slot = {li: j for j, li in enumerate(self.cca_layers)}  # decoder layer → its CCA cache slot
         self.dtype = next(model.parameters()).dtype
         if retriever is not None and getattr(retriever.db, "chunk_length", self.m) != self.m:
             raise RetroRayError(
@@ -361,12 +362,12 @@ class Generator:
                 queries.setdefault(row.request.inference.retro_inference.retro_num_neighbors, []).append(i)
         for k, idx in queries.items():
             chunks = [wanted[i][0].ids[max(0, wanted[i][1] - self.m + 1): wanted[i][1] + 1] for i in idx]
+            texts = self.tokenizer.decode_batch([list(c) for c in chunks], skip_special_tokens=True)
             t0 = time.perf_counter()
-            found = self.retriever.search_token_chunks(chunks, k)
+            found = self.retriever.search_texts(texts, k)  # the query texts, decoded once
             stage_metrics("serve").serve_retrieval_latency_seconds(time.perf_counter() - t0)
             tokens = self.retriever.neighbor_tokens(found.ids)  # [n, k, r]
             db = self.retriever.db
-            texts = self.tokenizer.decode_batch([list(c) for c in chunks], skip_special_tokens=True)
             for j, i in enumerate(idx):
                 ids = found.ids[j]
                 valid = ids[ids >= 0]
@@ -417,7 +418,7 @@ class Generator:
                     states = xn[0]
                     sets = [self._encode(p, tok, msk, states[max(0, p - m + 1): p + 1], ev) for p, tok, msk, ev in events]
                 out = torch.zeros_like(xn)
-                j = self.cca_layers.index(li)
+                j = self.cca_slot[li]
                 for s, nxt in zip(sets, [*sets[1:], None]):
                     end = T if nxt is None else nxt.position
                     out[:, s.position:end] = layer.cca.attn.attend(xn[:, s.position:end], s.k[j], s.v[j], s.key_mask[None])
@@ -531,7 +532,7 @@ class Generator:
                         p = int(lengths[b])
                         _, tok, msk, ev = rows[b].events[-1]
                         install(b, self._encode(p, tok, msk, states[b, max(0, p - m + 1): p + 1], ev))
-                j = self.cca_layers.index(li)
+                j = self.cca_slot[li]
                 x = x + layer.cca.attn.attend(xn, cur_k[j], cur_v[j], cur_mask)
             x = x + layer.mlp(layer.ln_mlp(x))
         return F.linear(model.ln_f(x[:, 0]), model.token_embedding.weight)  # [B, V]
