@@ -9,11 +9,17 @@ index-add    the empty index goes to N ``IndexShard`` actors; shard i adds the e
              contiguous range of train chunk ids (ids = chunk ids) and saves
              ``shards/shard_<i>.faissindex``; the shards are then merged into ``added.faissindex``,
              the single-file index for single-process use. A rerun adds only missing shards.
+
+Shard files and the merged index are written atomically (temporary file, fsync, rename), so a shard
+file that exists is complete; a killed run leaves at most ``.<name>.tmp-*`` files, which the next
+run deletes. Crash tests: ``RETRO_RAY_INDEX_ADD_KILL_SHARD=<shard>:<n>`` makes that shard's actor
+SIGKILL itself after adding its ``n``-th block (``<shard>`` alone: after the first).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from retro_ray.runtime import connect
 
 log = logging.getLogger(__name__)
 TRAIN_STAGE, ADD_STAGE = "index-train", "index-add"
+KILL_SHARD_ENV = "RETRO_RAY_INDEX_ADD_KILL_SHARD"
 
 
 def resolve_index_string(project: Project, index_str: str) -> str:
@@ -62,6 +69,24 @@ def shard_ranges(n_chunks: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous, near-equal chunk-id ranges [start, end) covering 0..n_chunks."""
     bounds = np.linspace(0, n_chunks, num_shards + 1).round().astype(int)
     return [(int(bounds[i]), int(bounds[i + 1])) for i in range(num_shards)]
+
+
+def _crash_test_options(shard: int) -> dict:
+    """Actor options that arm the KILL_SHARD_ENV crash point in ``shard``'s actor (none when unset)."""
+    from retro_ray.retrieval.shards import KILL_AFTER_ADDS_ENV
+
+    spec = os.environ.get(KILL_SHARD_ENV)
+    if not spec:
+        return {}
+    target, _, blocks = spec.partition(":")
+    try:
+        target_shard, after = int(target), int(blocks or 1)
+    except ValueError:
+        raise RetroRayError(f"{KILL_SHARD_ENV}={spec!r} is not <shard>[:<blocks>]; unset it (it is for crash tests).") from None
+    if target_shard != shard:
+        return {}
+    log.warning("index-add: %s=%s: shard %d will kill itself after %d block(s)", KILL_SHARD_ENV, spec, shard, after)
+    return {"runtime_env": {"env_vars": {KILL_AFTER_ADDS_ENV: str(after)}}}
 
 
 def _train_remote(index_str: str, vectors: np.ndarray, use_gpu: bool) -> np.ndarray:
@@ -104,6 +129,7 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
             raise RetroRayError(str(e.cause)) from None
         raise
     save_index(index_from_bytes(data), paths["empty"])
+    stage_metrics("index").seconds(time.perf_counter() - t0, step="train")
     report = Report(stage=TRAIN_STAGE, counts={"index_str": index_str, "training_vectors": len(ids),
                                                "dim": int(vectors.shape[1])},
                     timings={"load_embeddings": t_load, "train": time.perf_counter() - t0},
@@ -132,7 +158,10 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
     derived = project.derived()
     num_shards = int(derived.get("index_num_shards") or run_cfg.num_shards)  # a resume keeps its sharding
     project.update_derived(index_num_shards=num_shards)
+    t_start = time.perf_counter()
     paths = index_paths(project)
+    for d in (paths["dir"], paths["shards"]):  # what a killed run was writing (never a finished file)
+        project.remove_stale_temporaries(d)
     n = int(derived["chunks_per_split"]["train"])
     ranges = shard_ranges(n, num_shards)
     files = shard_paths(project)
@@ -141,9 +170,11 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
     if todo:
         connect(address, progress)
         empty_ref = ray.put(_bytes_of(paths["empty"]))
-        shards = {i: start_shard(i, index_bytes=empty_ref, num_cpus=run_cfg.cpus_per_shard) for i in todo}
+        shards = {i: start_shard(i, index_bytes=empty_ref, num_cpus=run_cfg.cpus_per_shard, **_crash_test_options(i))
+                  for i in todo}
         per = int(project.report("embed").counts["chunks_per_block"])
         pending = []
+        doing = "adding"
         bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit=" vectors", desc="index-add",
                    disable=True if not progress else None)
         try:
@@ -153,20 +184,24 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
                 for lo in range(start, end, per):
                     hi = min(lo + per, end)
                     pending.append((shards[i].add.remote(ray.put(load_embeddings(project, "train", start=lo, end=hi)), lo),
-                                    hi - lo))
+                                    hi - lo, i))
             metrics = stage_metrics("index")
             t_prev = time.perf_counter()
-            for ref, k in pending:
+            for ref, k, i in pending:
+                doing = f"adding shard {i}"
                 ray.get(ref)
                 bar.update(k)
                 now = time.perf_counter()
                 metrics.index_add_seconds(now - t_prev)  # wall time per added block, as seen by the driver
+                metrics.seconds(now - t_prev)
+                metrics.rows(k)
                 metrics.chunks(k)
                 t_prev = now
+            doing = "saving the shards"
             ray.get([shards[i].save.remote(str(files[i])) for i in todo])
         except ray.exceptions.RayActorError as e:
             raise RetroRayError(
-                f"an IndexShard actor died while adding ({str(e).splitlines()[0]}); nothing was marked done: "
+                f"an IndexShard actor died while {doing} ({str(e).splitlines()[0]}); nothing was marked done: "
                 "rerun `retro-ray index-add` to redo the missing shards."
             ) from None
         finally:
@@ -182,6 +217,7 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
             f"delete {paths['shards']} and rerun `retro-ray index-add`."
         )
     save_index(merged, paths["added"])
+    stage_metrics("index").seconds(time.perf_counter() - t_start, step="run")
     report = Report(stage=ADD_STAGE, counts={"vectors": int(merged.ntotal), "shards": num_shards},
                     timings={"add": t_add, "merge": time.perf_counter() - t0},
                     outputs=[str(paths["added"]), str(paths["shards"])])

@@ -18,12 +18,17 @@ date never add a vector twice (an actor runs one call at a time).
 Failure policy: an actor that dies during a search is restarted once from its saved shard file (when
 the client knows one and it holds the number of vectors the dead shard held); otherwise the search
 raises ``RetroRayError`` naming the shard. Partial results are never returned.
+
+Crash tests: an actor whose environment has ``RETRO_RAY_INDEX_SHARD_KILL_AFTER_ADDS=<n>`` (``index-add``
+sets it on one shard through ``runtime_env``; see ``retro_ray.prep.index.KILL_SHARD_ENV``) SIGKILLs
+its own worker process right after its ``n``-th ``add`` call, like a ``kill -9`` mid-add.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +47,7 @@ __all__ = ["DEFAULT_SHARD_NUM_CPUS", "IndexShard", "RemoteIndexShard", "ShardedI
            "start_shard"]
 
 DEFAULT_SHARD_NUM_CPUS = 0.25
+KILL_AFTER_ADDS_ENV = "RETRO_RAY_INDEX_SHARD_KILL_AFTER_ADDS"
 
 PathLike = str | os.PathLike
 
@@ -128,6 +134,7 @@ class IndexShard:
             faiss.omp_set_num_threads(int(omp_threads))
         self.shard = int(shard)
         self.path: str | None = None
+        self._adds = 0  # add() calls so far (for the KILL_AFTER_ADDS_ENV crash point)
         if path is not None:
             self.load(path, mmap=mmap)
         else:
@@ -137,6 +144,12 @@ class IndexShard:
     def add(self, vectors: np.ndarray, start_id: int) -> int:
         """Add vectors with ids ``start_id ..``; returns the shard's new vector count."""
         self.index = ix.add_range(self.index, vectors, start_id)
+        self._adds += 1
+        if os.environ.get(KILL_AFTER_ADDS_ENV) == str(self._adds):
+            logger.warning("index shard %d: %s=%d: killing this worker (crash test)", self.shard, KILL_AFTER_ADDS_ENV,
+                           self._adds)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
         return int(self.index.ntotal)
 
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray, expected_ntotal: int | None = None) -> int:
