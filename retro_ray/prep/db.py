@@ -250,6 +250,7 @@ def _cached(key: str, make):
 
 def chunk_block(item: dict) -> dict:
     """Chunk documents [first, last) of one split; write the rows of the block to a .npy file."""
+    t0 = time.perf_counter()
     out = Path(item["out"])
     ds = _cached("ds:" + item["prefix"], lambda: IndexedDataset(item["prefix"]))
     gpt = _cached("gpt:" + item["tokenizer"], lambda: ByteLevelDecoder(load_tokenizer(Path(item["tokenizer"]))))
@@ -278,6 +279,7 @@ def chunk_block(item: dict) -> dict:
     m = stage_metrics(STAGE)
     m.rows(last - first)
     m.chunks(len(rows))
+    m.seconds(time.perf_counter() - t0)
     return {"block_key": item["block_key"], "chunks": len(rows), "docs": last - first}
 
 

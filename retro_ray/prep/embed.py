@@ -65,6 +65,7 @@ class EmbedChunks:
             save_npy_atomic(Path(str(path)), emb)
             seconds = time.perf_counter() - t0
             m = stage_metrics(STAGE)
+            m.rows(len(rows))  # embed's rows are the chunks it embedded
             m.chunks(len(rows))
             m.seconds(seconds)
             m.chunks_per_second(len(rows) / max(seconds, 1e-9))

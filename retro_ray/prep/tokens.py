@@ -90,6 +90,7 @@ def _cached_tokenizer(path: str):
 
 def tokenize_block(item: dict) -> dict:
     """Tokenize one row group of docs.parquet; write its tokens per split to a .npz block file."""
+    t0 = time.perf_counter()
     out = Path(item["out"])
     tok = _cached_tokenizer(item["tokenizer"])
     table = pq.ParquetFile(item["docs"]).read_row_group(item["block"], columns=["doc_id", "text"])
@@ -120,7 +121,9 @@ def tokenize_block(item: dict) -> dict:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, out)
-    stage_metrics(STAGE).rows(len(texts))
+    m = stage_metrics(STAGE)
+    m.rows(len(texts))
+    m.seconds(time.perf_counter() - t0)
     return {"block_key": item["block_key"], "docs": len(texts), "tokens": int(lengths.sum())}
 
 

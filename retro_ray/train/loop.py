@@ -544,6 +544,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                 history.append(rec)
                 loggers.log(rec)
                 train_metrics.train_loss(rec["train_loss"])
+                train_metrics.seconds(rec["step_time_s"], step="step")  # mean over the logging window
                 if tps:
                     train_metrics.train_tokens_per_second(tps)
                 if rec["mfu"]:
@@ -555,15 +556,20 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             loss_acc.zero_()
             loss_steps = 0
         if do_val:
+            t_val = time.perf_counter()
             rec = validate(step)
             if rank == 0:
                 history.append(rec)
                 loggers.log(rec)
                 train_metrics.train_loss(rec["val_loss"], split="valid")
+                train_metrics.seconds(time.perf_counter() - t_val, step="validate")
                 say(f"step {step} val_loss {rec['val_loss']:.4f} val_ppl {rec['val_ppl']:.2f}")
             last.update(val_loss=rec["val_loss"], val_ppl=rec["val_ppl"])
         if do_ckpt:
+            t_ckpt = time.perf_counter()
             save_and_report(step, {"step": step, **last})
+            if rank == 0:
+                train_metrics.seconds(time.perf_counter() - t_ckpt, step="checkpoint")
         if do_val or do_ckpt or do_log:
             sync()
             window_t0, window_steps = time.perf_counter(), 0

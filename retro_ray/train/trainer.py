@@ -37,6 +37,7 @@ from typing import Any
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
+from retro_ray.metrics import stage_metrics
 from retro_ray.model.retro import RetroConfig
 from retro_ray.project import Project, atomic_write_bytes, atomic_write_json
 from retro_ray.train.config import TrainConfig, resolve_model_config
@@ -359,6 +360,7 @@ def run(
             raise RetroRayError(str(user_error)) from e
         raise
     fit_s = time.perf_counter() - t_fit
+    stage_metrics("train").seconds(fit_s, step="run")
 
     run_dir = exp_dir / name
     ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else latest_checkpoint(run_dir)
