@@ -107,7 +107,8 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(STAGE_DURATION, HISTOGRAM,
                    "Wall-clock seconds of one unit of a stage's work: step=block for a block task or an actor "
                    "batch, step=run for a whole run of the stage; index has step=train (index-train); train has "
-                   "step=step (one optimizer step, mean over a logging window), step=validate and step=checkpoint.", ("stage", "step"), _BLOCK_SECONDS),
+                   "step=step (one optimizer step, mean over a logging window), step=validate and step=checkpoint.",
+                   ("stage", "step"), _BLOCK_SECONDS),
         MetricSpec(EMBED_CHUNKS_PER_SECOND, GAUGE, "Chunks per second of one embedder actor, over its last batch."),
         MetricSpec(INDEX_ADD_SECONDS, HISTOGRAM, "Seconds of one Faiss add call (one batch of vectors, one shard).",
                    (), _CALL_SECONDS),
