@@ -15,6 +15,11 @@ and ``ShardedIndex.add_to_shards`` add them to live actors; with ``expected_ntot
 only when the shard holds exactly that many vectors, so two clients bringing the same shard up to
 date never add a vector twice (an actor runs one call at a time).
 
+IVF shards share the coarse quantizer of the empty index they were built from. For a plain IVF index
+the client keeps one copy, finds each query's ``nprobe`` lists once per batch and sends the shards
+those lists to scan (``IndexShard.search_preassigned``): results identical to a full search, without
+every shard repeating the quantizer search (which grows with nlist and with the number of shards).
+
 Failure policy: an actor that dies during a search is restarted once from its saved shard file (when
 the client knows one and it holds the number of vectors the dead shard held); otherwise the search
 raises ``RetroRayError`` naming the shard. Partial results are never returned.
@@ -190,6 +195,25 @@ class IndexShard:
             ef_search=d_ef if ef_search is None else ef_search,
         )
 
+    def search_preassigned(self, queries: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scan only the lists ``Iq`` (chosen by the client with the shared coarse quantizer)."""
+        return ix.search_preassigned(self.index, queries, k, Iq, Dq)
+
+    def coarse(self, with_quantizer: bool = True) -> dict | None:
+        """The shared coarse quantizer (serialized), its digest, nlist and this shard's default
+        nprobe / efSearch; ``None`` when the index is not a plain IVF index."""
+        import hashlib
+
+        import faiss
+
+        quantizer = ix.coarse_quantizer(self.index)
+        if quantizer is None:
+            return None
+        data = ix.index_to_bytes(quantizer)
+        nprobe, ef = self._defaults
+        return {"digest": hashlib.sha1(data.tobytes()).hexdigest(), "nlist": int(faiss.downcast_index(self.index).nlist),
+                "nprobe": nprobe, "ef_search": ef, "quantizer": data if with_quantizer else None}
+
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
@@ -254,6 +278,7 @@ class ShardedIndex:
         self.num_cpus = num_cpus
         self.mmap = mmap
         self._lock = threading.Lock()
+        self._coarse_lock = threading.Lock()
         self.timeout_s = timeout_s
         infos = self._get_all([s.info.remote() for s in self.shards], "reading shard info")
         given = list(paths) if paths is not None else [None] * len(self.shards)
@@ -263,6 +288,20 @@ class ShardedIndex:
             )
         self.paths = [str(p) if p is not None else info["path"] for p, info in zip(given, infos)]
         self._record(infos)
+        self._coarse = self._shared_coarse()
+
+    def _shared_coarse(self) -> dict | None:
+        """The coarse quantizer every shard has (see the module doc), or ``None`` to search in full."""
+        first = self._get_all([self.shards[0].coarse.remote()], "reading the coarse quantizer")[0]
+        if first is None:
+            return None
+        if len(self.shards) > 1:
+            rest = self._get_all([s.coarse.remote(False) for s in self.shards[1:]], "reading the coarse quantizer")
+            if any(r is None or r["digest"] != first["digest"] for r in rest):
+                logger.warning("index shards have different coarse quantizers: each shard searches in full")
+                return None
+        first["quantizer"] = ix.index_from_bytes(first["quantizer"])
+        return first
 
     @classmethod
     def from_paths(
@@ -429,7 +468,19 @@ class ShardedIndex:
                 raise RetroRayError(f"{name} must be >= 1, got {value}; pass a positive value or None")
         qref = ray.put(q)
         handles = list(self.shards)
-        refs = [s.search.remote(qref, k, nprobe, ef_search) for s in handles]
+        if self._coarse is not None:
+            c = self._coarse
+            with self._coarse_lock:  # efSearch is set on the one quantizer copy that concurrent searches share
+                Dq, Iq = ix.assign_lists(c["quantizer"], q, c["nprobe"] if nprobe is None else nprobe, c["nlist"],
+                                         c["ef_search"] if ef_search is None else ef_search)
+            dq_ref, iq_ref = ray.put(Dq), ray.put(Iq)
+
+            def call(actor):
+                return actor.search_preassigned.remote(qref, k, iq_ref, dq_ref)
+        else:
+            def call(actor):
+                return actor.search.remote(qref, k, nprobe, ef_search)
+        refs = [call(s) for s in handles]
         try:
             results = ray.get(refs, timeout=self.timeout_s)
         except GetTimeoutError:
@@ -447,9 +498,7 @@ class ShardedIndex:
                 except RayActorError as e:
                     actor = self._restart(i, handles[i], e)
                     try:
-                        results.append(
-                            ray.get(actor.search.remote(qref, k, nprobe, ef_search), timeout=self.timeout_s)
-                        )
+                        results.append(ray.get(call(actor), timeout=self.timeout_s))
                     except (RayActorError, GetTimeoutError):
                         raise RetroRayError(
                             f"index shard {i} died again after a restart from {self.paths[i]}; "

@@ -103,6 +103,26 @@ def test_ivf_nprobe_per_call(ray_cluster, data):
         sharded.shutdown()
 
 
+@pytest.mark.parametrize("index_str, shared", [("IVF16_HNSW32,Flat", True), ("IVF16,PQ8x4", True),
+                                               ("OPQ8_32,IVF16,Flat", False)])
+def test_coarse_lists_assigned_once_equal_merged(ray_cluster, data, index_str, shared):
+    """Plain IVF shards get their lists from the client's one quantizer search; OPQ falls back to full
+    per-shard searches. Either way the results are the merged index's, at every nprobe / efSearch."""
+    vectors, queries = data
+    empty = ix.train_index(index_str, vectors)
+    sharded = ShardedIndex(start_and_fill(empty, vectors))
+    try:
+        assert (sharded._coarse is not None) == shared
+        for nprobe, ef in [(1, 16), (3, 8), (16, 64), (40, None), (None, None)]:
+            merged = merged_reference(empty, vectors)  # fresh: None means the index's own setting
+            D, I = sharded.search(queries, K, nprobe=nprobe, ef_search=ef)
+            D_ref, I_ref = ix.search(merged, queries, K, nprobe=nprobe, ef_search=ef)
+            np.testing.assert_array_equal(I, I_ref, err_msg=f"nprobe={nprobe} ef={ef}")
+            np.testing.assert_allclose(D, D_ref, rtol=1e-5)
+    finally:
+        sharded.shutdown()
+
+
 def test_killed_shard_restarts_from_saved_file(ray_cluster, data, tmp_path):
     vectors, queries = data
     empty = ix.train_index("Flat", vectors[:10])

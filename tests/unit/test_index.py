@@ -55,6 +55,13 @@ def test_choose_index_string_sizes(n):
         assert int(m.group(2)) <= 384
 
 
+def test_choose_index_string_documented_examples():
+    assert [ix.choose_index_string(n, 384) for n in (1_000, 500_000, 1_000_000, 20_000_000)] == [
+        "Flat", "IVF4096_HNSW32,Flat", "IVF8192_HNSW32,Flat", "OPQ64_256,IVF32768_HNSW32,PQ64"]
+    assert ix.choose_index_string(100_000, 384) == "IVF2048_HNSW32,Flat"  # the first size past Flat
+    assert ix.choose_index_string(60_000_000 // 39 * 39, 8) == "IVF65536_HNSW32,Flat"  # small dim: IVF-Flat longer
+
+
 def test_choose_index_string_is_valid_for_faiss():
     for n, d in [(150_000, 64), (20_000_000, 384), (20_000_000, 16)]:
         s = ix.choose_index_string(n, d)
@@ -209,6 +216,30 @@ def test_merge_topk_inner_product():
     D, I = ix.merge_topk([D1, D2], [I1, I2], 4, "ip")
     assert I.tolist() == [[1, 3, 2, -1]]
     assert D[0, 3] == -FLT_MAX
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_merge_topk_matches_a_full_sort_by_distance_then_id(metric):
+    """Many rows, coarse distances (so ties are everywhere, also across the k-th place), missing results."""
+    rng = np.random.default_rng(3)
+    pad = FLT_MAX if metric == "l2" else -FLT_MAX
+    Ds, Is = [], []
+    for _ in range(3):
+        D = rng.integers(0, 12, (64, 9)).astype(np.float32) / 4
+        D = np.sort(D, axis=1) if metric == "l2" else -np.sort(-D, axis=1)
+        ids = rng.choice(10_000, (64, 9)).astype(np.int64)
+        missing = rng.random((64, 9)) < 0.15
+        Ds.append(np.where(missing, pad, D).astype(np.float32))
+        Is.append(np.where(missing, -1, ids))
+    for k in (1, 5, 12, 30):
+        D, I = ix.merge_topk(Ds, Is, k, metric)
+        allD, allI = np.concatenate(Ds, 1), np.concatenate(Is, 1)
+        for r in range(64):
+            valid = allI[r] >= 0
+            want = sorted(zip(allD[r][valid] * (1 if metric == "l2" else -1), allI[r][valid]))[:k]
+            got_ids = I[r][I[r] >= 0]
+            assert got_ids.tolist() == [i for _, i in want], (k, r)
+            assert (I[r][len(want):] == -1).all() and (D[r][len(want):] == pad).all()
 
 
 # --- save / load -----------------------------------------------------------------------------------
