@@ -12,13 +12,13 @@ Data (real-looking, ~1M x 384 float32 by default)
     Ground truth: exact search (``faiss.IndexFlatL2``) top ``--k`` (10).
 
 Indexes (each built with the project's own ``train_index`` / ``add_range`` / ``search``)
-    auto   ``choose_index_string(n, 384)``: ``IVF4096_HNSW32,Flat`` at 1M; nprobe sweep
+    auto   ``choose_index_string(n, 384)``: ``IVF8192_HNSW32,Flat`` at 1M; nprobe sweep
     alt 1  ``IVF{nlist},PQ48np``: 48-byte product codes (``np``: without Faiss's polysemous training,
            which ``index_factory`` switches on for every IVF-PQ string, search never uses unless
            polysemous_ht is set, and which alone ran > 15 min on this machine); nprobe sweep
     alt 2  ``HNSW32,Flat`` (no training); efSearch sweep
-    Training uses a random sample of ``--train-size`` database vectors (100k: 24 per list at
-    nlist=4096; Faiss asks for 39 and warns). For IVF the coarse HNSW quantizer's efSearch is set to
+    Training uses a random sample of ``--train-size`` database vectors (100k: 12 per list at
+    nlist=8192; Faiss asks for 39 and warns). For IVF the coarse HNSW quantizer's efSearch is set to
     max(32, nprobe). Measured: training time, add time, recall@k vs exact (|top-k ∩ exact top-k|/k,
     averaged), QPS with all queries in one batch (median of repeats), and the exact index's QPS (one
     pass, which also gives the ground truth). Goal: recall@10 >= 0.95 at >= 20x the exact QPS.
@@ -29,8 +29,10 @@ Sharded search (``retro_ray.retrieval.shards``)
     The auto index is split into 2 and 4 contiguous id ranges (added in this process, saved, then
     ``ShardedIndex.from_paths``: one ``IndexShard`` actor each, 0.25 CPU, on ``ray.init(num_cpus=2)``)
     and searched with the same queries and settings as the merged index in this process (Faiss with
-    both cores). Batches of 256 and of all queries, k = 10 and k = 200 (the query stage's k);
-    the three are interleaved, median of ``--shard-repeats``. Goal: sharded QPS >= 0.8x merged.
+    both cores). The client searches the coarse quantizer once per batch and the shards scan the
+    assigned lists (see retro_ray.retrieval.shards). Batches of 256 (2,048 queries: the held-out ones
+    tiled) and of all 1,000 queries, k = 10 and k = 200 (the query stage's k); the three are
+    interleaved, median of ``--shard-repeats``. Goal: sharded QPS >= 0.8x merged.
     The ids the shards return are checked against the merged index's.
 
 Everything runs with ``faiss.omp_set_num_threads(2)`` in this process. Progress is printed as it goes.
@@ -128,7 +130,7 @@ def recall_at(I: np.ndarray, gt: np.ndarray, k: int) -> float:
 
 def sweep_values(index_str: str) -> tuple[str, list[int]]:
     if "IVF" in index_str.upper():
-        return "nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]
+        return "nprobe", [1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256]
     return "efSearch", [16, 32, 64, 128, 256, 512]
 
 
@@ -245,7 +247,7 @@ def shard_benchmark(merged, empty_bytes, db, queries, args, nprobe: int, ef: int
             sharded[s] = ShardedIndex.from_paths(paths)
             say(f"{s} shards: added + saved in {t_add:.1f} s; {s} IndexShard actors loaded them in "
                 f"{time.perf_counter() - t:.1f} s ({sharded[s].shard_ntotal} vectors)")
-        tiled = np.ascontiguousarray(queries[np.arange(1024) % len(queries)])
+        tiled = np.ascontiguousarray(queries[np.arange(2048) % len(queries)])
         results = []
         for k in (10, 200):
             for batch in (256, len(queries)):
@@ -327,7 +329,7 @@ def main() -> int:
                     help="';'-separated index strings; 'auto' = choose_index_string; {nlist} = auto's nlist")
     ap.add_argument("--max-add-s", type=float, default=420.0, help="skip an index whose add would take longer")
     ap.add_argument("--shards", default="2,4", help="shard counts for the sharded-search comparison ('' = skip)")
-    ap.add_argument("--shard-repeats", type=int, default=3)
+    ap.add_argument("--shard-repeats", type=int, default=5)
     ap.add_argument("--work-dir", default="/tmp/bench_index")
     ap.add_argument("--plot", default=str(Path(__file__).resolve().parent / "out" / "index_recall_qps.png"))
     args = ap.parse_args()
