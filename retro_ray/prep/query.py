@@ -77,6 +77,7 @@ class QueryNeighbors:
 
     def __init__(self, project_root: str, shard_handles: list, shard_files: list[str], batch_size: int,
                  device: str, torch_threads: int) -> None:
+        t0 = time.perf_counter()
         import torch
 
         from retro_ray.retrieval.retriever import Retriever
@@ -91,6 +92,8 @@ class QueryNeighbors:
         self.samples = {s: make_samples(self.project, s) for s in QUERY_SPLITS}
         self.doc_ids = {s: np.load(self.project.doc_ids_path(s)) for s in QUERY_SPLITS}
         self.n_train = self.retriever.db.n_train
+        log.info("query actor ready: %.1f s in __init__, %.1f s since its process started", time.perf_counter() - t0,
+                 time.time() - _process_start())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from retro_ray.prep.embed import save_npy_atomic
@@ -100,6 +103,7 @@ class QueryNeighbors:
         k_query, k_save = self.cfg.query.num_neighbors_query, self.cfg.query.num_neighbors_save
         for key, split, start, end, path in zip(batch["block_key"], batch["split"], batch["start"],
                                                 batch["end"], batch["out"]):
+            t0 = time.perf_counter()
             split = str(split)
             spans = [self.samples[split].span(i) for i in range(int(start), int(end))]
             chunks = np.concatenate([s.tokens[:-1].reshape(-1, m) for s in spans])  # [n_samples*C, m]
@@ -119,6 +123,7 @@ class QueryNeighbors:
                     neighbors[s_i * per_sample + r, :len(chosen)] = chosen
             save_npy_atomic(Path(str(path)), neighbors)
             m = stage_metrics(STAGE)
+            m.seconds(time.perf_counter() - t0)
             m.rows(len(spans))
             m.chunks(len(chunks))
             m.neighbors(int((neighbors >= 0).sum()))
@@ -126,6 +131,12 @@ class QueryNeighbors:
             out["chunks"].append(len(chunks))
             out["found"].append(int((neighbors >= 0).sum()))
         return out
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _pool_size(num_actors: int | None, cpus_per_actor: float, reserved: float) -> int:
