@@ -129,10 +129,11 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
             raise RetroRayError(str(e.cause)) from None
         raise
     save_index(index_from_bytes(data), paths["empty"])
-    stage_metrics("index").seconds(time.perf_counter() - t0, step="train")
+    t_train = time.perf_counter() - t0
+    stage_metrics("index").seconds(t_train, step="train")
     report = Report(stage=TRAIN_STAGE, counts={"index_str": index_str, "training_vectors": len(ids),
                                                "dim": int(vectors.shape[1])},
-                    timings={"load_embeddings": t_load, "train": time.perf_counter() - t0},
+                    timings={"load_embeddings": t_load, "train": t_train},
                     outputs=[str(paths["empty"])])
     project.mark_done(report)
     return report

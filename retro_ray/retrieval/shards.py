@@ -204,14 +204,12 @@ class IndexShard:
         nprobe / efSearch; ``None`` when the index is not a plain IVF index."""
         import hashlib
 
-        import faiss
-
         quantizer = ix.coarse_quantizer(self.index)
         if quantizer is None:
             return None
         data = ix.index_to_bytes(quantizer)
         nprobe, ef = self._defaults
-        return {"digest": hashlib.sha1(data.tobytes()).hexdigest(), "nlist": int(faiss.downcast_index(self.index).nlist),
+        return {"digest": hashlib.sha1(data.tobytes()).hexdigest(), "nlist": int(quantizer.ntotal),
                 "nprobe": nprobe, "ef_search": ef, "quantizer": data if with_quantizer else None}
 
     def ntotal(self) -> int:
