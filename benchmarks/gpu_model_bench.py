@@ -4,7 +4,7 @@ Needs only torch (the lent GPU machines have no Ray / DeepSpeed / Faiss): it exe
 single-device model that Ray Train + DeepSpeed wrap. For each config, RETRO and its GPT baseline
 (same decoder, retrieval off) are timed in the same run, and the ratio printed.
 
-    python benchmarks/gpu_model_bench.py --out results.json [--compile]
+    python benchmarks/gpu_model_bench.py --out results.json [--compile] [--configs 125m --batches 32,16]
 
 MFU = model.flops_per_token() × tokens/s ÷ the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s,
 H200 989, A100 312; the peak is looked up by device name).
@@ -69,7 +69,10 @@ def throughput(cfg: RetroConfig, batch: int, steps: int, device: str, compile_: 
     torch.manual_seed(0)
     model = RetroModel(cfg).to(device)
     if compile_:
-        model = torch.compile(model)
+        # A fresh compile per (config, batch): without the reset, the second batch size would make
+        # dynamo recompile with a symbolic batch dimension, and time slower generic kernels.
+        torch._dynamo.reset()
+        model = torch.compile(model, dynamic=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     n, m = cfg.seq_length, cfg.chunk_length
     K = cfg.retro.retro_num_neighbors
@@ -107,6 +110,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--configs", default="demo,125m", help="comma-separated: demo, 125m")
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes to time instead of each config's own")
+    ap.add_argument("--deadline-s", type=float, default=0, help="skip what starts later than this (0: no limit)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     device = "cuda"
@@ -126,17 +131,33 @@ def main() -> None:
                              retro=RetroSettings(retro_encoder_hidden_dropout=0.0,
                                                  retro_encoder_attention_dropout=0.0)), 8),
     }
-    for name, (cfg, batch) in configs.items():
+    started = time.perf_counter()
+    for name, (cfg, own_batch) in configs.items():
         if name not in args.configs.split(","):
             continue
-        for variant in ("retro", "gpt"):
-            c = cfg if variant == "retro" else replace(cfg, retro=replace(cfg.retro, enabled=False))
-            torch.cuda.reset_peak_memory_stats()
-            r = throughput(c, batch, args.steps, device, args.compile)
-            results[f"{name}_{variant}"] = {"batch": batch, **r}
-            print(name, variant, json.dumps(r), flush=True)
-        results[f"{name}_retro_over_gpt_step_time"] = (results[f"{name}_retro"]["step_s"]
-                                                        / results[f"{name}_gpt"]["step_s"])
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else [own_batch]
+        for batch in batches:
+            tag = name if not args.batches else f"{name}_b{batch}"
+            for variant in ("retro", "gpt"):
+                if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+                    print(f"deadline: skipping {tag} {variant}", flush=True)
+                    continue
+                c = cfg if variant == "retro" else replace(cfg, retro=replace(cfg.retro, enabled=False))
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                try:
+                    r = throughput(c, batch, args.steps, device, args.compile)
+                except torch.cuda.OutOfMemoryError as e:  # a batch too large for this card: go on
+                    print(f"{tag} {variant}: out of memory ({str(e)[:200]})", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                r["wall_s_with_compile"] = time.perf_counter() - t0
+                results[f"{tag}_{variant}"] = {"batch": batch, **r}
+                print(tag, variant, json.dumps(r), flush=True)
+                Path(args.out).write_text(json.dumps(results, indent=1))
+            if f"{tag}_retro" in results and f"{tag}_gpt" in results:
+                results[f"{tag}_retro_over_gpt_step_time"] = (results[f"{tag}_retro"]["step_s"]
+                                                              / results[f"{tag}_gpt"]["step_s"])
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

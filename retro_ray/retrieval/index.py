@@ -247,6 +247,12 @@ def training_points_needed(index: faiss.Index) -> tuple[int, int, str]:
     return need, need * FAISS_MIN_POINTS_PER_CENTROID, ", ".join(what)
 
 
+def _torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _num_gpus() -> int:
     get = getattr(faiss, "get_num_gpus", None)
     if get is None:
@@ -267,7 +273,8 @@ def train_index(
     """Build the empty trained index for ``index_str`` from a sample of embeddings.
 
     ``metric`` is ``"l2"`` or ``"ip"``. ``use_gpu``: ``"auto"`` runs IVF k-means on all GPUs when the
-    installed Faiss has any (faiss-cpu has none), ``True`` requires them, ``False`` stays on CPU.
+    installed Faiss has any, else on the GPU through torch (``retrieval/kmeans.py``) when torch sees
+    one; ``True`` requires a GPU either way, ``False`` stays on CPU.
     ``dim``, when given, is the embedding dimension the index must have (checked against the vectors).
 
     Indexes that cannot store ids themselves come back wrapped in ``IndexIDMap2``, so every index this
@@ -307,10 +314,11 @@ def train_index(
                 "training %r on %d vectors; Faiss recommends at least %d (%s)", index_str, n, recommended, what
             )
         ngpu = _num_gpus()
-        if use_gpu is True and ngpu == 0:
+        torch_gpu = ngpu == 0 and use_gpu in (True, "auto") and _torch_has_cuda()
+        if use_gpu is True and ngpu == 0 and not torch_gpu:
             raise RetroRayError(
-                "use_gpu=True but the installed Faiss sees no GPU; install faiss-gpu on a GPU node "
-                "or set use_gpu='auto'/False"
+                "use_gpu=True but neither Faiss nor torch sees a GPU; run index-train on a GPU node "
+                "(faiss-gpu, or any faiss with a CUDA build of torch) or set use_gpu='auto'/False"
             )
         ivf = _ivf(index)
         gpu_clustering = None  # Python keeps it alive while Faiss points at it
@@ -320,7 +328,14 @@ def train_index(
             gpu_clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
             ivf.clustering_index = gpu_clustering
         try:
-            index.train(x)
+            if torch_gpu and ivf is not None:
+                # Faiss has no GPU (faiss-cpu, or faiss-gpu's CUDA 12 absent): torch k-means on it.
+                from retro_ray.retrieval.kmeans import train_ivf_with_torch_kmeans
+
+                logger.info("training IVF coarse quantizer of %r with torch k-means on cuda", index_str)
+                train_ivf_with_torch_kmeans(index, x, "cuda")
+            else:
+                index.train(x)
         except RuntimeError as e:
             raise RetroRayError(
                 f"Faiss could not train {index_str!r} on {n} vectors: {_faiss_reason(e)}; "
