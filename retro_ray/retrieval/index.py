@@ -330,10 +330,20 @@ def train_index(
         try:
             if torch_gpu and ivf is not None:
                 # Faiss has no GPU (faiss-cpu, or faiss-gpu's CUDA 12 absent): torch k-means on it.
+                import torch
+
                 from retro_ray.retrieval.kmeans import train_ivf_with_torch_kmeans
 
                 logger.info("training IVF coarse quantizer of %r with torch k-means on cuda", index_str)
-                train_ivf_with_torch_kmeans(index, x, "cuda")
+                try:
+                    train_ivf_with_torch_kmeans(index, x, "cuda")
+                except torch.cuda.OutOfMemoryError:
+                    # The sample (up to 256 points a list) did not fit on this GPU: Faiss on the CPU
+                    # instead, on a fresh index since pre-transforms may already be trained.
+                    torch.cuda.empty_cache()
+                    logger.warning("torch k-means ran out of GPU memory; training %r on the CPU", index_str)
+                    index = faiss.index_factory(d, str(index_str), metric_type)
+                    index.train(x)
             else:
                 index.train(x)
         except RuntimeError as e:
