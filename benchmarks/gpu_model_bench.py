@@ -112,11 +112,18 @@ def main() -> None:
     ap.add_argument("--configs", default="demo,125m", help="comma-separated: demo, 125m")
     ap.add_argument("--batches", default="", help="comma-separated batch sizes to time instead of each config's own")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip what starts later than this (0: no limit)")
+    ap.add_argument("--variants", default="retro,gpt", help="comma-separated: retro, gpt")
+    ap.add_argument("--coordinate-descent", action="store_true",
+                    help="let inductor tune its Triton kernels' block sizes (longer compile)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     device = "cuda"
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "compile": args.compile, "causality_fp32": causality_checks(device)}
+               "compile": args.compile, "coordinate_descent": args.coordinate_descent, "causality_fp32": causality_checks(device)}
     print(json.dumps(results, indent=1), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     gpt2_vocab = 50304
@@ -138,7 +145,7 @@ def main() -> None:
         batches = [int(b) for b in args.batches.split(",")] if args.batches else [own_batch]
         for batch in batches:
             tag = name if not args.batches else f"{name}_b{batch}"
-            for variant in ("retro", "gpt"):
+            for variant in args.variants.split(","):
                 if args.deadline_s and time.perf_counter() - started > args.deadline_s:
                     print(f"deadline: skipping {tag} {variant}", flush=True)
                     continue
