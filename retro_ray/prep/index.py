@@ -89,10 +89,15 @@ def _crash_test_options(shard: int) -> dict:
     return {"runtime_env": {"env_vars": {KILL_AFTER_ADDS_ENV: str(after)}}}
 
 
-def _train_remote(index_str: str, vectors: np.ndarray, use_gpu: bool) -> np.ndarray:
-    from retro_ray.retrieval.index import index_to_bytes, train_index
+def _train_remote(index_str: str, vectors: np.ndarray, use_gpu: bool) -> tuple[np.ndarray, str]:
+    """The trained empty index as bytes, and where its IVF k-means ran (``kmeans_backend``; "none": no IVF)."""
+    import faiss
 
-    return index_to_bytes(train_index(index_str, vectors, use_gpu=use_gpu))
+    from retro_ray.retrieval.index import index_to_bytes, kmeans_backend, train_index
+
+    index = train_index(index_str, vectors, use_gpu=use_gpu)
+    backend = kmeans_backend(use_gpu) if faiss.try_extract_index_ivf(index) is not None else "none"
+    return index_to_bytes(index), backend
 
 
 def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
@@ -123,7 +128,7 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
     t0 = time.perf_counter()
     task = ray.remote(_train_remote).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     try:
-        data = ray.get(task.remote(index_str, vectors, use_gpu))
+        data, backend = ray.get(task.remote(index_str, vectors, use_gpu))
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, RetroRayError):
             raise RetroRayError(str(e.cause)) from None
@@ -131,8 +136,9 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
     save_index(index_from_bytes(data), paths["empty"])
     t_train = time.perf_counter() - t0
     stage_metrics("index").seconds(t_train, step="train")
+    log.info("index-train: k-means ran on %s", backend)
     report = Report(stage=TRAIN_STAGE, counts={"index_str": index_str, "training_vectors": len(ids),
-                                               "dim": int(vectors.shape[1])},
+                                               "dim": int(vectors.shape[1]), "kmeans": backend},
                     timings={"load_embeddings": t_load, "train": t_train},
                     outputs=[str(paths["empty"])])
     project.mark_done(report)

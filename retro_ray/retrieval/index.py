@@ -40,6 +40,7 @@ __all__ = [
     "index_from_bytes",
     "index_to_bytes",
     "index_type",
+    "kmeans_backend",
     "load_index",
     "merge_shards",
     "merge_topk",
@@ -247,6 +248,27 @@ def training_points_needed(index: faiss.Index) -> tuple[int, int, str]:
     return need, need * FAISS_MIN_POINTS_PER_CENTROID, ", ".join(what)
 
 
+def kmeans_backend(use_gpu: bool | str = "auto") -> str:
+    """Where ``train_index`` runs IVF k-means: ``"faiss-gpu"``, ``"torch-cuda"`` or ``"faiss-cpu"``.
+
+    ``use_gpu`` as for ``train_index``; ``True`` with no GPU visible to Faiss or torch is an error.
+    """
+    if use_gpu not in (True, False, "auto"):
+        raise RetroRayError(f"use_gpu={use_gpu!r} is not understood; use True, False or 'auto'")
+    if use_gpu is False:
+        return "faiss-cpu"
+    if _num_gpus() > 0:
+        return "faiss-gpu"
+    if _torch_has_cuda():
+        return "torch-cuda"
+    if use_gpu is True:
+        raise RetroRayError(
+            "use_gpu=True but neither Faiss nor torch sees a GPU; run index-train on a GPU node "
+            "(faiss-gpu, or any faiss with a CUDA build of torch) or set use_gpu='auto'/False"
+        )
+    return "faiss-cpu"
+
+
 def _torch_has_cuda() -> bool:
     import torch
 
@@ -313,16 +335,12 @@ def train_index(
             logger.warning(
                 "training %r on %d vectors; Faiss recommends at least %d (%s)", index_str, n, recommended, what
             )
+        backend = kmeans_backend(use_gpu)
         ngpu = _num_gpus()
-        torch_gpu = ngpu == 0 and use_gpu in (True, "auto") and _torch_has_cuda()
-        if use_gpu is True and ngpu == 0 and not torch_gpu:
-            raise RetroRayError(
-                "use_gpu=True but neither Faiss nor torch sees a GPU; run index-train on a GPU node "
-                "(faiss-gpu, or any faiss with a CUDA build of torch) or set use_gpu='auto'/False"
-            )
+        torch_gpu = backend == "torch-cuda"
         ivf = _ivf(index)
         gpu_clustering = None  # Python keeps it alive while Faiss points at it
-        if use_gpu in (True, "auto") and ngpu > 0 and ivf is not None:
+        if backend == "faiss-gpu" and ivf is not None:
             # k-means of the coarse quantizer is the expensive part: run its assignment on the GPUs.
             logger.info("training IVF coarse quantizer of %r on %d GPU(s)", index_str, ngpu)
             gpu_clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))

@@ -64,6 +64,7 @@ def trained(ray_cluster, vectors, tmp_path_factory) -> Path:
         f["chunk_ids"] = np.sort(np.random.default_rng(1).choice(N, 1200, replace=False)).astype(np.int64)
     rep = index.run_train(p, RUN, {"index": {"index_str": INDEX_STR}}, progress=False)
     assert p.is_done("index-train") and rep.counts["index_str"] == INDEX_STR
+    assert rep.counts["kmeans"] == "faiss-cpu"  # the Ray cluster here has no GPU, so use_gpu=auto stays on CPU
     return p.root
 
 

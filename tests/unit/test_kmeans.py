@@ -133,3 +133,13 @@ def test_use_gpu_true_without_any_gpu_names_both_ways_out():
         pytest.skip("this machine has a GPU, so use_gpu=True is satisfiable (torch k-means runs on it)")
     with pytest.raises(RetroRayError, match="neither Faiss nor torch sees a GPU.*use_gpu='auto'/False"):
         ix.train_index("IVF16,Flat", blobs(2_000, 8, sources=10, seed=0), use_gpu=True)
+
+
+def test_kmeans_backend_names_where_k_means_runs():
+    import torch
+
+    assert ix.kmeans_backend(False) == "faiss-cpu"
+    expected_auto = "faiss-gpu" if ix._num_gpus() else ("torch-cuda" if torch.cuda.is_available() else "faiss-cpu")
+    assert ix.kmeans_backend("auto") == expected_auto
+    with pytest.raises(RetroRayError, match="use_gpu='yes' is not understood"):
+        ix.kmeans_backend("yes")
