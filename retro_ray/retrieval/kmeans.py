@@ -11,6 +11,10 @@ quality: at most ``max_points_per_centroid`` training points per list (a seeded 
 distinct points as the initial centroids, ``niter`` Lloyd iterations, and an empty list refilled
 by splitting a populated one in two (chosen with probability proportional to its size), its
 centroid nudged by ±1/1024 in alternating dimensions.
+
+The training sample lives on the GPU when it takes at most half the free GPU memory. Otherwise it
+stays in pinned host memory and is streamed to the GPU block by block in every iteration (at 65536
+lists, 256 points a list and 384 dimensions, the sample is 26 GiB).
 """
 
 from __future__ import annotations
@@ -60,37 +64,59 @@ def kmeans(
         x = x[np.sort(rng.choice(n, k * max_points_per_centroid, replace=False))]
         n = x.shape[0]
     ip = metric == faiss.METRIC_INNER_PRODUCT
-    points = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)  # [n, d]
-    centroids = points[torch.from_numpy(rng.choice(n, k, replace=False)).to(device)].clone()  # [k, d]
+    device = torch.device(device)
+    points = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # [n, d], host
+    if _fits_on(device, points.nbytes):
+        points = points.to(device)
+    elif device.type == "cuda":
+        # Too large for the GPU: keep the sample in pinned host memory and stream it block by block
+        # each iteration (PCIe moves ~25 GB/s, small next to the matrix products per block).
+        points = points.pin_memory()
+        logger.info("k-means: %.1f GiB of points stay in host memory, streamed to %s", points.nbytes / 2**30, device)
+    centroids = points[torch.from_numpy(rng.choice(n, k, replace=False))].to(device).clone()  # [k, d]
     block = max(1, _SCORE_ELEMENTS // k)
     objective = float("nan")
     t0 = time.perf_counter()
     for it in range(niter):
-        assign, objective = _assign(points, centroids, ip, block)  # [n] int64
-        counts = torch.bincount(assign, minlength=k)  # [k]
-        sums = torch.zeros_like(centroids).index_add_(0, assign, points)  # [k, d]
+        sums, counts, objective = _assign_and_sum(points, centroids, ip, block)  # [k, d], [k]
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None].to(sums.dtype)
         if not bool(filled.all()):
             _split_for_empty(centroids, counts, rng)
         logger.debug("k-means iteration %d/%d: objective %.6g", it + 1, niter, objective)
     # Faiss reports the objective of the last assignment, made before the last update.
-    if points.is_cuda:
-        torch.cuda.synchronize(points.device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     logger.info(
         "k-means: %d points, %d centroids, %d iterations on %s in %.1f s (objective %.6g)",
-        n, k, niter, points.device, time.perf_counter() - t0, objective,
+        n, k, niter, device, time.perf_counter() - t0, objective,
     )
     return centroids.cpu().numpy(), objective
 
 
-def _assign(points: torch.Tensor, centroids: torch.Tensor, ip: bool, block: int) -> tuple[torch.Tensor, float]:
-    """Nearest centroid of every point [n], and the objective (see ``kmeans``)."""
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether the points can live on ``device``: always on the CPU; on a GPU, half of its free memory."""
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
+
+
+def _assign_and_sum(
+    points: torch.Tensor,  # [n, d], on the centroids' device or in host memory
+    centroids: torch.Tensor,  # [k, d]
+    ip: bool,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One Lloyd pass: per-list sums [k, d] and counts [k] of the points nearest each centroid, and
+    the objective of that assignment (see ``kmeans``)."""
+    k = centroids.shape[0]
     c_norms = (centroids * centroids).sum(dim=1)  # [k]
-    out = torch.empty(points.shape[0], dtype=torch.int64, device=points.device)
-    total = torch.zeros((), dtype=torch.float64, device=points.device)
+    sums = torch.zeros_like(centroids)
+    counts = torch.zeros(k, dtype=torch.int64, device=centroids.device)
+    total = torch.zeros((), dtype=torch.float64, device=centroids.device)
     for start in range(0, points.shape[0], block):
-        xb = points[start : start + block]  # [b, d]
+        xb = points[start : start + block].to(centroids.device, non_blocking=True)  # [b, d]
         scores = xb @ centroids.T  # [b, k]
         if ip:
             best, idx = scores.max(dim=1)
@@ -99,8 +125,9 @@ def _assign(points: torch.Tensor, centroids: torch.Tensor, ip: bool, block: int)
             # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 does not change the argmin.
             dist, idx = (c_norms[None, :] - 2.0 * scores).min(dim=1)
             total += (dist + (xb * xb).sum(dim=1)).clamp_(min=0).sum(dtype=torch.float64)
-        out[start : start + block] = idx
-    return out, float(total)
+        sums.index_add_(0, idx, xb)
+        counts += torch.bincount(idx, minlength=k)
+    return sums, counts, float(total)
 
 
 def _split_for_empty(centroids: torch.Tensor, counts: torch.Tensor, rng: np.random.Generator) -> None:
