@@ -90,14 +90,12 @@ def _crash_test_options(shard: int) -> dict:
 
 
 def _train_remote(index_str: str, vectors: np.ndarray, use_gpu: bool) -> tuple[np.ndarray, str]:
-    """The trained empty index as bytes, and where its IVF k-means ran (``kmeans_backend``; "none": no IVF)."""
-    import faiss
+    """The trained empty index as bytes, and where its IVF k-means ran (see ``train_index``'s ``info``)."""
+    from retro_ray.retrieval.index import index_to_bytes, train_index
 
-    from retro_ray.retrieval.index import index_to_bytes, kmeans_backend, train_index
-
-    index = train_index(index_str, vectors, use_gpu=use_gpu)
-    backend = kmeans_backend(use_gpu) if faiss.try_extract_index_ivf(index) is not None else "none"
-    return index_to_bytes(index), backend
+    info: dict = {}
+    index = train_index(index_str, vectors, use_gpu=use_gpu, info=info)
+    return index_to_bytes(index), info["kmeans"]
 
 
 def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,

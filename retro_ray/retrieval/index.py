@@ -291,6 +291,7 @@ def train_index(
     metric: str = "l2",
     use_gpu: bool | str = "auto",
     dim: int | None = None,
+    info: dict | None = None,
 ) -> faiss.Index:
     """Build the empty trained index for ``index_str`` from a sample of embeddings.
 
@@ -298,6 +299,8 @@ def train_index(
     installed Faiss has any, else on the GPU through torch (``retrieval/kmeans.py``) when torch sees
     one; ``True`` requires a GPU either way, ``False`` stays on CPU.
     ``dim``, when given, is the embedding dimension the index must have (checked against the vectors).
+    ``info``, when given, receives ``info["kmeans"]``: where IVF k-means actually ran (a value of
+    ``kmeans_backend``, ``"faiss-cpu"`` after a GPU out-of-memory fallback), or ``"none"``.
 
     Indexes that cannot store ids themselves come back wrapped in ``IndexIDMap2``, so every index this
     returns accepts ``add_with_ids`` (see ``add_range``).
@@ -336,6 +339,7 @@ def train_index(
                 "training %r on %d vectors; Faiss recommends at least %d (%s)", index_str, n, recommended, what
             )
         backend = kmeans_backend(use_gpu)
+        ran_on = backend if _ivf(index) is not None else "none"
         ngpu = _num_gpus()
         torch_gpu = backend == "torch-cuda"
         ivf = _ivf(index)
@@ -362,6 +366,7 @@ def train_index(
                     logger.warning("torch k-means ran out of GPU memory; training %r on the CPU", index_str)
                     index = faiss.index_factory(d, str(index_str), metric_type)
                     index.train(x)
+                    ran_on = "faiss-cpu"
             else:
                 index.train(x)
         except RuntimeError as e:
@@ -373,6 +378,10 @@ def train_index(
             if gpu_clustering is not None:
                 ivf.clustering_index = None
                 del gpu_clustering
+    else:
+        ran_on = "none"
+    if info is not None:
+        info["kmeans"] = ran_on
 
     if not _supports_ids(index):
         index = faiss.IndexIDMap2(index)

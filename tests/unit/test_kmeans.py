@@ -143,3 +143,10 @@ def test_kmeans_backend_names_where_k_means_runs():
     assert ix.kmeans_backend("auto") == expected_auto
     with pytest.raises(RetroRayError, match="use_gpu='yes' is not understood"):
         ix.kmeans_backend("yes")
+
+
+@pytest.mark.parametrize(("index_str", "expected"), [("IVF16,Flat", "faiss-cpu"), ("Flat", "none"), ("HNSW8,Flat", "none")])
+def test_train_index_says_where_k_means_ran(index_str, expected):
+    info: dict = {}
+    ix.train_index(index_str, blobs(2_000, 8, sources=10, seed=0), use_gpu=False, info=info)
+    assert info == {"kmeans": expected}
