@@ -1,10 +1,10 @@
 """Benchmark of index-train's k-means: Faiss on the CPU against torch k-means (``retrieval/kmeans.py``).
 
-``train_index`` trains an IVF coarse quantizer with Faiss's k-means, on the GPU when Faiss has one
-(faiss-gpu), else with torch k-means when torch sees a GPU, else with Faiss on the CPU. This script
-times the baseline and the torch path on the same training vectors, in one process:
+``train_index`` trains an IVF coarse quantizer with Faiss's k-means on the GPU when Faiss has one
+(faiss-gpu), else with torch k-means (on a GPU when torch sees one, else on the CPU). This script
+times Faiss on the CPU, the baseline, and the torch path on the same training vectors, in one process:
 
-    faiss   ``train_index(index_str, x, use_gpu=False)``: Faiss k-means, all CPU cores
+    faiss   ``train_index(index_str, x, use_gpu=False, kmeans="faiss")``: Faiss k-means, all CPU cores
     torch   ``train_ivf_with_torch_kmeans(index, x, device)``: cuda when there is one, else CPU
 
 Both include everything index-train does (for IVF..._HNSW: building the HNSW graph over the
@@ -96,7 +96,7 @@ def main() -> None:
                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
 
     t0 = time.perf_counter()
-    base = ix.train_index(args.index_str, x, use_gpu=False)
+    base = ix.train_index(args.index_str, x, use_gpu=False, kmeans="faiss")
     results["faiss_cpu_s"] = time.perf_counter() - t0
     print(f"faiss CPU k-means: {results['faiss_cpu_s']:.2f} s", flush=True)
 

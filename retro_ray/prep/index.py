@@ -89,12 +89,12 @@ def _crash_test_options(shard: int) -> dict:
     return {"runtime_env": {"env_vars": {KILL_AFTER_ADDS_ENV: str(after)}}}
 
 
-def _train_remote(index_str: str, vectors: np.ndarray, use_gpu: bool) -> tuple[np.ndarray, str]:
+def _train_remote(index_str: str, vectors: np.ndarray, use_gpu: bool, kmeans: str) -> tuple[np.ndarray, str]:
     """The trained empty index as bytes, and where its IVF k-means ran (see ``train_index``'s ``info``)."""
     from retro_ray.retrieval.index import index_to_bytes, train_index
 
     info: dict = {}
-    index = train_index(index_str, vectors, use_gpu=use_gpu, info=info)
+    index = train_index(index_str, vectors, use_gpu=use_gpu, info=info, kmeans=kmeans)
     return index_to_bytes(index), info["kmeans"]
 
 
@@ -103,13 +103,15 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
     import ray
 
     from retro_ray.prep.embed import _want_gpu, load_embeddings
-    from retro_ray.retrieval.index import index_from_bytes, save_index
+    from retro_ray.retrieval.index import KMEANS_CHOICES, index_from_bytes, save_index
 
     if project.is_done(TRAIN_STAGE):
         project.check_overrides(overrides or {})  # the index string is fixed once trained
         rep = project.report(TRAIN_STAGE)
         rep.skipped = True
         return rep
+    if run_cfg.kmeans not in KMEANS_CHOICES:
+        raise RetroRayError(f"index.kmeans={run_cfg.kmeans!r} is not one of {', '.join(KMEANS_CHOICES)}.")
     cfg = project.check_overrides(overrides or {}, changeable=("index.index_str",))
     project.require("embed", TRAIN_STAGE)
     index_str = resolve_index_string(project, cfg.index.index_str)
@@ -126,7 +128,7 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
     t0 = time.perf_counter()
     task = ray.remote(_train_remote).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     try:
-        data, backend = ray.get(task.remote(index_str, vectors, use_gpu))
+        data, backend = ray.get(task.remote(index_str, vectors, use_gpu, run_cfg.kmeans))
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, RetroRayError):
             raise RetroRayError(str(e.cause)) from None

@@ -40,6 +40,7 @@ __all__ = [
     "index_from_bytes",
     "index_to_bytes",
     "index_type",
+    "KMEANS_CHOICES",
     "kmeans_backend",
     "load_index",
     "merge_shards",
@@ -248,25 +249,34 @@ def training_points_needed(index: faiss.Index) -> tuple[int, int, str]:
     return need, need * FAISS_MIN_POINTS_PER_CENTROID, ", ".join(what)
 
 
-def kmeans_backend(use_gpu: bool | str = "auto") -> str:
-    """Where ``train_index`` runs IVF k-means: ``"faiss-gpu"``, ``"torch-cuda"`` or ``"faiss-cpu"``.
+KMEANS_CHOICES = ("auto", "faiss", "torch")
 
-    ``use_gpu`` as for ``train_index``; ``True`` with no GPU visible to Faiss or torch is an error.
+
+def kmeans_backend(use_gpu: bool | str = "auto", kmeans: str = "auto") -> str:
+    """Where ``train_index`` runs IVF k-means: ``faiss-gpu``, ``torch-cuda``, ``torch-cpu`` or ``faiss-cpu``.
+
+    ``use_gpu`` as for ``train_index``. ``kmeans``: ``"faiss"`` uses Faiss's own k-means (on its GPUs
+    with faiss-gpu); ``"torch"`` uses ``retrieval/kmeans.py`` (on cuda when torch sees a GPU);
+    ``"auto"`` prefers faiss-gpu, then torch. On the CPU, torch ran 1.7-2.5x faster than Faiss
+    here at the same objective (``benchmarks/bench_index_train.py``). ``use_gpu=True`` with no GPU
+    that the chosen k-means can use is an error.
     """
     if use_gpu not in (True, False, "auto"):
         raise RetroRayError(f"use_gpu={use_gpu!r} is not understood; use True, False or 'auto'")
-    if use_gpu is False:
-        return "faiss-cpu"
-    if _num_gpus() > 0:
+    if kmeans not in KMEANS_CHOICES:
+        raise RetroRayError(f"kmeans={kmeans!r} is not one of {', '.join(KMEANS_CHOICES)}")
+    gpu_ok = use_gpu in (True, "auto")
+    if gpu_ok and kmeans in ("auto", "faiss") and _num_gpus() > 0:
         return "faiss-gpu"
-    if _torch_has_cuda():
+    if gpu_ok and kmeans in ("auto", "torch") and _torch_has_cuda():
         return "torch-cuda"
     if use_gpu is True:
+        seen = {"faiss": "Faiss sees no GPU", "torch": "torch sees no GPU"}.get(kmeans, "neither Faiss nor torch sees a GPU")
         raise RetroRayError(
-            "use_gpu=True but neither Faiss nor torch sees a GPU; run index-train on a GPU node "
+            f"use_gpu=True but {seen} (kmeans={kmeans}); run index-train on a GPU node "
             "(faiss-gpu, or any faiss with a CUDA build of torch) or set use_gpu='auto'/False"
         )
-    return "faiss-cpu"
+    return "faiss-cpu" if kmeans == "faiss" else "torch-cpu"
 
 
 def _torch_has_cuda() -> bool:
@@ -292,6 +302,7 @@ def train_index(
     use_gpu: bool | str = "auto",
     dim: int | None = None,
     info: dict | None = None,
+    kmeans: str = "auto",
 ) -> faiss.Index:
     """Build the empty trained index for ``index_str`` from a sample of embeddings.
 
@@ -299,7 +310,8 @@ def train_index(
     installed Faiss has any, else on the GPU through torch (``retrieval/kmeans.py``) when torch sees
     one; ``True`` requires a GPU either way, ``False`` stays on CPU.
     ``dim``, when given, is the embedding dimension the index must have (checked against the vectors).
-    ``info``, when given, receives ``info["kmeans"]``: where IVF k-means actually ran (a value of
+    ``kmeans`` picks the k-means implementation for IVF lists (see ``kmeans_backend``). ``info``,
+    when given, receives ``info["kmeans"]``: where IVF k-means actually ran (a value of
     ``kmeans_backend``, ``"faiss-cpu"`` after a GPU out-of-memory fallback), or ``"none"``.
 
     Indexes that cannot store ids themselves come back wrapped in ``IndexIDMap2``, so every index this
@@ -338,10 +350,9 @@ def train_index(
             logger.warning(
                 "training %r on %d vectors; Faiss recommends at least %d (%s)", index_str, n, recommended, what
             )
-        backend = kmeans_backend(use_gpu)
+        backend = kmeans_backend(use_gpu, kmeans)
         ran_on = backend if _ivf(index) is not None else "none"
         ngpu = _num_gpus()
-        torch_gpu = backend == "torch-cuda"
         ivf = _ivf(index)
         gpu_clustering = None  # Python keeps it alive while Faiss points at it
         if backend == "faiss-gpu" and ivf is not None:
@@ -350,15 +361,15 @@ def train_index(
             gpu_clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
             ivf.clustering_index = gpu_clustering
         try:
-            if torch_gpu and ivf is not None:
-                # Faiss has no GPU (faiss-cpu, or faiss-gpu's CUDA 12 absent): torch k-means on it.
+            if backend.startswith("torch-") and ivf is not None:
                 import torch
 
                 from retro_ray.retrieval.kmeans import train_ivf_with_torch_kmeans
 
-                logger.info("training IVF coarse quantizer of %r with torch k-means on cuda", index_str)
+                device = "cuda" if backend == "torch-cuda" else "cpu"
+                logger.info("training IVF coarse quantizer of %r with torch k-means on %s", index_str, device)
                 try:
-                    train_ivf_with_torch_kmeans(index, x, "cuda")
+                    train_ivf_with_torch_kmeans(index, x, device)
                 except torch.cuda.OutOfMemoryError:
                     # The sample (up to 256 points a list) did not fit on this GPU: Faiss on the CPU
                     # instead, on a fresh index since pre-transforms may already be trained.

@@ -8,7 +8,8 @@ GPU in seconds. ``train_index`` uses this only when Faiss sees no GPU and torch 
 
 The algorithm follows Faiss's ``Clustering`` so a quantizer trained either way is of the same
 quality: at most ``max_points_per_centroid`` training points per list (a seeded subsample), k
-distinct points as the initial centroids, ``niter`` Lloyd iterations, and an empty list refilled
+distinct points as the initial centroids, ``niter`` Lloyd iterations (the IVF index's own
+``cp.niter`` when training one, which Faiss sets to 10), and an empty list refilled
 by splitting a populated one in two (chosen with probability proportional to its size), its
 centroid nudged by ±1/1024 in alternating dimensions.
 
@@ -170,7 +171,11 @@ def train_ivf_with_torch_kmeans(index: faiss.Index, x: np.ndarray, device: str |
     ivf = faiss.downcast_index(ivf)
     if ivf.quantizer.ntotal:
         raise ValueError("the IVF quantizer already holds centroids")
-    centroids, _ = kmeans(xt, ivf.nlist, metric=ivf.metric_type, device=device)
+    cp = ivf.cp  # the IVF's own clustering parameters: Faiss sets 10 iterations for IVF lists
+    if cp.spherical:
+        raise ValueError("spherical k-means is not supported by the torch trainer; train with Faiss")
+    centroids, _ = kmeans(xt, ivf.nlist, metric=ivf.metric_type, niter=int(cp.niter), seed=int(cp.seed),
+                          max_points_per_centroid=int(cp.max_points_per_centroid), device=device)
     ivf.quantizer.train(centroids)  # a no-op for the Flat and HNSW-Flat quantizers used here
     ivf.quantizer.add(centroids)
     inner.train(xt)  # IVF sees a full quantizer and keeps it; trains its codes on the residuals

@@ -64,7 +64,7 @@ def trained(ray_cluster, vectors, tmp_path_factory) -> Path:
         f["chunk_ids"] = np.sort(np.random.default_rng(1).choice(N, 1200, replace=False)).astype(np.int64)
     rep = index.run_train(p, RUN, {"index": {"index_str": INDEX_STR}}, progress=False)
     assert p.is_done("index-train") and rep.counts["index_str"] == INDEX_STR
-    assert rep.counts["kmeans"] == "faiss-cpu"  # the Ray cluster here has no GPU, so use_gpu=auto stays on CPU
+    assert rep.counts["kmeans"] == "torch-cpu"  # no GPU in this Ray cluster; on CPUs torch's k-means is the default
     return p.root
 
 
@@ -179,3 +179,12 @@ def test_half_written_shard_is_never_taken_as_complete(trained, clean, vectors, 
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # shard 0 was not redone
     assert temporaries(paths["shards"]) == []  # the killed run's temporaries are gone
     assert_same_index(p, clean, vectors)
+
+
+def test_an_unknown_kmeans_choice_is_refused_before_any_work(tmp_path):
+    p = Project(tmp_path / "proj")
+    p.write_config(C.ProjectConfig(), derived={"chunks_per_split": {"train": N, "valid": 0}, "embed_dim": DIM})
+    bad = C.IndexRunConfig(num_shards=SHARDS, use_gpu="false", kmeans="sklearn")
+    with pytest.raises(RetroRayError, match=r"index.kmeans='sklearn' is not one of auto, faiss, torch"):
+        index.run_train(p, bad, progress=False)
+    assert not p.is_done("index-train") and not (p.root / "index").exists()

@@ -111,7 +111,9 @@ def test_trained_index_searches_like_a_faiss_trained_one(index_str):
     ivf = faiss.downcast_index(faiss.extract_index_ivf(ours))
     assert ivf.quantizer.ntotal == 64
     if not index_str.startswith("OPQ"):
-        expected, _ = kmeans(train, 64)
+        # ... made with the IVF's own clustering parameters (Faiss gives IVF lists 10 iterations).
+        assert ivf.cp.niter == 10
+        expected, _ = kmeans(train, 64, niter=10)
         np.testing.assert_array_equal(ivf.quantizer.reconstruct_n(0, 64), expected)
     theirs = ix.train_index(index_str, train, use_gpu=False)
     assert recall(ours) >= recall(theirs) - 0.05
@@ -133,20 +135,38 @@ def test_use_gpu_true_without_any_gpu_names_both_ways_out():
         pytest.skip("this machine has a GPU, so use_gpu=True is satisfiable (torch k-means runs on it)")
     with pytest.raises(RetroRayError, match="neither Faiss nor torch sees a GPU.*use_gpu='auto'/False"):
         ix.train_index("IVF16,Flat", blobs(2_000, 8, sources=10, seed=0), use_gpu=True)
+    with pytest.raises(RetroRayError, match="but Faiss sees no GPU \\(kmeans=faiss\\)"):
+        ix.kmeans_backend(True, "faiss")
 
 
 def test_kmeans_backend_names_where_k_means_runs():
     import torch
 
-    assert ix.kmeans_backend(False) == "faiss-cpu"
-    expected_auto = "faiss-gpu" if ix._num_gpus() else ("torch-cuda" if torch.cuda.is_available() else "faiss-cpu")
-    assert ix.kmeans_backend("auto") == expected_auto
+    gpu = "faiss-gpu" if ix._num_gpus() else ("torch-cuda" if torch.cuda.is_available() else None)
+    assert ix.kmeans_backend(False, "faiss") == "faiss-cpu"
+    assert ix.kmeans_backend(False, "torch") == "torch-cpu"
+    assert ix.kmeans_backend(False) == "torch-cpu"  # on CPUs torch's k-means is the faster one
+    assert ix.kmeans_backend("auto") == (gpu or "torch-cpu")
     with pytest.raises(RetroRayError, match="use_gpu='yes' is not understood"):
         ix.kmeans_backend("yes")
+    with pytest.raises(RetroRayError, match="kmeans='sklearn' is not one of auto, faiss, torch"):
+        ix.kmeans_backend(False, "sklearn")
 
 
-@pytest.mark.parametrize(("index_str", "expected"), [("IVF16,Flat", "faiss-cpu"), ("Flat", "none"), ("HNSW8,Flat", "none")])
-def test_train_index_says_where_k_means_ran(index_str, expected):
+@pytest.mark.parametrize(
+    ("index_str", "kmeans", "expected"),
+    [("IVF16,Flat", "faiss", "faiss-cpu"), ("IVF16,Flat", "torch", "torch-cpu"), ("IVF16,Flat", "auto", "torch-cpu"),
+     ("Flat", "auto", "none"), ("HNSW8,Flat", "torch", "none")],
+)
+def test_train_index_says_where_k_means_ran(index_str, kmeans, expected):
+    x = blobs(2_000, 8, sources=10, seed=0)
     info: dict = {}
-    ix.train_index(index_str, blobs(2_000, 8, sources=10, seed=0), use_gpu=False, info=info)
+    index = ix.train_index(index_str, x, use_gpu=False, info=info, kmeans=kmeans)
     assert info == {"kmeans": expected}
+    if expected == "torch-cpu":  # the torch path really ran: the quantizer holds its centroids
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        np.testing.assert_array_equal(ivf.quantizer.reconstruct_n(0, 16), kmeans_centroids(x, 16))
+
+
+def kmeans_centroids(x: np.ndarray, k: int) -> np.ndarray:
+    return kmeans(x, k, niter=10)[0]  # Faiss's IVF clustering parameters: 10 iterations, seed 1234
