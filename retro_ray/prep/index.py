@@ -89,10 +89,30 @@ def _crash_test_options(shard: int) -> dict:
     return {"runtime_env": {"env_vars": {KILL_AFTER_ADDS_ENV: str(after)}}}
 
 
-def _train_remote(index_str: str, vectors: np.ndarray, use_gpu: bool, kmeans: str) -> tuple[np.ndarray, str]:
+def _train_cpus() -> int:
+    """CPUs for the index-train task: the free CPUs of the largest node, at least 1.
+
+    k-means and OPQ use every thread they are given, and index-train runs alone in the pipeline, so
+    one CPU (a task's default) would leave the rest of a laptop idle.
+    """
+    import ray
+
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    return max(1, int(min(largest, ray.available_resources().get("CPU", 1))))
+
+
+def _train_remote(
+    index_str: str, vectors: np.ndarray, use_gpu: bool, kmeans: str, threads: int
+) -> tuple[np.ndarray, str]:
     """The trained empty index as bytes, and where its IVF k-means ran (see ``train_index``'s ``info``)."""
+    import faiss
+    import torch
+
     from retro_ray.retrieval.index import index_to_bytes, train_index
 
+    # A pooled worker may have been started for a one-CPU task: size both thread pools explicitly.
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
     info: dict = {}
     index = train_index(index_str, vectors, use_gpu=use_gpu, info=info, kmeans=kmeans)
     return index_to_bytes(index), info["kmeans"]
@@ -126,9 +146,10 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
     use_gpu = _want_gpu(run_cfg.use_gpu)
     log.info("index-train: %s on %d sampled chunks (%s)", index_str, len(ids), "GPU" if use_gpu else "CPU")
     t0 = time.perf_counter()
-    task = ray.remote(_train_remote).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    cpus = _train_cpus()
+    task = ray.remote(_train_remote).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
     try:
-        data, backend = ray.get(task.remote(index_str, vectors, use_gpu, run_cfg.kmeans))
+        data, backend = ray.get(task.remote(index_str, vectors, use_gpu, run_cfg.kmeans, cpus))
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, RetroRayError):
             raise RetroRayError(str(e.cause)) from None
@@ -136,9 +157,10 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
     save_index(index_from_bytes(data), paths["empty"])
     t_train = time.perf_counter() - t0
     stage_metrics("index").seconds(t_train, step="train")
-    log.info("index-train: k-means ran on %s", backend)
+    log.info("index-train: k-means ran on %s (%d CPU threads)", backend, cpus)
     report = Report(stage=TRAIN_STAGE, counts={"index_str": index_str, "training_vectors": len(ids),
-                                               "dim": int(vectors.shape[1]), "kmeans": backend},
+                                               "dim": int(vectors.shape[1]), "kmeans": backend,
+                                               "cpu_threads": cpus},
                     timings={"load_embeddings": t_load, "train": t_train},
                     outputs=[str(paths["empty"])])
     project.mark_done(report)

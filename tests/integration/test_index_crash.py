@@ -65,6 +65,7 @@ def trained(ray_cluster, vectors, tmp_path_factory) -> Path:
     rep = index.run_train(p, RUN, {"index": {"index_str": INDEX_STR}}, progress=False)
     assert p.is_done("index-train") and rep.counts["index_str"] == INDEX_STR
     assert rep.counts["kmeans"] == "torch-cpu"  # no GPU in this Ray cluster; on CPUs torch's k-means is the default
+    assert rep.counts["cpu_threads"] == 2  # the whole (idle) 2-CPU cluster, not a task's default 1
     return p.root
 
 
