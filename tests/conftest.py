@@ -12,6 +12,18 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Faiss on one OpenMP thread for a module: OPQ / k-means training spin-waits badly when the test
+    machine is oversubscribed, and one thread keeps such modules fast and their timing steady."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def wiki_docs() -> list[tuple[str, str]]:
     """(title, text) of the first 400 documents of the bundled default corpus."""

@@ -351,13 +351,12 @@ def train_index(
                 "training %r on %d vectors; Faiss recommends at least %d (%s)", index_str, n, recommended, what
             )
         backend = kmeans_backend(use_gpu, kmeans)
-        ran_on = backend if _ivf(index) is not None else "none"
-        ngpu = _num_gpus()
         ivf = _ivf(index)
+        ran_on = backend if ivf is not None else "none"
         gpu_clustering = None  # Python keeps it alive while Faiss points at it
         if backend == "faiss-gpu" and ivf is not None:
             # k-means of the coarse quantizer is the expensive part: run its assignment on the GPUs.
-            logger.info("training IVF coarse quantizer of %r on %d GPU(s)", index_str, ngpu)
+            logger.info("training IVF coarse quantizer of %r on %d GPU(s)", index_str, _num_gpus())
             gpu_clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
             ivf.clustering_index = gpu_clustering
         try:

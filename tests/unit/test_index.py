@@ -17,14 +17,7 @@ FLT_MAX = float(np.finfo(np.float32).max)
 DIM = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # OPQ/k-means training with OpenMP spin-waits badly when the test machine is oversubscribed;
-    # one thread keeps this module fast and its timing steady.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def rand(n: int, d: int = DIM, seed: int = 0) -> np.ndarray:

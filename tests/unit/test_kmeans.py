@@ -13,13 +13,7 @@ from retro_ray.errors import RetroRayError
 from retro_ray.retrieval import index as ix
 from retro_ray.retrieval.kmeans import kmeans, train_ivf_with_torch_kmeans
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def blobs(n: int, d: int, sources: int, seed: int) -> np.ndarray:
@@ -27,6 +21,11 @@ def blobs(n: int, d: int, sources: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((sources, d)).astype(np.float32) * 4
     return (centres[rng.integers(0, sources, n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+def ivf_centroids(x: np.ndarray, k: int) -> np.ndarray:
+    """What torch k-means gives an IVF index's lists: Faiss's IVF parameters, 10 iterations, seed 1234."""
+    return kmeans(x, k, niter=10)[0]
 
 
 def faiss_objective(x: np.ndarray, k: int, seed: int, ip: bool = False) -> float:
@@ -113,8 +112,7 @@ def test_trained_index_searches_like_a_faiss_trained_one(index_str):
     if not index_str.startswith("OPQ"):
         # ... made with the IVF's own clustering parameters (Faiss gives IVF lists 10 iterations).
         assert ivf.cp.niter == 10
-        expected, _ = kmeans(train, 64, niter=10)
-        np.testing.assert_array_equal(ivf.quantizer.reconstruct_n(0, 64), expected)
+        np.testing.assert_array_equal(ivf.quantizer.reconstruct_n(0, 64), ivf_centroids(train, 64))
     theirs = ix.train_index(index_str, train, use_gpu=False)
     assert recall(ours) >= recall(theirs) - 0.05
 
@@ -165,8 +163,4 @@ def test_train_index_says_where_k_means_ran(index_str, kmeans, expected):
     assert info == {"kmeans": expected}
     if expected == "torch-cpu":  # the torch path really ran: the quantizer holds its centroids
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        np.testing.assert_array_equal(ivf.quantizer.reconstruct_n(0, 16), kmeans_centroids(x, 16))
-
-
-def kmeans_centroids(x: np.ndarray, k: int) -> np.ndarray:
-    return kmeans(x, k, niter=10)[0]  # Faiss's IVF clustering parameters: 10 iterations, seed 1234
+        np.testing.assert_array_equal(ivf.quantizer.reconstruct_n(0, 16), ivf_centroids(x, 16))
