@@ -16,6 +16,10 @@ What is measured (one run of this script)
                    no chunked cross-attention): step-time ratio, next to the ratio of the model's
                    own FLOP counts (``RetroModel.flops_per_token``), which bounds what any
                    implementation can reach.
+    dropout masks  (CPU) the plain loop with this project's CPU dropout masks (numpy SFC64,
+                   ``retro_ray.model.dropout``) against the same loop drawing them with torch's
+                   ``bernoulli_`` (``torch_masks()``), steps interleaved; the demo model's dropouts
+                   are the reference's 0.1.
 
 CPU (default): the model of ``train_demo.yaml`` (6 layers, d=256, 8 heads, CCA in layers 3 and 6,
 2 neighbours) at seq_length 256, chunk_length 64, vocabulary 8192, fp32, global batch 8 (micro 4).
@@ -51,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from retro_ray.model.dropout import torch_masks
 from retro_ray.model.retro import RetroConfig, RetroModel
 from retro_ray.train import trainer
 from retro_ray.train.config import TrainConfig, load_train_config, lr_at, resolve_model_config
@@ -198,6 +203,22 @@ def run_retro_vs_gpt(cfg: TrainConfig, model_cfg: RetroConfig, gpt_cfg: TrainCon
             "gpt": summarize(gt[warmup:], tokens, gpt.model.flops_per_token(), peak)}
 
 
+def run_dropout_masks(cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, warmup: int) -> dict:
+    """CPU: two identical plain loops, one drawing dropout masks with torch's bernoulli_, steps
+    interleaved so both see the same machine load; the ratio of their median step times."""
+    fast, slow = PlainLoop(cfg, model_cfg, factory, "cpu"), PlainLoop(cfg, model_cfg, factory, "cpu")
+    ft, st = [], []
+    for s in range(cfg.trainer.max_steps):
+        ft.append(fast.step(s))
+        with torch_masks():
+            st.append(slow.step(s))
+    tokens = cfg.model.global_batch_size * model_cfg.seq_length
+    out = {"fast_masks": summarize(ft[warmup:], tokens, None, None),
+           "torch_masks": summarize(st[warmup:], tokens, None, None)}
+    out["speedup"] = out["torch_masks"]["step_time_s"] / out["fast_masks"]["step_time_s"]
+    return out
+
+
 def flops_ratio(model_cfg: RetroConfig) -> float:
     gpt = dataclasses.replace(model_cfg, retro=dataclasses.replace(model_cfg.retro, enabled=False))
     with torch.device("meta"):
@@ -245,11 +266,18 @@ def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
     out["retro_vs_gpt_step_time"] = (out["retro_vs_gpt"]["retro"]["step_time_s"]
                                      / out["retro_vs_gpt"]["gpt"]["step_time_s"])
     out["retro_vs_gpt_flops"] = flops_ratio(model_cfg)
+    if args.device == "cpu":
+        out["dropout_masks"] = run_dropout_masks(cfg, model_cfg, factory, args.warmup)
+        line("plain, fast CPU masks", out["dropout_masks"]["fast_masks"])
+        line("plain, torch bernoulli_", out["dropout_masks"]["torch_masks"])
     out["load_avg_after"] = os.getloadavg()
     print(f"  ratio ray+deepspeed / plain tokens/s: {out['ray_vs_plain']:.2f}x  (goal >= 0.85x; plain = mean of "
           "the runs before and after)")
     print(f"  ratio RETRO / GPT step time:          {out['retro_vs_gpt_step_time']:.2f}x  (goal <= 1.3x; "
           f"the FLOP ratio of these two models is {out['retro_vs_gpt_flops']:.2f}x)")
+    if "dropout_masks" in out:
+        print(f"  speed-up of fast CPU dropout masks:   {out['dropout_masks']['speedup']:.2f}x  (same loop, masks drawn "
+              "with torch's bernoulli_ as the baseline)")
     print(f"  load average before / after: {out['load_avg_before'][0]:.1f} / {out['load_avg_after'][0]:.1f} "
           f"on {os.cpu_count()} CPUs")
     return out
