@@ -17,7 +17,8 @@ What stays the same as torch's dropout:
 
 `attention()` is F.scaled_dot_product_attention with the same trade for attention dropout: on the
 CPU, SDPA with dropout runs its unfused math path and draws the mask with `bernoulli_`; here that
-path is written out (scores, softmax in float32, fast mask, values), and every other case goes to SDPA.
+path is written out (scores with the mask added by baddbmm, softmax in float32, fast mask,
+values), and every other case goes to SDPA.
 """
 
 from __future__ import annotations
@@ -91,11 +92,18 @@ def attention(
     """F.scaled_dot_product_attention, with attention dropout drawn by `dropout()` on the CPU."""
     if dropout_p == 0.0 or not _uses_fast_mask(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
-    T, S = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.shape[-1]))  # [N, h, T, S]
+    N, h, T, dh = q.shape
+    S = k.shape[-2]
+    q3, k3, v3 = q.reshape(N * h, T, dh), k.reshape(N * h, S, dh), v.reshape(N * h, S, dh)
     if is_causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = dropout(scores.softmax(dim=-1).to(q.dtype), dropout_p, True)
-    return probs @ v
+    if mask is None:
+        scores = (q3 * (1.0 / math.sqrt(dh))) @ k3.transpose(1, 2)  # [N*h, T, S]
+    else:
+        # The mask as an additive bias that baddbmm adds while it writes the scores: no masked copy.
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # [N|1, h|1, T|1, S]
+        bias = bias.expand(N, h, bias.shape[2], S).reshape(N * h, bias.shape[2], S)
+        scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=1.0 / math.sqrt(dh))  # [N*h, T, S]
+    probs = dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), dropout_p, True)
+    return (probs @ v3).view(N, h, T, dh)
