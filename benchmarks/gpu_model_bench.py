@@ -65,7 +65,41 @@ def causality_checks(device: str) -> dict:
             "exact": worst_token == 0.0 and worst_nb == 0.0}
 
 
-def throughput(cfg: RetroConfig, batch: int, steps: int, device: str, compile_: bool) -> dict:
+KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins
+    ("attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "cutlass", "cublas", "nvjet", "xmma", "sm90_", "sm80_")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("fused elementwise / reduction (inductor)", ("triton",)),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_profile(step, steps: int = 3, top: int = 25) -> dict:
+    """GPU time per step by kernel kind, and the top kernels: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [(e.key, e.self_device_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()
+              if e.self_device_time_total > 0]  # (name, ms per step, launches per step)
+    total = sum(ms for _, ms, _ in events)
+    kinds: dict[str, float] = {}
+    for name, ms, _ in events:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    return {"gpu_ms_per_step": total,
+            "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": name[:160], "kind": kernel_kind(name), "ms": ms, "launches": n}
+                            for name, ms, n in sorted(events, key=lambda e: -e[1])[:top]]}
+
+
+def throughput(cfg: RetroConfig, batch: int, steps: int, device: str, compile_: bool, profile: bool = False) -> dict:
     torch.manual_seed(0)
     model = RetroModel(cfg).to(device)
     if compile_:
@@ -98,10 +132,16 @@ def throughput(cfg: RetroConfig, batch: int, steps: int, device: str, compile_: 
     raw = model._orig_mod if compile_ else model
     tok_s = batch * n / dt
     peak = peak_flops(torch.cuda.get_device_name())
-    return {"step_s": dt, "tokens_per_s": tok_s, "params": raw.num_parameters(),
-            "flops_per_token": raw.flops_per_token(),
-            "mfu": raw.flops_per_token() * tok_s / peak if peak else None,
-            "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    out = {"step_s": dt, "tokens_per_s": tok_s, "params": raw.num_parameters(),
+           "flops_per_token": raw.flops_per_token(),
+           "mfu": raw.flops_per_token() * tok_s / peak if peak else None,
+           "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if profile:
+        try:  # a profiler failure must not cost the timing just taken
+            out["kernels"] = kernel_profile(step)
+        except Exception as e:  # noqa: BLE001
+            out["kernels"] = {"error": repr(e)[:300]}
+    return out
 
 
 def main() -> None:
@@ -113,6 +153,8 @@ def main() -> None:
     ap.add_argument("--batches", default="", help="comma-separated batch sizes to time instead of each config's own")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip what starts later than this (0: no limit)")
     ap.add_argument("--variants", default="retro,gpt", help="comma-separated: retro, gpt")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile 3 steps: GPU time by kernel kind and the top kernels")
     ap.add_argument("--coordinate-descent", action="store_true",
                     help="let inductor tune its Triton kernels' block sizes (longer compile)")
     args = ap.parse_args()
@@ -153,14 +195,16 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 try:
-                    r = throughput(c, batch, args.steps, device, args.compile)
+                    r = throughput(c, batch, args.steps, device, args.compile, args.profile)
                 except torch.cuda.OutOfMemoryError as e:  # a batch too large for this card: go on
                     print(f"{tag} {variant}: out of memory ({str(e)[:200]})", flush=True)
                     torch.cuda.empty_cache()
                     continue
                 r["wall_s_with_compile"] = time.perf_counter() - t0
                 results[f"{tag}_{variant}"] = {"batch": batch, **r}
-                print(tag, variant, json.dumps(r), flush=True)
+                print(tag, variant, json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
+                if "by_kind_ms" in r.get("kernels", {}):
+                    print(f"  GPU ms per step by kernel kind: {json.dumps(r['kernels']['by_kind_ms'])}", flush=True)
                 Path(args.out).write_text(json.dumps(results, indent=1))
             if f"{tag}_retro" in results and f"{tag}_gpt" in results:
                 results[f"{tag}_retro_over_gpt_step_time"] = (results[f"{tag}_retro"]["step_s"]
