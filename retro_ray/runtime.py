@@ -23,8 +23,11 @@ def connect(address: str | None = None, progress: bool = True) -> None:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-        log.info("connected to Ray at %s", address or "a new local cluster")
+        # A local cluster gets its dashboard: it serves the State API, which Ray Train's placement-group
+        # cleaner polls every second (without it, that actor logs a warning every second of training).
+        ctx = ray.init(address=address, include_dashboard=True, log_to_driver=True, logging_level=logging.WARNING)
+        log.info("connected to Ray at %s%s", address or "a new local cluster",
+                 f"; dashboard at http://{ctx.dashboard_url}" if ctx.dashboard_url else "")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     # One line per operator is enough for a person to follow; the per-task log noise is not.
