@@ -50,3 +50,19 @@ def test_a_user_error_in_a_task_is_raised_as_itself(ray_cluster):
 
     with pytest.raises(ValueError, match="a bug"):
         run_block_tasks(bug, [{"block_key": 0}], 1, "test")
+
+
+def test_a_local_cluster_started_by_a_stage_serves_the_state_api(ray_cluster):
+    """connect() starts a local cluster with its dashboard: Ray Train's placement-group cleaner polls the
+    State API every second and, without it, logs a warning each time. A second process, since this
+    module's cluster is already connected here."""
+    import subprocess
+    import sys
+
+    code = ("import logging, ray; from ray.util.state import list_nodes; logging.basicConfig(level=logging.INFO); "
+            "from retro_ray.runtime import connect; connect(); "
+            "nodes = list_nodes(address=ray.get_runtime_context().gcs_address); print('nodes', len(nodes))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0 and "nodes 1" in r.stdout, (r.stdout[-1000:], r.stderr[-3000:])
+    assert "dashboard at http://" in r.stderr  # the log line names the dashboard

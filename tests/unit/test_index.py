@@ -257,3 +257,15 @@ def test_load_missing_or_corrupt(tmp_path):
     bad.write_bytes(b"definitely not faiss")
     with pytest.raises(RetroRayError, match="corrupt or truncated"):
         ix.load_index(bad)
+
+
+def test_the_training_dataset_does_not_load_faiss():
+    """retro_ray.retrieval loads Faiss on first use of an index name; a train worker needs only chunks."""
+    import subprocess
+    import sys
+
+    code = ("import sys, retro_ray.train.dataset, retro_ray.retrieval.chunks; assert 'faiss' not in sys.modules; "
+            "from retro_ray.retrieval import train_index; assert 'faiss' in sys.modules; "
+            "import retro_ray.retrieval as r; r.no_such_name")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "has no attribute 'no_such_name'" in r.stderr, r.stderr[-2000:]
