@@ -378,6 +378,9 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from retro_ray.runtime import hide_known_ray_noise
+
+    hide_known_ray_noise()  # before anything imports ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

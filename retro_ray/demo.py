@@ -81,10 +81,9 @@ class Demo:
             import ray
 
             # One cluster for every step (each would otherwise start and stop its own).
-            ctx = ray.init(include_dashboard=True, logging_level="WARNING")  # the State API Ray Train polls (runtime.connect)
+            ray.init(include_dashboard=False, logging_level="WARNING")
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-            print(f"== local Ray cluster at {os.environ['RAY_ADDRESS']}"
-                  + (f"; dashboard at http://{ctx.dashboard_url}" if ctx.dashboard_url else ""), flush=True)
+            print(f"== local Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
         no_progress = [] if self.progress else ["--no-progress"]
         self.run_step("pipeline", _cli("pipeline", "--project-dir", str(self.p), "--config",
                                        str(shipped_config_dir() / "demo.yaml"), *no_progress))

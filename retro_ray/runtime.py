@@ -17,17 +17,33 @@ _SHOW_PROGRESS = {"on": True}
 _TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
+# Ray Train 2.60 starts a placement-group cleaner actor that asks the State API every second whether
+# the run's controller is alive. The State API is served by the dashboard, which a local cluster of
+# ours does not start, so the cleaner logs this warning every second of training (hundreds of lines
+# in a demo run). Starting the dashboard is no cure: the cleaner finds "its" cluster through
+# /tmp/ray/ray_current_cluster, i.e. the newest cluster on the machine. A second local cluster with
+# a dashboard would answer that it has no such controller, which the cleaner's code reads as dead:
+# it would remove the first run's placement group mid-training. So the driver just does not print
+# the line (the worker's log file keeps it).
+_RAY_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+def hide_known_ray_noise() -> None:
+    """Keep the warning above out of what the driver prints (Ray's RAY_DEDUP_LOGS_SKIP_REGEX).
+
+    Call before ray is imported (the CLI does, first thing); a value the user set is kept.
+    """
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", _RAY_NOISE)
+
+
 def connect(address: str | None = None, progress: bool = True) -> None:
     import ray
     from ray.data import DataContext
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        # A local cluster gets its dashboard: it serves the State API, which Ray Train's placement-group
-        # cleaner polls every second (without it, that actor logs a warning every second of training).
-        ctx = ray.init(address=address, include_dashboard=True, log_to_driver=True, logging_level=logging.WARNING)
-        log.info("connected to Ray at %s%s", address or "a new local cluster",
-                 f"; dashboard at http://{ctx.dashboard_url}" if ctx.dashboard_url else "")
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+        log.info("connected to Ray at %s", address or "a new local cluster")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     # One line per operator is enough for a person to follow; the per-task log noise is not.
