@@ -70,7 +70,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not _uses_fast_mask(x) or round(p * _RESOLUTION) >= _RESOLUTION:
         return F.dropout(x, p, True)  # also p ~ 1, where every element is dropped
     # A plain product: backward multiplies by the same saved mask. It keeps the mask in x's dtype
-    # (torch keeps a bool mask), which measured 1.8x faster than where() or a bool product.
+    # (torch keeps a bool mask), which measured 1.8x faster than where()
+    # and 1.3x faster than a bool product, forward and backward.
     return x * dropout_mask(x.shape, p, x.dtype)
 
 
