@@ -33,7 +33,8 @@ CUDA (``--device cuda``, for a GPU machine; not run on CPU-only hosts): bf16, si
 demo config (micro 32, global 64) and the 125M config (12 layers, d=768, seq 2048, vocabulary
 50304, ZeRO-1, micro 8, global 64), reporting tokens/s and MFU (bf16 dense peak from the table in
 ``retro_ray.train.loop``) for the Ray + DeepSpeed path (DeepSpeed bf16: bf16 weights, fp32 master
-copies) and the plain loop (bf16 autocast, fp32 weights), and RETRO vs GPT step time.
+copies) and the plain loop (bf16 autocast, fp32 weights), and RETRO vs GPT step time. Both sides
+are torch.compiled there (trainer.compile=auto; the plain loop compiles its model in place).
 
 Run:  .venv/bin/python benchmarks/bench_train.py [--device cpu|cuda] [--steps 20] [--warmup 5]
       [--configs demo,125m] [--work-dir DIR]
@@ -131,6 +132,8 @@ class PlainLoop:
         self.dev = torch.device(device)
         torch.manual_seed(cfg.trainer.seed)
         self.model = RetroModel(model_cfg).to(self.dev)
+        if device == "cuda":
+            self.model.compile()  # in place, as the trainer's trainer.compile=auto does on GPU workers
         o = cfg.model.optim
         self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                      eps=o.eps, **({"fused": True} if device == "cuda" else {}))

@@ -248,7 +248,16 @@ def build_engine(cfg: TrainConfig, model_cfg: RetroConfig, world_size: int, on_g
         dist_init_required=False,  # Ray Train already initialised torch.distributed
     )
     timings["deepspeed_init_s"] = time.perf_counter() - t0
+    if compiles(cfg.trainer.compile, on_gpu):
+        # In place (nn.Module.compile): parameter names, checkpoints and exports stay as they are.
+        # The compile itself happens in the first steps (and once more for validation's eval mode).
+        engine.compile()
     return engine, {k: round(v, 3) for k, v in timings.items()}
+
+
+def compiles(setting: bool | str, on_gpu: bool) -> bool:
+    """trainer.compile: auto compiles on GPU workers only (on CPUs, inductor's code was slower here)."""
+    return on_gpu if setting == "auto" else bool(setting)
 
 
 def say(line: str) -> None:
@@ -410,7 +419,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = schedule_lr(start_step, **schedule_params(cfg))
     init_record = {"kind": "event", "event": "resume" if checkpoint is not None else "start", "step": start_step,
-                   "world_size": world, **init_timings,
+                   "world_size": world, "compiled": engine.is_compiled, **init_timings,
                    "worker_setup_s": round(time.perf_counter() - t_start, 3), "time": time.time()}
     history.append(init_record)
     torch.manual_seed(cfg.trainer.seed + 7919 * rank + start_step)  # dropout streams differ per rank

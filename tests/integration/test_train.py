@@ -99,6 +99,7 @@ def test_retro_trains_and_writes_outputs(retro_run):
     assert lr_at(cfg, 30) == cfg.model.optim.sched.min_lr
     start = next(r for r in records if r["kind"] == "event")
     assert start["event"] == "start" and start["world_size"] == 2
+    assert start["compiled"] is False  # trainer.compile=auto compiles on GPU workers only
     # the DeepSpeed engine starts in well under a second: no op was compiled
     assert start["deepspeed_init_s"] < 10 and start["disable_compiles_s"] < 10
 
@@ -143,6 +144,27 @@ def test_export_gives_identical_logits(retro_run, tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(RetroRayError, match="not a retro-ray export"):
         load_exported(tmp_path / "text.pt")
+
+
+def test_compiled_engine_trains_and_keeps_parameter_names(ray_cluster, tmp_path):
+    """trainer.compile=true forces DeepSpeed's engine.compile on the CPU (auto would not): the model is
+    compiled in place, so checkpoints keep the plain parameter names and export as usual. ~1 min of
+    inductor compiling; one worker and no validation keep it to one compiled graph."""
+    cfg = load_train_config("tiny", ["trainer.num_workers=1", "trainer.use_gpu=false", "trainer.compile=true",
+                                     "trainer.max_steps=3", "trainer.checkpoint_interval=3",
+                                     "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
+                                     "model.optim.sched.warmup_steps=1"])
+    report = trainer.run(cfg, FACTORY, FACTORY.model_data(), tmp_path)
+    records = history(tmp_path)
+    assert next(r for r in records if r["kind"] == "event")["compiled"] is True
+    losses = train_losses(records)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    weights = module_weights(Path(report.final_checkpoint))
+    plain = RetroModel(RetroConfig.from_dict(json.loads(
+        (Path(report.final_checkpoint) / "retro_ray.json").read_text())["model_config"]))
+    assert set(weights) == set(plain.state_dict())  # no "_orig_mod." prefixes
+    model = load_exported(export(tmp_path, tmp_path / "model.pt"))
+    assert torch.equal(model.state_dict()["token_embedding.weight"], weights["token_embedding.weight"].float())
 
 
 def test_rerun_is_skipped_and_changes_need_resume(retro_run):

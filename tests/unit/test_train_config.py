@@ -94,6 +94,7 @@ def test_other_validation_errors():
         "trainer.precision=fp8": "trainer.precision='fp8' is not one of bf16, fp16, 32",
         "trainer.zero_stage=3": "trainer.zero_stage=3 is not supported",
         "trainer.use_gpu=maybe": "trainer.use_gpu='maybe' must be true, false or auto",
+        "trainer.compile=fast": "trainer.compile='fast' must be true, false or auto",
         "model.optim.sched.min_lr=1": "min_lr=1.0 must be between 0 and model.optim.lr",
         "model.optim.sched.warmup_steps=5000": "leave no steps for the cosine decay",
         "model.hidden_size=100": "hidden_size=100 is not divisible by num_attention_heads=12",
@@ -288,3 +289,12 @@ def test_zero_checkpoints_resume_only_with_the_same_workers():
         loop.check_resumable({"zero_stage": 1, "world_size": 2}, 1, 4)
     with pytest.raises(RetroRayError, match="ZeRO stage 0"):
         loop.check_resumable({"zero_stage": 0, "world_size": 2}, 2, 2)
+
+
+def test_compile_auto_means_gpu_workers_only():
+    from retro_ray.train.loop import compiles
+
+    assert [compiles("auto", True), compiles("auto", False)] == [True, False]
+    assert [compiles(True, False), compiles(False, True)] == [True, False]
+    assert TC.load_train_config("demo", []).trainer.compile == "auto"
+    assert TC.load_train_config("demo", ["trainer.compile=true"]).trainer.compile is True
