@@ -44,6 +44,7 @@ Writes <work-dir>/bench_train.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -183,21 +184,30 @@ def run_plain(cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatase
     return {**out, "final_loss": loop.loss, "threads": torch.get_num_threads()}
 
 
+def interleaved(first: PlainLoop, second: PlainLoop, steps: int,
+                second_in=contextlib.nullcontext) -> tuple[list[float], list[float]]:
+    """Step i of ``first``, then step i of ``second`` (inside ``second_in()``), for every step, so
+    that both see the same machine load; their step times."""
+    a, b = [], []
+    for s in range(steps):
+        a.append(first.step(s))
+        with second_in():
+            b.append(second.step(s))
+    return a, b
+
+
 def run_retro_vs_gpt(cfg: TrainConfig, model_cfg: RetroConfig, gpt_cfg: TrainConfig, gpt_model_cfg: RetroConfig,
                      factory: SyntheticDatasetFactory, warmup: int, device: str) -> dict:
     """Both plain loops, their steps interleaved (RETRO step i, GPT step i, ...), so that both see the
     same machine load; the ratio of their median step times (CPU: one thread)."""
     retro, gpt = PlainLoop(cfg, model_cfg, factory, device), PlainLoop(gpt_cfg, gpt_model_cfg, factory, device)
-    rt, gt = [], []
     threads = torch.get_num_threads()
     if device == "cpu":
         # One intra-op thread, as in each Ray worker: a ratio does not need both cores, and a single
         # thread does not stall on OpenMP barriers when the machine is shared.
         torch.set_num_threads(1)
     try:
-        for s in range(cfg.trainer.max_steps):
-            rt.append(retro.step(s))
-            gt.append(gpt.step(s))
+        rt, gt = interleaved(retro, gpt, cfg.trainer.max_steps)
     finally:
         torch.set_num_threads(threads)
     tokens = cfg.model.global_batch_size * model_cfg.seq_length
@@ -210,11 +220,7 @@ def run_dropout_masks(cfg: TrainConfig, model_cfg: RetroConfig, factory: Synthet
     """CPU: two identical plain loops, one drawing dropout masks with torch's bernoulli_, steps
     interleaved so both see the same machine load; the ratio of their median step times."""
     fast, slow = PlainLoop(cfg, model_cfg, factory, "cpu"), PlainLoop(cfg, model_cfg, factory, "cpu")
-    ft, st = [], []
-    for s in range(cfg.trainer.max_steps):
-        ft.append(fast.step(s))
-        with torch_masks():
-            st.append(slow.step(s))
+    ft, st = interleaved(fast, slow, cfg.trainer.max_steps, second_in=torch_masks)
     tokens = cfg.model.global_batch_size * model_cfg.seq_length
     out = {"fast_masks": summarize(ft[warmup:], tokens, None, None),
            "torch_masks": summarize(st[warmup:], tokens, None, None)}

@@ -92,7 +92,8 @@ def kernel_profile(step, steps: int = 3, top: int = 25) -> dict:
     total = sum(ms for _, ms, _ in events)
     kinds: dict[str, float] = {}
     for name, ms, _ in events:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     return {"gpu_ms_per_step": total,
             "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top_kernels": [{"name": name[:160], "kind": kernel_kind(name), "ms": ms, "launches": n}
