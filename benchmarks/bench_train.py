@@ -15,7 +15,8 @@ What is measured (one run of this script)
     retro vs gpt   the plain loop again with retro.enabled=false (the same decoder, no encoder and
                    no chunked cross-attention): step-time ratio, next to the ratio of the model's
                    own FLOP counts (``RetroModel.flops_per_token``), which bounds what any
-                   implementation can reach.
+                   implementation can reach. A third loop, interleaved with both, runs RETRO with
+                   an encoder half the decoder's width (model.retro.retro_encoder_hidden_size).
     dropout masks  (CPU) the plain loop with this project's CPU dropout masks (numpy SFC64,
                    ``retro_ray.model.dropout``) against the same loop drawing them with torch's
                    ``bernoulli_`` (``torch_masks()``), steps interleaved; the demo model's dropouts
@@ -37,7 +38,13 @@ copies) and the plain loop (bf16 autocast, fp32 weights), and RETRO vs GPT step 
 are torch.compiled there (trainer.compile=auto; the plain loop compiles its model in place).
 
 Run:  .venv/bin/python benchmarks/bench_train.py [--device cpu|cuda] [--steps 20] [--warmup 5]
-      [--configs demo,125m] [--work-dir DIR]
+      [--configs demo,125m] [--work-dir DIR] [--retro-vs-gpt-only]
+The RETRO / GPT ratio at the 125M shape on a CPU (two sequences of 2048 tokens a step; without
+dropout, as gpu_model_bench.py, so that CPU attention takes SDPA's memory-light path: ~8 GB):
+      .venv/bin/python benchmarks/bench_train.py --configs 125m --retro-vs-gpt-only --micro-batch-size 1 \
+          --global-batch-size 2 --warmup 1 --steps 3 --override model.hidden_dropout=0 \
+          --override model.attention_dropout=0 --override model.ffn_dropout=0 \
+          --override model.retro.retro_encoder_hidden_dropout=0 --override model.retro.retro_encoder_attention_dropout=0
 Writes <work-dir>/bench_train.json.
 """
 
@@ -73,7 +80,7 @@ CUDA_BATCH = {"demo": (32, 64), "125m": (8, 64)}
 
 
 def make_config(name: str, device: str, steps: int, micro: int | None, global_batch: int | None,
-                retro: bool = True) -> TrainConfig:
+                retro: bool = True, extra: list[str] | None = None) -> TrainConfig:
     overrides = [
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", f"trainer.checkpoint_interval={steps}",
         "trainer.limit_val_batches=0", f"model.optim.sched.warmup_steps={max(1, steps // 10)}",
@@ -92,7 +99,7 @@ def make_config(name: str, device: str, steps: int, micro: int | None, global_ba
         overrides.append(f"model.global_batch_size={global_batch}")
     if not retro:
         overrides.append("model.retro.enabled=false")
-    return load_train_config(name, overrides)
+    return load_train_config(name, overrides + list(extra or []))
 
 
 def factory_for(name: str, n_train: int) -> SyntheticDatasetFactory:
@@ -184,35 +191,46 @@ def run_plain(cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatase
     return {**out, "final_loss": loop.loss, "threads": torch.get_num_threads()}
 
 
-def interleaved(first: PlainLoop, second: PlainLoop, steps: int,
-                second_in=contextlib.nullcontext) -> tuple[list[float], list[float]]:
-    """Step i of ``first``, then step i of ``second`` (inside ``second_in()``), for every step, so
-    that both see the same machine load; their step times."""
-    a, b = [], []
+def interleaved(loops: list[PlainLoop], steps: int, contexts: list | None = None) -> list[list[float]]:
+    """Step i of every loop in turn (loop j inside ``contexts[j]()``), for every step, so that all
+    see the same machine load; each loop's step times."""
+    contexts = contexts or [contextlib.nullcontext] * len(loops)
+    times: list[list[float]] = [[] for _ in loops]
     for s in range(steps):
-        a.append(first.step(s))
-        with second_in():
-            b.append(second.step(s))
-    return a, b
+        for loop, context, t in zip(loops, contexts, times):
+            with context():
+                t.append(loop.step(s))
+    return times
+
+
+def narrow_encoder(model_cfg: RetroConfig) -> RetroConfig:
+    """The same RETRO with an encoder half the decoder's width (retro.retro_encoder_hidden_size)."""
+    width = model_cfg.hidden_size // 2
+    return dataclasses.replace(model_cfg, retro=dataclasses.replace(model_cfg.retro, retro_encoder_hidden_size=width))
 
 
 def run_retro_vs_gpt(cfg: TrainConfig, model_cfg: RetroConfig, gpt_cfg: TrainConfig, gpt_model_cfg: RetroConfig,
                      factory: SyntheticDatasetFactory, warmup: int, device: str) -> dict:
-    """Both plain loops, their steps interleaved (RETRO step i, GPT step i, ...), so that both see the
-    same machine load; the ratio of their median step times (CPU: one thread)."""
-    retro, gpt = PlainLoop(cfg, model_cfg, factory, device), PlainLoop(gpt_cfg, gpt_model_cfg, factory, device)
+    """Three plain loops, their steps interleaved (RETRO step i, RETRO with an encoder of width d/2
+    step i, GPT step i, ...), so that all see the same machine load; the ratios of their median step
+    times to GPT's (CPU: one thread)."""
+    retro = PlainLoop(cfg, model_cfg, factory, device)
+    narrow = PlainLoop(cfg, narrow_encoder(model_cfg), factory, device)
+    gpt = PlainLoop(gpt_cfg, gpt_model_cfg, factory, device)
     threads = torch.get_num_threads()
     if device == "cpu":
         # One intra-op thread, as in each Ray worker: a ratio does not need both cores, and a single
         # thread does not stall on OpenMP barriers when the machine is shared.
         torch.set_num_threads(1)
     try:
-        rt, gt = interleaved(retro, gpt, cfg.trainer.max_steps)
+        rt, nt, gt = interleaved([retro, narrow, gpt], cfg.trainer.max_steps)
     finally:
         torch.set_num_threads(threads)
     tokens = cfg.model.global_batch_size * model_cfg.seq_length
     peak = gpu_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
     return {"retro": summarize(rt[warmup:], tokens, retro.model.flops_per_token(), peak),
+            "retro_narrow_encoder": summarize(nt[warmup:], tokens, narrow.model.flops_per_token(), peak),
+            "narrow_encoder_hidden_size": narrow.model.config.encoder_hidden_size,
             "gpt": summarize(gt[warmup:], tokens, gpt.model.flops_per_token(), peak)}
 
 
@@ -220,7 +238,7 @@ def run_dropout_masks(cfg: TrainConfig, model_cfg: RetroConfig, factory: Synthet
     """CPU: two identical plain loops, one drawing dropout masks with torch's bernoulli_, steps
     interleaved so both see the same machine load; the ratio of their median step times."""
     fast, slow = PlainLoop(cfg, model_cfg, factory, "cpu"), PlainLoop(cfg, model_cfg, factory, "cpu")
-    ft, st = interleaved(fast, slow, cfg.trainer.max_steps, second_in=torch_masks)
+    ft, st = interleaved([fast, slow], cfg.trainer.max_steps, [contextlib.nullcontext, torch_masks])
     tokens = cfg.model.global_batch_size * model_cfg.seq_length
     out = {"fast_masks": summarize(ft[warmup:], tokens, None, None),
            "torch_masks": summarize(st[warmup:], tokens, None, None)}
@@ -244,8 +262,9 @@ def line(label: str, r: dict) -> None:
 def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
     steps = args.warmup + args.steps
     seq, chunk, vocab = DATA[name]
-    cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size)
-    gpt_cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size, retro=False)
+    cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size, extra=args.override)
+    gpt_cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size, retro=False,
+                          extra=args.override)
     factory = factory_for(name, n_train=max(256, steps * cfg.model.global_batch_size))
     model_cfg = resolve_model_config(cfg, seq, chunk, vocab)
     gpt_model_cfg = resolve_model_config(gpt_cfg, seq, chunk, vocab)
@@ -258,32 +277,40 @@ def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
     out: dict = {"config": name, "parameters": n_params, "global_batch_size": cfg.model.global_batch_size,
                  "micro_batch_size": cfg.model.micro_batch_size, "num_workers": cfg.trainer.num_workers,
                  "precision": cfg.trainer.precision, "seq_length": seq}
-    # plain, then Ray + DeepSpeed, then plain again: the two plain runs bracket the Ray run in time,
-    # so a change in the machine's load shows up as a difference between them.
     out["load_avg_before"] = os.getloadavg()
-    out["plain_before"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device)
-    line("plain pytorch (before)", out["plain_before"])
-    out["ray_deepspeed"] = run_ray(cfg, factory, args.warmup, work_dir)
-    line("ray + deepspeed", out["ray_deepspeed"])
-    out["plain_after"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device)
-    line("plain pytorch (after)", out["plain_after"])
-    plain_tps = statistics.fmean([out["plain_before"]["tokens_per_s"], out["plain_after"]["tokens_per_s"]])
-    out["ray_vs_plain"] = out["ray_deepspeed"]["tokens_per_s"] / plain_tps
+    if not args.retro_vs_gpt_only:
+        # plain, then Ray + DeepSpeed, then plain again: the two plain runs bracket the Ray run in
+        # time, so a change in the machine's load shows up as a difference between them.
+        out["plain_before"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device)
+        line("plain pytorch (before)", out["plain_before"])
+        out["ray_deepspeed"] = run_ray(cfg, factory, args.warmup, work_dir)
+        line("ray + deepspeed", out["ray_deepspeed"])
+        out["plain_after"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device)
+        line("plain pytorch (after)", out["plain_after"])
+        plain_tps = statistics.fmean([out["plain_before"]["tokens_per_s"], out["plain_after"]["tokens_per_s"]])
+        out["ray_vs_plain"] = out["ray_deepspeed"]["tokens_per_s"] / plain_tps
     out["retro_vs_gpt"] = run_retro_vs_gpt(cfg, model_cfg, gpt_cfg, gpt_model_cfg, factory, args.warmup, args.device)
     line("plain RETRO (interleaved)", out["retro_vs_gpt"]["retro"])
+    line(f"  encoder width {out['retro_vs_gpt']['narrow_encoder_hidden_size']}", out["retro_vs_gpt"]["retro_narrow_encoder"])
     line("plain GPT (interleaved)", out["retro_vs_gpt"]["gpt"])
-    out["retro_vs_gpt_step_time"] = (out["retro_vs_gpt"]["retro"]["step_time_s"]
-                                     / out["retro_vs_gpt"]["gpt"]["step_time_s"])
+    gpt_step = out["retro_vs_gpt"]["gpt"]["step_time_s"]
+    out["retro_vs_gpt_step_time"] = out["retro_vs_gpt"]["retro"]["step_time_s"] / gpt_step
     out["retro_vs_gpt_flops"] = flops_ratio(model_cfg)
-    if args.device == "cpu":
+    out["narrow_encoder_vs_gpt_step_time"] = out["retro_vs_gpt"]["retro_narrow_encoder"]["step_time_s"] / gpt_step
+    out["narrow_encoder_vs_gpt_flops"] = flops_ratio(narrow_encoder(model_cfg))
+    if args.device == "cpu" and not args.retro_vs_gpt_only:
         out["dropout_masks"] = run_dropout_masks(cfg, model_cfg, factory, args.warmup)
         line("plain, fast CPU masks", out["dropout_masks"]["fast_masks"])
         line("plain, torch bernoulli_", out["dropout_masks"]["torch_masks"])
     out["load_avg_after"] = os.getloadavg()
-    print(f"  ratio ray+deepspeed / plain tokens/s: {out['ray_vs_plain']:.2f}x  (goal >= 0.85x; plain = mean of "
-          "the runs before and after)")
+    if "ray_vs_plain" in out:
+        print(f"  ratio ray+deepspeed / plain tokens/s: {out['ray_vs_plain']:.2f}x  (goal >= 0.85x; plain = mean "
+              "of the runs before and after)")
     print(f"  ratio RETRO / GPT step time:          {out['retro_vs_gpt_step_time']:.2f}x  (goal <= 1.3x; "
           f"the FLOP ratio of these two models is {out['retro_vs_gpt_flops']:.2f}x)")
+    print(f"    with an encoder of width d/2:       {out['narrow_encoder_vs_gpt_step_time']:.2f}x  "
+          f"(FLOP ratio {out['narrow_encoder_vs_gpt_flops']:.2f}x; model.retro.retro_encoder_hidden_size="
+          f"{out['retro_vs_gpt']['narrow_encoder_hidden_size']})")
     if "dropout_masks" in out:
         print(f"  speed-up of fast CPU dropout masks:   {out['dropout_masks']['speedup']:.2f}x  (same loop, masks drawn "
               "with torch's bernoulli_ as the baseline)")
@@ -303,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch-size", type=int, default=None)
     ap.add_argument("--global-batch-size", type=int, default=None)
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a train setting for every run (repeatable), e.g. model.hidden_dropout=0")
+    ap.add_argument("--retro-vs-gpt-only", action="store_true",
+                    help="only the interleaved RETRO / narrow-encoder RETRO / GPT loops (no Ray); e.g. the 125M "
+                         "shape on a CPU: --configs 125m --micro-batch-size 1 --global-batch-size 2")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)

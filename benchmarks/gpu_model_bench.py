@@ -153,7 +153,8 @@ def main() -> None:
     ap.add_argument("--configs", default="demo,125m", help="comma-separated: demo, 125m")
     ap.add_argument("--batches", default="", help="comma-separated batch sizes to time instead of each config's own")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip what starts later than this (0: no limit)")
-    ap.add_argument("--variants", default="retro,gpt", help="comma-separated: retro, gpt")
+    ap.add_argument("--variants", default="retro,gpt",
+                    help="comma-separated: retro, gpt, retro_narrow (an encoder of width hidden_size/2)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile 3 steps: GPU time by kernel kind and the top kernels")
     ap.add_argument("--coordinate-descent", action="store_true",
@@ -192,7 +193,10 @@ def main() -> None:
                 if args.deadline_s and time.perf_counter() - started > args.deadline_s:
                     print(f"deadline: skipping {tag} {variant}", flush=True)
                     continue
-                c = cfg if variant == "retro" else replace(cfg, retro=replace(cfg.retro, enabled=False))
+                c = {"retro": cfg,
+                     "gpt": replace(cfg, retro=replace(cfg.retro, enabled=False)),
+                     "retro_narrow": replace(cfg, retro=replace(cfg.retro,
+                                                                retro_encoder_hidden_size=cfg.hidden_size // 2))}[variant]
                 torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 try:
@@ -207,9 +211,10 @@ def main() -> None:
                 if "by_kind_ms" in r.get("kernels", {}):
                     print(f"  GPU ms per step by kernel kind: {json.dumps(r['kernels']['by_kind_ms'])}", flush=True)
                 Path(args.out).write_text(json.dumps(results, indent=1))
-            if f"{tag}_retro" in results and f"{tag}_gpt" in results:
-                results[f"{tag}_retro_over_gpt_step_time"] = (results[f"{tag}_retro"]["step_s"]
-                                                              / results[f"{tag}_gpt"]["step_s"])
+            for variant in ("retro", "retro_narrow"):
+                if f"{tag}_{variant}" in results and f"{tag}_gpt" in results:
+                    results[f"{tag}_{variant}_over_gpt_step_time"] = (results[f"{tag}_{variant}"]["step_s"]
+                                                                      / results[f"{tag}_gpt"]["step_s"])
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

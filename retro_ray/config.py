@@ -364,7 +364,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except RetroRayError as e:
                 errors.append(e)
-        raise RetroRayError(f"{key}={value!r} is not a {_type_name(tp)}.")
+        name = _type_name(tp)
+        raise RetroRayError(f"{key}={value!r} is not {'an' if name[0] in 'aeiou' else 'a'} {name}.")
     if origin in (tuple, list):
         (item_tp, *_rest) = typing.get_args(tp)
         if isinstance(value, str):

@@ -385,7 +385,7 @@ class Generator:
         mask = mask & (tokens >= 0).all(dim=-1)
         K = tokens.shape[0]
         embedded = model.token_embedding(tokens.masked_fill(~mask[:, None], 0))[None, None]  # [1, 1, K, r, d]
-        encoded = model.encoder(embedded, context[None, None])  # [1, 1, K, r, d]
+        encoded = model.encoder(embedded, context[None, None])  # [1, 1, K, r, de] (de: the encoder's width)
         ctx = encoded.reshape(1, K * self.r, -1)
         ks, vs = [], []
         for i in self.cca_layers:

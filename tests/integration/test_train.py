@@ -255,40 +255,50 @@ def test_checks_before_ray(tmp_path):
         trainer.run(load_train_config("tiny"), FACTORY, FACTORY.model_data(), tmp_path / "other")
 
 
-def test_export_of_bf16_zero0_uses_fp32_masters(tmp_path):
-    """bf16 without ZeRO: export takes DeepSpeed's fp32 master copies, not the bf16 module weights.
-    (One in-process rank on gloo; no Ray.)"""
+@pytest.fixture(scope="module")
+def in_process_rank():
+    """One gloo rank in this process for DeepSpeed, made once: DeepSpeed keeps the first process
+    group it sees, so a second init_process_group in the same process would leave it a stale one."""
     import torch.distributed as dist
-
-    from retro_ray.train import loop
-    from retro_ray.train.config import resolve_model_config
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29571", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        cfg = load_train_config("tiny", ["trainer.precision=bf16", "model.global_batch_size=4"])
-        model_cfg = resolve_model_config(cfg, 64, 16, 256)
-        engine, _ = loop.build_engine(cfg, model_cfg, 1, on_gpu=False)
-        batch = loop.collate([FACTORY("train")[i] for i in range(4)])
-        for _ in range(3):
-            out = engine(**batch)
-            engine.backward(out.loss)
-            engine.step()
-        meta = loop.checkpoint_meta(cfg, model_cfg, 3, 1, FACTORY.model_data())
-        loop.write_checkpoint(engine, tmp_path, meta, history=[])
-        masters = {n: p for n, p in zip(
-            [n for group in loop.decay_split(engine.module) for n in group],
-            [t for group in engine.optimizer.fp32_groups for t in group])}
-        exported = read_export(export(tmp_path, tmp_path / "bf16.pt"))
-        assert exported["weights_source"].startswith("fp32 master weights")
-        for name, tensor in exported["state_dict"].items():
-            assert tensor.dtype == torch.float32 and torch.equal(tensor, masters[name].float())
-        # the bf16 module weights are the masters rounded: close, but not what was exported
-        module = module_weights(tmp_path)
-        assert any(not torch.equal(exported["state_dict"][k], module[k].float()) for k in module)
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("encoder", [[], ["model.retro.retro_encoder_hidden_size=32"]],
+                         ids=["encoder width d", "encoder width d/2"])
+def test_export_of_bf16_zero0_uses_fp32_masters(in_process_rank, tmp_path, encoder):
+    """bf16 without ZeRO: export takes DeepSpeed's fp32 master copies, not the bf16 module weights.
+    (One in-process rank on gloo; no Ray.) Also run with a narrow encoder, whose extra input
+    projection must go through DeepSpeed's parameter groups and the export like every other weight."""
+    from retro_ray.train import loop
+    from retro_ray.train.config import resolve_model_config
+
+    cfg = load_train_config("tiny", ["trainer.precision=bf16", "model.global_batch_size=4", *encoder])
+    model_cfg = resolve_model_config(cfg, 64, 16, 256)
+    engine, _ = loop.build_engine(cfg, model_cfg, 1, on_gpu=False)
+    batch = loop.collate([FACTORY("train")[i] for i in range(4)])
+    for _ in range(3):
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+    meta = loop.checkpoint_meta(cfg, model_cfg, 3, 1, FACTORY.model_data())
+    loop.write_checkpoint(engine, tmp_path, meta, history=[])
+    masters = {n: p for n, p in zip(
+        [n for group in loop.decay_split(engine.module) for n in group],
+        [t for group in engine.optimizer.fp32_groups for t in group])}
+    exported = read_export(export(tmp_path, tmp_path / "bf16.pt"))
+    assert exported["weights_source"].startswith("fp32 master weights")
+    for name, tensor in exported["state_dict"].items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, masters[name].float())
+    # the bf16 module weights are the masters rounded: close, but not what was exported
+    module = module_weights(tmp_path)
+    assert any(not torch.equal(exported["state_dict"][k], module[k].float()) for k in module)
+    assert ("encoder.input_proj.weight" in exported["state_dict"]) == bool(encoder)
+    load_exported(tmp_path / "bf16.pt")  # the exported config rebuilds the same architecture
 
 
 @pytest.mark.slow

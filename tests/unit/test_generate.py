@@ -28,19 +28,25 @@ def tokenizer(wiki_docs):
     return train_tokenizer((t for _, t in wiki_docs[:150]), TokenizerConfig(vocab_size=400), progress=False)
 
 
-def make_generator(tokenizer, retro: bool = True, seed: int = 0) -> Generator:
+def make_generator(tokenizer, retro: bool = True, seed: int = 0, encoder_width: int | None = None) -> Generator:
     torch.manual_seed(seed)
     cfg = RetroConfig.tiny(vocab_size=512, chunk_length=M)
-    if not retro:
-        d = cfg.to_dict()
-        d["retro"]["enabled"] = False
-        cfg = RetroConfig.from_dict(d)
+    d = cfg.to_dict()
+    d["retro"]["enabled"] = retro
+    d["retro"]["retro_encoder_hidden_size"] = encoder_width
+    cfg = RetroConfig.from_dict(d)
     return Generator(RetroModel(cfg), tokenizer, eod_id=tokenizer.token_to_id("<|endoftext|>"))
 
 
 @pytest.fixture(scope="module")
 def gen(tokenizer) -> Generator:
     return make_generator(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def narrow_gen(tokenizer) -> Generator:
+    """The tiny model with an encoder half the decoder's width."""
+    return make_generator(tokenizer, encoder_width=32)
 
 
 def greedy(n: int, **kw) -> InferenceConfig:
@@ -51,9 +57,11 @@ PROMPTS = ["The river flows", "In 1066 the Normans crossed the Channel and defea
            "which changed the language and the laws of England for", "Music"]
 
 
+@pytest.mark.parametrize("which", ["gen", "narrow_gen"])
 @pytest.mark.parametrize("T", [3 * M, 3 * M + 5, M - 1])
-def test_prefill_equals_the_training_forward(gen, T):
+def test_prefill_equals_the_training_forward(request, which, T):
     """With neighbours at the chunk boundaries, the generator's forward is the model's training forward."""
+    gen = request.getfixturevalue(which)
     g = torch.Generator().manual_seed(T)
     tokens = torch.randint(0, 400, (T,), generator=g)
     C, K = T // M, 2
@@ -70,9 +78,10 @@ def test_prefill_equals_the_training_forward(gen, T):
     torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("retro", [True, False])
-def test_cache_equals_full_recomputation_for_a_batch_of_lengths(tokenizer, retro):
-    gen = make_generator(tokenizer, retro=retro, seed=1)
+@pytest.mark.parametrize(("retro", "encoder_width"), [(True, None), (True, 32), (False, None)],
+                         ids=["retro", "retro narrow encoder", "gpt"])
+def test_cache_equals_full_recomputation_for_a_batch_of_lengths(tokenizer, retro, encoder_width):
+    gen = make_generator(tokenizer, retro=retro, seed=1, encoder_width=encoder_width)
     neighbours = ["The Normans were descendants of Vikings.", "Hastings is a town in East Sussex."] if retro else None
     reqs = [GenerationRequest(PROMPTS[0], inference=greedy(3 * M + 3)),
             GenerationRequest(PROMPTS[1], neighbours, inference=greedy(2 * M)),

@@ -44,9 +44,14 @@ def make_inputs(batch: int = 2, seed: int = 1):
     return tokens, neighbors
 
 
-@pytest.fixture(scope="module")
-def model() -> RetroModel:
-    return make_model()
+# The tiny config's retro settings with an encoder half the decoder's width (2 heads of 16).
+NARROW_ENCODER = dataclasses.replace(RetroConfig.tiny().retro, retro_encoder_hidden_size=32)
+
+
+@pytest.fixture(scope="module", params=["encoder width d", "encoder width d/2"])
+def model(request) -> RetroModel:
+    """Every test taking this fixture runs on both encoder widths."""
+    return make_model() if request.param == "encoder width d" else make_model(retro=NARROW_ENCODER)
 
 
 def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -169,8 +174,9 @@ def test_enabled_without_neighbours_runs(model):
     assert torch.isfinite(out.loss)
 
 
-def test_gradients_reach_encoder_and_cca():
-    model = make_model()
+@pytest.mark.parametrize("retro", [RetroConfig.tiny().retro, NARROW_ENCODER], ids=["width d", "width d/2"])
+def test_gradients_reach_encoder_and_cca(retro):
+    model = make_model(retro=retro)
     tokens, neighbors = make_inputs()
     labels = torch.roll(tokens, -1, dims=1)
     model(tokens, neighbors, labels=labels).loss.backward()
@@ -277,6 +283,12 @@ def test_default_retro_layers():
         ({"retro": RetroSettings(retro_layers=(2,), retro_num_neighbors=0)}, r"retro_num_neighbors=0 must be"),
         ({"hidden_dropout": 1.5}, r"hidden_dropout=1.5 must be a probability"),
         ({"vocab_size": 0}, r"vocab_size=0 must be a positive integer"),
+        ({"retro": dataclasses.replace(NARROW_ENCODER, retro_encoder_hidden_size=36)},
+         r"retro_encoder_hidden_size=36 is not a multiple of the head size .*=16.*\(e\.g\. 32\)"),
+        ({"retro": dataclasses.replace(NARROW_ENCODER, retro_encoder_hidden_size=0)},
+         r"retro_encoder_hidden_size=0 must be a positive integer"),
+        ({"ffn_hidden_size": 99, "retro": NARROW_ENCODER},
+         r"encoder's MLP a fractional width .*= 49\.5\); use a multiple of 64"),
     ],
 )
 def test_config_validation_messages(overrides, match):
@@ -303,6 +315,27 @@ def test_config_dict_round_trip():
         RetroConfig.from_dict({**data, "retro": {**data["retro"], "k": 1}})
     model = RetroModel.from_config(data)
     assert model.config == config
+
+
+def test_a_config_saved_before_the_encoder_width_existed_loads_as_width_d():
+    data = RetroConfig.tiny().to_dict()
+    del data["retro"]["retro_encoder_hidden_size"]  # as in checkpoints written before the setting
+    config = RetroConfig.from_dict(data)
+    assert config.encoder_hidden_size == config.hidden_size and config == RetroConfig.tiny()
+
+
+def test_narrow_encoder_shapes_and_names():
+    same, narrow = make_model(), make_model(retro=NARROW_ENCODER)
+    assert narrow.config.encoder_num_attention_heads == 2 and narrow.config.encoder_ffn_hidden_size == 128
+    same_names = {name for name, _ in same.named_parameters()}
+    narrow_names = {name for name, _ in narrow.named_parameters()}
+    # Only the input projection is new, so checkpoints of width-d models keep their names.
+    assert narrow_names - same_names == {"encoder.input_proj.weight", "encoder.input_proj.bias"}
+    assert same_names == narrow_names - {"encoder.input_proj.weight", "encoder.input_proj.bias"}
+    assert narrow.encoder.layers[0].attn.qkv.weight.shape == (96, 32)
+    assert narrow.encoder.layers[0].cross.kv.weight.shape == (64, 64)  # reads the decoder's d=64 states
+    assert narrow.layers[1].cca.attn.kv.weight.shape == (128, 32)  # reads the encoder's 32-wide output
+    assert narrow.num_parameters() < same.num_parameters()
 
 
 def test_every_field_has_help():
@@ -333,6 +366,51 @@ def test_gpt2_small_size_and_flops():
     # Matmul FLOPs match 6N + 12*L*n*d up to the biases and norms left out of the estimate.
     assert math.isclose(plain.flops_per_token(), 6 * n_params + attention, rel_tol=2e-3)
     assert retro.flops_per_token() > plain.flops_per_token()
+
+
+@pytest.mark.parametrize(
+    "retro",
+    [
+        RetroSettings(enabled=False),
+        RetroSettings(retro_layers=(3, 6)),
+        RetroSettings(retro_layers=(3, 6), retro_encoder_hidden_size=128),
+        RetroSettings(retro_layers=(6,), retro_encoder_hidden_size=64, retro_num_neighbors=3,
+                      retro_encoder_num_layers=3, retro_encoder_cross_attention_layers=(1, 3)),
+    ],
+    ids=["gpt", "retro", "encoder width d/2", "d/4, K=3, 3 encoder layers, 2 conditioned"],
+)
+def test_flops_per_token_is_every_matmul_of_a_training_step(retro):
+    """flops_per_token() against torch's own count of one forward + backward pass.
+
+    Train mode with dropout sends CPU attention through dropout.attention's written-out matmuls,
+    which the counter sees (it does not count CPU SDPA kernels); like flops_per_token(), they
+    compute the causal scores in full.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    config = RetroConfig(vocab_size=512, num_layers=6, hidden_size=256, ffn_hidden_size=1024,
+                         num_attention_heads=4, seq_length=256, chunk_length=32, retro=retro)
+    model = RetroModel(config).train()
+    K = retro.retro_num_neighbors
+    tokens = torch.randint(0, 512, (2, 256))
+    neighbors = torch.randint(0, 512, (2, 256 // 32, K, 64))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens, neighbors if retro.enabled else None, labels=tokens).loss.backward()
+    assert counter.get_total_flops() / (2 * 256) == pytest.approx(model.flops_per_token(), rel=1e-9)
+
+
+def test_encoder_width_help_quotes_the_flop_ratios_it_gives():
+    """The --help text of retro_encoder_hidden_size cites two FLOP ratios at the 125M size; keep them true."""
+    import re
+
+    (help_text,) = [f.metadata["help"] for f in dataclasses.fields(RetroSettings) if f.name == "retro_encoder_hidden_size"]
+    width, full, narrow = re.search(r"(\d+) takes RETRO's training FLOPs from ([\d.]+)x GPT's to ([\d.]+)x", help_text).groups()
+    with torch.device("meta"):
+        gpt = RetroModel(RetroConfig(retro=RetroSettings(enabled=False))).flops_per_token()
+        ratios = [RetroModel(RetroConfig(retro=RetroSettings(retro_encoder_hidden_size=w))).flops_per_token() / gpt
+                  for w in (None, int(width))]
+    assert [f"{r:.2f}" for r in ratios] == [full, narrow]
 
 
 def test_init_scales_residual_projections():
