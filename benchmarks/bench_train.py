@@ -45,6 +45,9 @@ dropout, as gpu_model_bench.py, so that CPU attention takes SDPA's memory-light 
           --global-batch-size 2 --warmup 1 --steps 3 --override model.hidden_dropout=0 \
           --override model.attention_dropout=0 --override model.ffn_dropout=0 \
           --override model.retro.retro_encoder_hidden_dropout=0 --override model.retro.retro_encoder_attention_dropout=0
+At that size glibc returns large freed tensors to the system and faults them in again at every step,
+which weighs on RETRO more than on GPT; prefix MALLOC_MMAP_THRESHOLD_=4294967296
+MALLOC_TRIM_THRESHOLD_=68719476736 to keep them (benchmarks/README.md: 1.31-1.42x without, 1.20x with).
 Writes <work-dir>/bench_train.json.
 """
 
