@@ -463,7 +463,7 @@ class CrossAttention(nn.Module):
         key_mask: torch.Tensor | None = None,  # [N, Tk] bool
     ) -> torch.Tensor:  # [N, Tq, d]
         N, Tq, d = x.shape
-        q = self.q(x).view(N, Tq, self.num_heads, d // self.num_heads).transpose(1, 2)  # [N, h, Tq, dh]
+        q = self.q(x).view(N, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # [N, h, Tq, dh]
         mask, has_keys = None, None
         if key_mask is not None:
             has_keys = key_mask.any(dim=-1)  # [N]
