@@ -264,11 +264,28 @@ class Project:
 
     @staticmethod
     def remove_stale_temporaries(directory: Path) -> None:
-        """Delete temporary files a killed run left behind (``.<name>.tmp*``)."""
+        """Delete temporary files (and half-removed scratch directories) a killed run left behind."""
         if directory.is_dir():
             for p in directory.glob(".*.tmp*"):
-                if p.is_file():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
                     p.unlink(missing_ok=True)
+
+    @staticmethod
+    def remove_scratch_dir(directory: Path) -> None:
+        """Delete a directory of per-block resume files once a stage has merged them.
+
+        Ray ends the tasks of a killed driver asynchronously, so a task of the killed run may still be
+        writing a block (``.<block>.tmp-<pid>``, then a rename) while the rerun finishes. The directory is
+        first renamed away: any later write by path then fails inside that dead task (block tasks never
+        create the directory) instead of landing in a directory being deleted.
+        """
+        if not directory.is_dir():
+            return
+        doomed = directory.with_name(f".{directory.name}.tmp-removing-{os.getpid()}")
+        os.replace(directory, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def disk_usage(self, path: Path) -> int:
         if path.is_file():

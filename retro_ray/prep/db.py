@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from itertools import chain
@@ -271,8 +270,8 @@ def chunk_block(item: dict) -> dict:
     rows[:, 2] = start
     rows[:, 3] = end
     rows[:, 4] = np.minimum(bert_len, np.iinfo(np.uint32).max)
+    # The driver made out.parent (see tokens.tokenize_block for why tasks do not).
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
         np.save(f, rows)
     os.replace(tmp, out)
@@ -332,6 +331,7 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
         report.skipped = True
         return report
     derived = project.derived()
+    project.remove_stale_temporaries(project.db_dir)
     project.remove_stale_temporaries(project.db_dir / "merged")
     for split in DB_SPLITS:
         project.remove_stale_temporaries(project.db_blocks_dir(split))
@@ -353,6 +353,8 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
             plans[split].append((item, out))
     todo = [item for plan in plans.values() for item, out in plan if not out.is_file()]
     if todo:
+        for split in DB_SPLITS:
+            project.db_blocks_dir(split).mkdir(parents=True, exist_ok=True)
         connect(address, progress)
         # Fail here, once, with a clear message, rather than in every task.
         load_wordpiece_tokenizer(cfg.embedder.model_dir)
@@ -382,8 +384,5 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
                     outputs=[str(project.merged_db_path(n)) for n in ("train", "valid", "sampled")])
     project.mark_done(report)
     stage_metrics(STAGE).seconds(sum(timings.values()), step="run")
-    for plan in plans.values():
-        for _, out in plan:
-            out.unlink(missing_ok=True)
-    shutil.rmtree(project.db_dir / "blocks", ignore_errors=True)
+    project.remove_scratch_dir(project.db_dir / "blocks")
     return report

@@ -116,8 +116,9 @@ def tokenize_block(item: dict) -> dict:
         arrays[f"{name}_doc_ids"] = doc_ids[in_split]
         arrays[f"{name}_lengths"] = lengths[in_split]
         arrays[f"{name}_tokens"] = flat[np.repeat(in_split, lengths)]
+    # The driver made out.parent; not recreating it here keeps a killed run's late task from writing
+    # into a directory the rerun has removed (Project.remove_scratch_dir).
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, out)
@@ -218,6 +219,7 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
         for b in range(n_blocks) if not block_files[b].is_file()
     ]
     if todo:
+        project.prep_blocks_dir.mkdir(parents=True, exist_ok=True)
         connect(address, progress)
         run_block_tasks(tokenize_block, todo, run_cfg.cpus_per_task, "tokenize")
     timings["tokenize"] = time.perf_counter() - t0
@@ -256,8 +258,5 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
     project.mark_done(report)
     stage_metrics(STAGE).seconds(sum(timings.values()), step="run")
     # The per-block files are only a resume aid; the merged datasets are the output.
-    for p in block_files:
-        p.unlink(missing_ok=True)
-    if project.prep_blocks_dir.is_dir():
-        project.prep_blocks_dir.rmdir()
+    project.remove_scratch_dir(project.prep_blocks_dir)
     return report
