@@ -45,9 +45,11 @@ dropout, as gpu_model_bench.py, so that CPU attention takes SDPA's memory-light 
           --global-batch-size 2 --warmup 1 --steps 3 --override model.hidden_dropout=0 \
           --override model.attention_dropout=0 --override model.ffn_dropout=0 \
           --override model.retro.retro_encoder_hidden_dropout=0 --override model.retro.retro_encoder_attention_dropout=0
-At that size glibc returns large freed tensors to the system and faults them in again at every step,
-which weighs on RETRO more than on GPT; prefix MALLOC_MMAP_THRESHOLD_=4294967296
-MALLOC_TRIM_THRESHOLD_=68719476736 to keep them (benchmarks/README.md: 1.31-1.42x without, 1.20x with).
+On CPU both the plain loops (this process) and the Ray workers keep freed memory in the process, as
+``retro-ray train``'s CPU workers do (trainer.cpu_keep_freed_memory; ``retro_ray.allocator``):
+with glibc's default allocator large freed tensors go back to the system and are faulted in again at
+every step, which at the 125M shape weighs on RETRO more than on GPT (benchmarks/README.md: 1.31-1.42x
+against 1.20x kept). --default-allocator turns that off on both sides.
 Writes <work-dir>/bench_train.json.
 """
 
@@ -67,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from retro_ray.allocator import keep_freed_memory
 from retro_ray.model.dropout import torch_masks
 from retro_ray.model.retro import RetroConfig, RetroModel
 from retro_ray.train import trainer
@@ -335,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="a train setting for every run (repeatable), e.g. model.hidden_dropout=0")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="CPU: leave glibc's allocator as it is, in this process and in the Ray workers "
+                         "(trainer.cpu_keep_freed_memory=false); by default both keep freed memory, as the "
+                         "workers of retro-ray train do (bench_cpu_allocator.py measures the difference)")
     ap.add_argument("--retro-vs-gpt-only", action="store_true",
                     help="only the interleaved RETRO / narrow-encoder RETRO / GPT loops (no Ray); e.g. the 125M "
                          "shape on a CPU: --configs 125m --micro-batch-size 1 --global-batch-size 2")
@@ -344,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.plain_threads:
         torch.set_num_threads(args.plain_threads)
+    keeps_freed_memory = False
+    if args.device == "cpu":
+        if args.default_allocator:
+            args.override.append("trainer.cpu_keep_freed_memory=false")
+        else:  # the plain loops get what the Ray workers get
+            keeps_freed_memory = keep_freed_memory()
     configs = (args.configs or ("demo,125m" if args.device == "cuda" else "demo")).split(",")
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_train_"))
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray.init: {time.perf_counter() - t0:.1f} s (not timed); {ray.cluster_resources()}")
     results = {"device": args.device, "host_cpus": os.cpu_count(),
                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-               "torch": torch.__version__, "runs": []}
+               "torch": torch.__version__, "keeps_freed_memory": keeps_freed_memory, "runs": []}
     try:
         for name in configs:
             results["runs"].append(bench_config(name.strip(), args, work_dir))

@@ -64,6 +64,15 @@ class TrainerSettings:
             "model's step 1.6x slower, after 90 s of compiling."
         ),
     )
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata=_help(
+            "CPU workers on Linux (glibc): keep freed memory in the process for the next step instead of "
+            "returning large tensors to the system after each use (mallopt mmap/trim thresholds). Saves "
+            "the page faults of mapping them afresh every step; the worker keeps its peak footprint. "
+            "No effect on GPU workers."
+        ),
+    )
     cpus_per_worker: float = field(
         default=1.0,
         metadata=_help("Ray CPUs reserved by each worker (fractions allowed, e.g. 0.5 to fit 2 workers on 1 CPU)."),

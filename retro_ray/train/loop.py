@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from retro_ray.allocator import keep_freed_memory
 from retro_ray.errors import RetroRayError
 from retro_ray.model.retro import IGNORE_INDEX, RetroConfig, RetroModel
 from retro_ray.train.config import TrainConfig, schedule_lr, schedule_params
@@ -387,6 +388,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     on_gpu = bool(spec["use_gpu"])
+    # Before the model exists, so that every large tensor of training comes from the tuned heap.
+    keeps_freed_memory = not on_gpu and cfg.trainer.cpu_keep_freed_memory and keep_freed_memory()
     # Must be set before DeepSpeed first looks for an accelerator (deepspeed is imported below).
     os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
     engine, init_timings = build_engine(cfg, model_cfg, world, on_gpu)
@@ -419,7 +422,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = schedule_lr(start_step, **schedule_params(cfg))
     init_record = {"kind": "event", "event": "resume" if checkpoint is not None else "start", "step": start_step,
-                   "world_size": world, "compiled": engine.is_compiled, **init_timings,
+                   "world_size": world, "compiled": engine.is_compiled,
+                   "cpu_keeps_freed_memory": keeps_freed_memory, **init_timings,
                    "worker_setup_s": round(time.perf_counter() - t_start, 3), "time": time.time()}
     history.append(init_record)
     torch.manual_seed(cfg.trainer.seed + 7919 * rank + start_step)  # dropout streams differ per rank
