@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
-# mallopt takes a C int. Blocks above 1 GiB are still mapped (rare, and their compute dwarfs a
-# fault per page); up to 2 GiB of free heap top is kept.
-MMAP_THRESHOLD = 1 << 30
-TRIM_THRESHOLD = (1 << 31) - 1
+# mallopt takes a C int: blocks of 2 GiB and more are still mapped. A trim threshold of -1 turns
+# trimming off (mallopt(3)): the free top of the heap is never handed back, however large it grows
+# (a 125M step on a CPU frees several GiB of activations at once).
+MMAP_THRESHOLD = (1 << 31) - 1
+TRIM_THRESHOLD = -1
 
 
 def keep_freed_memory() -> bool:
