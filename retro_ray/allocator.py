@@ -6,8 +6,8 @@ more than the trim threshold is free there. A training step allocates and frees 
 tensors every time (activations, logits of seq_length x vocabulary, gradients), so each step maps
 fresh pages and the kernel zero-fills them on first touch: at the 125M shape on this project's CPU
 that was 9 % of a step (1.9 s of 21.5 s), more for RETRO than for GPT (benchmarks/README.md).
-Raising both thresholds lets freed blocks be reused from the heap: the process keeps its peak
-footprint instead of returning it between steps.
+Raising the mmap threshold and turning trimming off lets freed blocks be reused from the heap: the
+process keeps its peak footprint instead of returning it between steps.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ TRIM_THRESHOLD = -1
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process. False where that is not possible
+    """Raise glibc's mmap threshold and turn heap trimming off for this process. False where that is not possible
     (not glibc: macOS, musl), leaving the allocator as it was."""
     name = ctypes.util.find_library("c")
     try:
