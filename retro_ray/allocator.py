@@ -13,7 +13,6 @@ process keeps its peak footprint instead of returning it between steps.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,8 @@ TRIM_THRESHOLD = -1
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap threshold and turn heap trimming off for this process. False where that is not possible
     (not glibc: macOS, musl), leaving the allocator as it was."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's among them
         mallopt = libc.mallopt
         gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op
     except (OSError, AttributeError):

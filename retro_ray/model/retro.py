@@ -768,9 +768,12 @@ class RetroModel(nn.Module):
         """
         c = self.config
         d, f, L, n, m, V = c.hidden_size, c.ffn_hidden_size, c.num_layers, c.seq_length, c.chunk_length, c.vocab_size
-        proj_attn = 2 * 4 * d * d  # q, k, v, out
-        mlp = 2 * 2 * d * f
-        fwd = L * (proj_attn + mlp + 4 * n * d) + 2 * d * V
+
+        def layer(width: int, ffn: int, keys: int) -> int:
+            """A transformer layer per token: q, k, v, out projections, MLP, QK^T and AV over ``keys``."""
+            return 2 * 4 * width * width + 2 * 2 * width * ffn + 4 * keys * width
+
+        fwd = L * layer(d, f, n) + 2 * d * V
         if c.retro.enabled:
             K, r = c.retro.retro_num_neighbors, c.neighbor_length
             de, fe = c.encoder_hidden_size, c.encoder_ffn_hidden_size
@@ -781,7 +784,7 @@ class RetroModel(nn.Module):
             X = len(c.retro.retro_encoder_cross_attention_layers)
             per_nbr_token = (
                 (2 * d * de if de != d else 0)
-                + E * (2 * 4 * de * de + 2 * 2 * de * fe + 4 * r * de)
+                + E * layer(de, fe, r)
                 + X * (2 * 2 * de * de + 4 * m * de)
             )
             fwd += nbr_per_token * per_nbr_token + X * 2 * 2 * d * de
