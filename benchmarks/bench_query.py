@@ -344,10 +344,10 @@ def main() -> int:
                 res["stage"], outs["stage"] = run_stage(project, args.train_samples)
             else:
                 res["plain"], outs["plain"] = run_plain(project, args.train_samples, qrun.samples_per_block,
-                                                        qrun.batch_size)
+                                                        pcfg.embedder.batch_size)
         res["check"] = compare(outs["stage"], outs["plain"])
         rounds.append(res)
-    diag = diagnostics(project, qrun.batch_size)
+    diag = diagnostics(project, pcfg.embedder.batch_size)
     ray.shutdown()
 
     say("part 2: RetroDataset vs train step")

@@ -98,6 +98,14 @@ class EmbedderSettings:
         default=256,
         metadata=_help("Wordpiece tokens kept per chunk before embedding. Megatron: retro_bert_max_chunk_length."),
     )
+    batch_size: int = field(
+        default=64,
+        metadata=_help(
+            "Chunks per embedder forward pass. Chunks are embedded in fixed groups of this many consecutive "
+            "chunk ids (query: of whole samples), so a vector never depends on block sizes, actor counts or "
+            "timing; it does depend on this group, hence it is recorded. May be given to `embed` before it starts."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,8 @@ class ProjectConfig:
             )
         if self.embedder.max_chunk_length <= 0:
             raise RetroRayError("embedder.max_chunk_length must be positive; the default is 256.")
+        if self.embedder.batch_size <= 0:
+            raise RetroRayError(f"embedder.batch_size={self.embedder.batch_size} must be positive; the default is 64.")
         if self.index.ntrain is not None and self.index.ntrain <= 0:
             raise RetroRayError(f"index.ntrain={self.index.ntrain} must be positive, or empty for the default.")
         q = self.query
@@ -250,11 +260,11 @@ class EmbedRunConfig:
     chunks_per_block: int = field(
         default=2048, metadata=_help("Chunks per block: the unit of an actor's work, of the output files and of resume.")
     )
-    batch_size: int = field(default=64, metadata=_help("Chunks per forward pass of the embedder."))
     precision: str = field(
         default="auto",
         metadata=_help("auto | fp32 | bf16 | fp16. auto: fp16 on GPU; bf16 on a CPU with native bf16 when it matches "
-                       "fp32 (cosine >= 0.999); else fp32. The choice is logged and recorded."),
+                       "fp32 (cosine >= 0.999); else fp32. Decided once, before the first block, and recorded: "
+                       "every block, a resumed run's too, and the query stage use that precision."),
     )
     num_actors: int | None = field(
         default=None, metadata=_help("Embedder actors. Empty = one per GPU, or one per whole CPU of the cluster.")
@@ -289,7 +299,6 @@ class QueryRunConfig:
         metadata=_help("Ray CPUs per query actor (below 1: see embed.cpus_per_actor; 0.75 lets two actors and two "
                        "0.25-CPU index shards share 2 CPUs)."),
     )
-    batch_size: int = field(default=64, metadata=_help("Chunks per forward pass of the embedder."))
     use_gpu: str = field(default="auto", metadata=_help("auto | true | false: embed query chunks on GPUs."))
 
 

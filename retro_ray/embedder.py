@@ -355,6 +355,23 @@ class Embedder:
 
     __call__ = embed
 
+    def embed_groups(self, texts: Sequence[str], group: int) -> np.ndarray:
+        """Embed ``texts`` as consecutive groups of ``group`` texts, each group on its own.
+
+        A chunk's vector depends on the other chunks of its forward pass: they set the padded width,
+        and with it the order of the floating-point sums (in bf16 the embedding moves by ~1e-3, in fp32
+        by ~1e-7, enough to swap near-tied neighbours). Stages therefore embed fixed groups of
+        consecutive chunk ids (``texts[0]`` must start a group), so a chunk's vector is a function of
+        its group alone and never of block sizes, actor counts or timing.
+        """
+        group = int(group)
+        if group < 1:
+            raise RetroRayError(f"embedding group size {group} must be >= 1; set embedder.batch_size to a positive value")
+        texts = list(texts)
+        if len(texts) <= group:
+            return self.embed(texts)
+        return np.concatenate([self.embed(texts[lo:lo + group]) for lo in range(0, len(texts), group)])
+
     def _embed_with(self, model, texts: list[str]) -> np.ndarray:
         import torch
 

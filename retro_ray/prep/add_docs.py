@@ -106,12 +106,7 @@ class AddDocsConfig:
         metadata={"help": "JSONL key / Parquet column / record key with the title (optional in the data). "
                           "Empty = the project's corpus.title_field."},
     )
-    embed_batch_size: int = field(default=64, metadata={"help": "Chunks per embedder forward pass."})
     device: str = field(default="auto", metadata={"help": "Embedder device when add-docs loads it: auto | cpu | cuda | cuda:N."})
-
-    def __post_init__(self) -> None:
-        if int(self.embed_batch_size) < 1:
-            raise RetroRayError(f"add-docs embed_batch_size={self.embed_batch_size} must be >= 1; pass a positive batch size")
 
 
 @dataclass
@@ -401,7 +396,7 @@ def _project_embedder(project: Project, cfg: AddDocsConfig):
     if precision not in ("fp32", "bf16", "fp16"):
         precision = "auto"
     return Embedder(EmbedderConfig(model_dir=pcfg.embedder.model_dir, max_chunk_length=pcfg.embedder.max_chunk_length,
-                                   precision=precision, device=cfg.device, batch_size=cfg.embed_batch_size))
+                                   precision=precision, device=cfg.device, batch_size=pcfg.embedder.batch_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,15 +435,17 @@ def _tokenize_and_chunk(project: Project, docs: list[NewDocument]) -> dict:
             "chunks_per_doc": np.bincount(doc, minlength=len(docs))}
 
 
-def _embed(embedder, texts: list[str], batch: int, progress: bool) -> np.ndarray:
+def _embed(embedder, texts: list[str], group: int, progress: bool) -> np.ndarray:
+    """The call's chunks in groups of ``group`` (the project's embedder.batch_size) from its first chunk,
+    as the embed stage groups chunk ids: the same documents always get the same vectors."""
     from tqdm import tqdm
 
     out = np.empty((len(texts), embedder.dim), dtype=np.float32)
-    step = batch * 8
+    step = group * 8
     with tqdm(total=len(texts), unit=" chunks", desc="add-docs embed", disable=True if not progress else None,
               leave=False) as bar:
         for lo in range(0, len(texts), step):
-            out[lo:lo + step] = embedder.embed(texts[lo:lo + step])
+            out[lo:lo + step] = embedder.embed_groups(texts[lo:lo + step], group)
             bar.update(min(step, len(texts) - lo))
     return out
 
@@ -602,7 +599,7 @@ def add_documents(project: Project, source: str | os.PathLike | Sequence[dict], 
             if embedder is None:
                 embedder = _project_embedder(project, cfg)
                 _check_embedder(embedder, project)
-            vectors = _embed(embedder, chunked["texts"], cfg.embed_batch_size, progress)
+            vectors = _embed(embedder, chunked["texts"], project.read_config().embedder.batch_size, progress)
             timings["embed"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             state = _commit_db(project, state, store, new, chunked, vectors, embedder)

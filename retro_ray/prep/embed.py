@@ -4,6 +4,12 @@ Ray Data over blocks of chunk ids → ``map_batches`` with :class:`EmbedChunks` 
 callable class) on an actor pool → one ``embeddings/<split>/<block>.npy`` (float32 [n, dim]) per
 block, written atomically; a rerun embeds only the blocks that are missing.
 
+Invariance: chunks are embedded in fixed groups of ``embedder.batch_size`` consecutive chunk ids
+(:meth:`~retro_ray.embedder.Embedder.embed_groups`); a block whose edges cut a group embeds the
+whole group and keeps its own rows. The precision is decided once, before the first block, and
+recorded with the block size in ``embeddings/layout.json``. So the files do not depend on
+``embed.chunks_per_block``, on the number of actors or on which actor ran a block.
+
 Sizing: one actor per GPU when the cluster has GPUs; otherwise one actor per whole CPU, each
 reserving 0.9 CPU. Below 1 on purpose: an actor pool that reserves every CPU can starve Ray Data's
 own tasks and hang (seen on 2-CPU machines); each actor runs torch with as many threads as the
@@ -50,18 +56,23 @@ class EmbedChunks:
         self.embedder = Embedder(EmbedderConfig(model_dir=model_dir, max_chunk_length=max_chunk_length,
                                                 batch_size=batch_size, precision=precision, device=device))
         self.datasets = {s: IndexedDataset(self.project.token_prefix(s)) for s in EMBED_SPLITS}
+        self.group = int(batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from retro_ray.retrieval.chunks import decode_chunks
 
         out: dict[str, list] = {"block_key": [], "chunks": [], "seconds": [], "precision": []}
+        g = self.group
         for key, split, start, end, path in zip(batch["block_key"], batch["split"], batch["start"],
                                                 batch["end"], batch["out"]):
             t0 = time.perf_counter()
+            start, end = int(start), int(end)
             with h5py.File(self.project.merged_db_path(str(split)), "r") as f:
-                rows = f["chunks"][int(start):int(end)]
+                lo, hi = start // g * g, min(-(-end // g) * g, int(f["chunks"].shape[0]))  # whole groups
+                rows = f["chunks"][lo:hi]
             texts = decode_chunks(self.datasets[str(split)], rows, self.gpt)
-            emb = self.embedder.embed(texts)
+            emb = np.ascontiguousarray(self.embedder.embed_groups(texts, g)[start - lo:end - lo])
+            rows = rows[start - lo:end - lo]
             save_npy_atomic(Path(str(path)), emb)
             seconds = time.perf_counter() - t0
             m = stage_metrics(STAGE)
@@ -121,6 +132,20 @@ def actor_pool(num_actors: int | None, cpus_per_actor: float, use_gpu: str) -> d
             "threads": max(1, math.ceil(cpus_per_actor))}
 
 
+def decide_precision(wanted: str, device: str, settings) -> tuple[str, str]:
+    """The one precision a whole embed run uses: ``wanted`` unless ``auto``; auto is decided by the
+    embedder's own rule (fp16 on GPUs; on this CPU bf16 when native and close to fp32, else fp32)."""
+    if wanted != "auto":
+        return wanted, "asked for"
+    if device == "cuda":
+        return "fp16", "CUDA device"
+    from retro_ray.embedder import Embedder, EmbedderConfig
+
+    probe = Embedder(EmbedderConfig(model_dir=settings.model_dir, max_chunk_length=settings.max_chunk_length,
+                                    precision="auto", device="cpu"))
+    return probe.precision, probe.precision_reason
+
+
 def plan_blocks(project: Project, chunks_per_block: int) -> list[dict]:
     items = []
     for split in EMBED_SPLITS:
@@ -163,36 +188,53 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
     import ray
     from ray.data import ActorPoolStrategy
 
-    cfg = project.check_overrides(overrides or {})
     project.require("db", STAGE)
-    if run_cfg.chunks_per_block <= 0 or run_cfg.batch_size <= 0:
-        raise RetroRayError("embed.chunks_per_block and embed.batch_size must be positive.")
+    if run_cfg.chunks_per_block <= 0:
+        raise RetroRayError(f"embed.chunks_per_block={run_cfg.chunks_per_block} must be positive.")
     if project.is_done(STAGE):
+        project.check_overrides(overrides or {})
         done = project.report(STAGE)
         done.skipped = True
         return done
     for split in EMBED_SPLITS:
         project.remove_stale_temporaries(project.embeddings_dir / split)
-    # A resumed run keeps the block size of the blocks already on disk.
-    layout = project.embeddings_dir / "layout.json"
-    per_block = run_cfg.chunks_per_block
-    if layout.is_file():
-        per_block = json.loads(layout.read_text())["chunks_per_block"]
-        if per_block != run_cfg.chunks_per_block:
-            log.info("embed: resuming with the block size already on disk, %d chunks", per_block)
+    # A resumed run keeps the block size, group size and precision of the blocks already on disk.
+    layout_path = project.embeddings_dir / "layout.json"
+    layout = json.loads(layout_path.read_text()) if layout_path.is_file() else None
+    if layout is None:  # nothing embedded yet: embedder.batch_size may still change
+        cfg = project.check_overrides(overrides or {}, changeable=("embedder.batch_size",))
     else:
-        atomic_write_json(layout, {"chunks_per_block": per_block})
+        given = (overrides or {}).get("embedder", {}).get("batch_size")
+        if given is not None and "batch_size" in layout and int(given) != int(layout["batch_size"]):
+            raise RetroRayError(
+                f"embedder.batch_size={given} was given but the embeddings in {project.embeddings_dir} are being "
+                f"made in groups of {layout['batch_size']}; drop the override, or delete that directory to start over"
+            )
+        cfg = project.check_overrides(overrides or {})
+        if run_cfg.precision != "auto" and layout.get("precision") not in (None, run_cfg.precision):
+            raise RetroRayError(
+                f"embed.precision={run_cfg.precision} was given but the embeddings in {project.embeddings_dir} are "
+                f"being made in {layout['precision']}; drop the setting, or delete that directory to start over"
+            )
+        if layout["chunks_per_block"] != run_cfg.chunks_per_block:
+            log.info("embed: resuming with the block size already on disk, %d chunks", layout["chunks_per_block"])
+    per_block = layout["chunks_per_block"] if layout else run_cfg.chunks_per_block
+    group = int(cfg.embedder.batch_size)
     from retro_ray.embedder import load_wordpiece_tokenizer
 
     load_wordpiece_tokenizer(cfg.embedder.model_dir)  # a bad model directory fails here, once
     items = plan_blocks(project, per_block)
     todo = [it for it in items if not Path(it["out"]).is_file()]
     t0 = time.perf_counter()
-    precisions: set[str] = set()
+    precision = (layout or {}).get("precision")
     if todo:
         connect(address, progress)
         pool = actor_pool(run_cfg.num_actors, run_cfg.cpus_per_actor, run_cfg.use_gpu)
         pool["size"] = min(pool["size"], len(todo))
+        if precision is None:  # decided here, once, so that every actor (and a resumed run) uses the same
+            precision, reason = decide_precision(run_cfg.precision, pool["device"], cfg.embedder)
+            log.info("embed: precision %s (%s)", precision, reason)
+        atomic_write_json(layout_path, {"chunks_per_block": per_block, "batch_size": group, "precision": precision})
         log.info("embed: %d blocks to do with %d actors (%s, %g CPU%s each)", len(todo), pool["size"],
                  pool["device"], pool["num_cpus"], f", {pool['num_gpus']} GPU" if pool["num_gpus"] else "")
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
@@ -200,7 +242,7 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
             EmbedChunks,
             fn_constructor_kwargs=dict(project_root=str(project.root), model_dir=cfg.embedder.model_dir,
                                        max_chunk_length=cfg.embedder.max_chunk_length,
-                                       batch_size=run_cfg.batch_size, precision=run_cfg.precision,
+                                       batch_size=group, precision=precision,
                                        device=pool["device"], torch_threads=pool["threads"]),
             batch_size=1,
             compute=ActorPoolStrategy(size=pool["size"]),
@@ -208,7 +250,9 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
             num_gpus=pool["num_gpus"],
         )
         rows = ds.take_all()
-        precisions = {r["precision"] for r in rows}
+        got = {r["precision"] for r in rows}
+        if got != {precision}:
+            raise RetroRayError(f"embed actors ran in {', '.join(sorted(got))} instead of {precision}: a bug, please report it")
     seconds = time.perf_counter() - t0
     n_chunks = sum(it["end"] - it["start"] for it in items)
     n_done = sum(it["end"] - it["start"] for it in todo)
@@ -220,7 +264,8 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
         "blocks": len(items),
         "chunks_per_block": per_block,
         "dim": dim,
-        "precision": ",".join(sorted(precisions)) or project.derived().get("embed_precision", "unknown"),
+        "precision": precision or project.derived().get("embed_precision", "unknown"),
+        "batch_size": group,
         "chunks_per_s": round(n_done / seconds, 1) if n_done and seconds > 0 else 0,
     }
     project.update_derived(embed_dim=dim, embed_precision=counts["precision"])

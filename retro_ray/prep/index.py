@@ -35,6 +35,7 @@ from retro_ray.runtime import connect
 log = logging.getLogger(__name__)
 TRAIN_STAGE, ADD_STAGE = "index-train", "index-add"
 KILL_SHARD_ENV = "RETRO_RAY_INDEX_ADD_KILL_SHARD"
+ADD_BATCH = 8192  # vectors per add call to a shard, on a grid of chunk ids
 
 
 def resolve_index_string(project: Project, index_str: str) -> str:
@@ -201,17 +202,19 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
         empty_ref = ray.put(_bytes_of(paths["empty"]))
         shards = {i: start_shard(i, index_bytes=empty_ref, num_cpus=run_cfg.cpus_per_shard, **_crash_test_options(i))
                   for i in todo}
-        per = int(project.report("embed").counts["chunks_per_block"])
         pending = []
         doing = "adding"
         bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit=" vectors", desc="index-add",
                    disable=True if not progress else None)
         try:
-            # Feed each shard its range a block at a time; actor calls run in order, in parallel across shards.
+            # Feed each shard its range a batch at a time; actor calls run in order, in parallel across shards.
+            # Batches sit on a fixed grid of chunk ids, not on the embed stage's block size: Faiss assigns
+            # a batch's vectors to IVF lists together (a BLAS product with a flat quantizer), so a batch's
+            # make-up must not follow a run setting.
             for i in todo:
                 start, end = ranges[i]
-                for lo in range(start, end, per):
-                    hi = min(lo + per, end)
+                edges = sorted({start, end, *range(-(-start // ADD_BATCH) * ADD_BATCH, end, ADD_BATCH)})
+                for lo, hi in zip(edges[:-1], edges[1:]):
                     pending.append((shards[i].add.remote(ray.put(load_embeddings(project, "train", start=lo, end=hi)), lo),
                                     hi - lo, i))
             metrics = stage_metrics("index")

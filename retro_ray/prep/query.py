@@ -11,6 +11,12 @@ and ``meta.json``; ``<hash>`` covers everything the neighbours depend on (data, 
 lengths, tokenizer, embedder, index and search settings, sample count), and config.json records
 the directory names. Ray Data runs it over blocks of samples with an actor pool whose actors embed
 and search the shard actors; a rerun does only the missing blocks.
+
+Invariance: query chunks are embedded and searched in fixed groups of whole samples (as many as
+fit ``embedder.batch_size`` chunks, at least one), counted from sample 0 of the split; a block whose
+edges cut a group computes the whole group and keeps its own rows. Candidates are ranked by
+(distance, chunk id). So the neighbours do not depend on ``query.samples_per_block``, on the number
+of actors or on which actor ran a block.
 """
 
 from __future__ import annotations
@@ -45,10 +51,11 @@ def neighbor_inputs(project: Project, split: str) -> dict:
     # Settings added after projects already existed are hashed only when set away from their default,
     # so that a project made before them keeps its neighbours.
     corpus = {k: v for k, v in cfg["corpus"].items() if not (k == "holdout_fraction" and v == 0.0)}
+    embedder = {k: v for k, v in cfg["embedder"].items() if not (k == "batch_size" and v == 64)}
     return {
         "split": split, "corpus": corpus, "tokenizer": cfg["tokenizer"], "split_weights": cfg["split"],
         "seed": cfg["seed"], "seq_length": cfg["seq_length"], "chunk_length": cfg["chunk_length"],
-        "embedder": cfg["embedder"], "embed_precision": d.get("embed_precision"), "index": cfg["index"],
+        "embedder": embedder, "embed_precision": d.get("embed_precision"), "index": cfg["index"],
         "index_str": d.get("index_str"), "search": q, "samples": samples,
         "data": {"tokens": d.get("tokens_per_split"), "docs": d.get("docs_per_split"),
                  "db_chunks": d.get("chunks_per_split"), "vocab_size": d.get("vocab_size")},
@@ -75,8 +82,8 @@ def make_samples(project: Project, split: str):
 class QueryNeighbors:
     """Callable class for ``map_batches``: a block of samples in, its neighbour ids on disk."""
 
-    def __init__(self, project_root: str, shard_handles: list, shard_files: list[str], batch_size: int,
-                 device: str, torch_threads: int) -> None:
+    def __init__(self, project_root: str, shard_handles: list, shard_files: list[str], device: str,
+                 torch_threads: int) -> None:
         t0 = time.perf_counter()
         import torch
 
@@ -87,8 +94,8 @@ class QueryNeighbors:
         self.project = Project(project_root)
         cfg = self.project.read_config()
         self.cfg = cfg
-        self.retriever = Retriever(self.project, ShardedIndex(shard_handles, shard_files), device=device,
-                                   batch_size=batch_size)
+        self.retriever = Retriever(self.project, ShardedIndex(shard_handles, shard_files), device=device)
+        self.group = samples_per_group(cfg)
         self.samples = {s: make_samples(self.project, s) for s in QUERY_SPLITS}
         self.doc_ids = {s: np.load(self.project.doc_ids_path(s)) for s in QUERY_SPLITS}
         self.n_train = self.retriever.db.n_train
@@ -104,33 +111,44 @@ class QueryNeighbors:
         for key, split, start, end, path in zip(batch["block_key"], batch["split"], batch["start"],
                                                 batch["end"], batch["out"]):
             t0 = time.perf_counter()
-            split = str(split)
-            spans = [self.samples[split].span(i) for i in range(int(start), int(end))]
-            chunks = np.concatenate([s.tokens[:-1].reshape(-1, m) for s in spans])  # [n_samples*C, m]
-            per_sample = len(chunks) // max(1, len(spans))
-            found = self.retriever.search_token_chunks(chunks, k_query)
+            split, start, end = str(split), int(start), int(end)
+            g = self.group
+            lo, hi = start // g * g, min(-(-end // g) * g, len(self.samples[split]))  # whole groups
+            spans = [self.samples[split].span(i) for i in range(lo, hi)]
+            per_sample = self.cfg.seq_length // m
+            ids = []
+            for a in range(0, len(spans), g):  # one embedding + search per group, as every run makes it
+                chunks = np.concatenate([s.tokens[:-1].reshape(-1, m) for s in spans[a:a + g]])  # [g*C, m]
+                ids.append(self.retriever.search_token_chunks(chunks, k_query).ids)
+            spans = spans[start - lo:end - lo]
+            found_ids = np.concatenate(ids)[(start - lo) * per_sample:(end - lo) * per_sample]  # [n, k_query]
             # Global ids of the documents each chunk's sample spans, and of each candidate.
-            cand_docs = self.retriever.db.global_doc_ids(found.ids)               # [n, k_query]
-            neighbors = np.full((len(chunks), k_save), -1, dtype=np.int64)
+            cand_docs = self.retriever.db.global_doc_ids(found_ids)               # [n, k_query]
+            neighbors = np.full((len(found_ids), k_save), -1, dtype=np.int64)
             for s_i, span in enumerate(spans):
                 own = self.doc_ids[split][span.docs]
                 rows = slice(s_i * per_sample, (s_i + 1) * per_sample)
                 # Pretraining neighbours come from the training database only: chunks added later with
                 # add-docs (ids >= n_train) are for inference, and would make a rerun differ.
-                keep = (found.ids[rows] >= 0) & (found.ids[rows] < self.n_train) & ~np.isin(cand_docs[rows], own)
-                for r, (ids_r, keep_r) in enumerate(zip(found.ids[rows], keep)):
+                keep = (found_ids[rows] >= 0) & (found_ids[rows] < self.n_train) & ~np.isin(cand_docs[rows], own)
+                for r, (ids_r, keep_r) in enumerate(zip(found_ids[rows], keep)):
                     chosen = ids_r[keep_r][:k_save]
                     neighbors[s_i * per_sample + r, :len(chosen)] = chosen
             save_npy_atomic(Path(str(path)), neighbors)
-            m = stage_metrics(STAGE)
-            m.seconds(time.perf_counter() - t0)
-            m.rows(len(spans))
-            m.chunks(len(chunks))
-            m.neighbors(int((neighbors >= 0).sum()))
+            metrics = stage_metrics(STAGE)
+            metrics.seconds(time.perf_counter() - t0)
+            metrics.rows(len(spans))
+            metrics.chunks(len(found_ids))
+            metrics.neighbors(int((neighbors >= 0).sum()))
             out["block_key"].append(str(key))
-            out["chunks"].append(len(chunks))
+            out["chunks"].append(len(found_ids))
             out["found"].append(int((neighbors >= 0).sum()))
         return out
+
+
+def samples_per_group(cfg) -> int:
+    """Samples whose chunks are embedded and searched together: as many as fit ``embedder.batch_size``."""
+    return max(1, int(cfg.embedder.batch_size) // (cfg.seq_length // cfg.chunk_length))
 
 
 def _process_start() -> float:
@@ -209,7 +227,7 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 QueryNeighbors,
                 fn_constructor_kwargs=dict(project_root=str(project.root), shard_handles=index.shards,
-                                           shard_files=[str(f) for f in files], batch_size=run_cfg.batch_size,
+                                           shard_files=[str(f) for f in files],
                                            device="cuda" if gpu else "cpu",
                                            torch_threads=1 if gpu else max(1, math.ceil(run_cfg.cpus_per_actor))),
                 batch_size=1, compute=ActorPoolStrategy(size=size),

@@ -43,12 +43,13 @@ class LocalIndex:
         return int(self.index.ntotal)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
-        from retro_ray.retrieval.index import search
+        from retro_ray.retrieval.index import merge_topk, metric_name, search
 
         d_nprobe, d_ef = self._defaults
         with self._lock:
-            return search(self.index, queries, k, nprobe=nprobe if nprobe is not None else d_nprobe,
+            D, I = search(self.index, queries, k, nprobe=nprobe if nprobe is not None else d_nprobe,
                           ef_search=ef_search if ef_search is not None else d_ef)
+        return merge_topk([D], [I], k, metric=metric_name(self.index))  # equal distances ordered by id, as sharded
 
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray, expected_ntotal: int | None = None) -> int:
         """Add vectors under ``ids``; with ``expected_ntotal``, only if the index holds exactly that many
@@ -69,7 +70,7 @@ class Neighbors:
 
 class Retriever:
     def __init__(self, project: Project, searcher, embedder=None, nprobe: int | None = None,
-                 ef_search: int | None = None, device: str = "auto", batch_size: int = 64) -> None:
+                 ef_search: int | None = None, device: str = "auto", batch_size: int | None = None) -> None:
         self.project = project
         self.searcher = searcher
         cfg = project.read_config()
@@ -83,7 +84,8 @@ class Retriever:
                 precision = "auto"
             embedder = Embedder(EmbedderConfig(model_dir=cfg.embedder.model_dir,
                                                max_chunk_length=cfg.embedder.max_chunk_length,
-                                               precision=precision, device=device, batch_size=batch_size))
+                                               precision=precision, device=device,
+                                               batch_size=batch_size or cfg.embedder.batch_size))
         self.embedder = embedder
         if getattr(searcher, "dim", embedder.dim) != embedder.dim:
             raise RetroRayError(

@@ -20,7 +20,7 @@ import ray
 
 from retro_ray.corpus import normalize_text
 from retro_ray.errors import RetroRayError
-from retro_ray.prep.add_docs import KILL_AT_ENV, AddDocsConfig, add_documents
+from retro_ray.prep.add_docs import KILL_AT_ENV, add_documents
 from retro_ray.prep.index import index_paths, shard_paths
 from retro_ray.project import Project
 from retro_ray.retrieval.chunks import added_dir, read_added_state
@@ -213,7 +213,7 @@ def test_text_directory_titles_come_from_file_names(project, baseline, tmp_path)
     (d / "sub").mkdir(parents=True)
     (d / "Zorblax fact.txt").write_text("Zorblax is a fictional moon of Neptune covered in blue glass dunes.")
     (d / "sub" / "Quennel.txt").write_text("Quennel is an invented river that flows uphill every second Tuesday.")
-    rep = add_documents(project, d, AddDocsConfig(embed_batch_size=8), embedder=baseline["embedder"], progress=False)
+    rep = add_documents(project, d, embedder=baseline["embedder"], progress=False)
     assert rep.counts["docs_added"] == 2 and rep.counts["chunks_added"] == 2
     r = Retriever.local(project, embedder=baseline["embedder"])
     found = r.search_texts(["a moon of Neptune with glass dunes", "a river that flows uphill"], 1)

@@ -109,6 +109,7 @@ def test_kill_9_of_a_shard_mid_add_fails_loudly_and_rerun_completes(trained, cle
     paths = index_paths(p)
     assert "index_num_shards" not in p.derived()  # index-add has never run here
     # Shard 1's actor SIGKILLs its own worker process right after adding its first of six blocks.
+    monkeypatch.setattr(index, "ADD_BATCH", PER)
     monkeypatch.setenv(KILL_SHARD_ENV, "1:1")
     with pytest.raises(RetroRayError) as err:
         index.run_add(p, RUN, progress=False)

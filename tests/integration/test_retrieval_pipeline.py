@@ -33,7 +33,9 @@ def ray_cluster():
 PIPELINE_OVERRIDES = ["tokenizer.vocab_size=1024", "split=90,10,0", f"seq_length={SEQ}", f"chunk_length={CHUNK}",
                       "query.num_neighbors_query=20", "query.num_neighbors_save=4", "query.train_samples=120",
                       # small blocks, so that several actors, blocks and shards are exercised
-                      "embed.chunks_per_block=200", "index.num_shards=3", "query.samples_per_block=40"]
+                      "embed.chunks_per_block=200", "index.num_shards=3", "query.samples_per_block=40",
+                      # bf16 (emulated where the CPU lacks it) is where a batch's make-up moves vectors most
+                      "embed.precision=bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +230,44 @@ def test_query_is_deterministic_and_resumes_after_kill(queried, ray_cluster, tmp
     query.run(copy, C.QueryRunConfig(samples_per_block=10), progress=False)  # resumes with the same block size
     for s in ("train", "valid"):
         assert np.array_equal(np.concatenate(query.load_neighbors(copy, s)[0]), ref[s]), s
+
+
+@pytest.mark.timeout(900)
+def test_embed_and_query_outputs_do_not_depend_on_block_size_or_actors(queried, ray_cluster, tmp_path):
+    """Run settings change how a stage runs, never what it writes: embeddings from blocks of 200 (two
+    actors), 77 (one actor) and 333 (two actors), and neighbours from blocks of 40 (one actor), 7 (two
+    actors) and 10 (the kill test above) are the same bytes. Groups are cut across block edges here."""
+    assert queried.report("embed").counts["precision"] == "bf16"
+    splits = ("train", "valid")
+    ref = {s: embed.load_embeddings(queried, s) for s in splits}
+    for per, actors in ((77, 1), (333, 2)):
+        p = Project(tmp_path / f"embed-{per}")
+        shutil.copytree(queried.root, p.root, ignore=shutil.ignore_patterns("embeddings"))
+        p.clear_done("embed")
+        rep = embed.run(p, C.EmbedRunConfig(chunks_per_block=per, num_actors=actors, precision="bf16"), progress=False)
+        assert rep.counts["chunks_per_block"] == per and rep.counts["chunks_embedded_this_run"] > 0
+        for s in splits:
+            got = embed.load_embeddings(p, s)
+            assert got.shape == ref[s].shape and got.tobytes() == ref[s].tobytes(), (per, s)
+    ref_nb = {s: np.concatenate(query.load_neighbors(queried, s)[0]) for s in splits}
+    p = Project(tmp_path / "query-7")
+    shutil.copytree(queried.root, p.root, ignore=shutil.ignore_patterns("query"))
+    p.clear_done("query")
+    query.run(p, C.QueryRunConfig(samples_per_block=7, num_actors=2, cpus_per_actor=0.5), progress=False)
+    for s in splits:
+        assert np.array_equal(np.concatenate(query.load_neighbors(p, s)[0]), ref_nb[s]), s
+
+
+def test_a_resumed_embed_keeps_its_group_size_and_precision(queried, tmp_path):
+    p = Project(tmp_path / "resume")
+    shutil.copytree(queried.root, p.root)
+    p.clear_done("embed")
+    layout = json.loads((p.embeddings_dir / "layout.json").read_text())
+    assert layout == {"chunks_per_block": 200, "batch_size": 64, "precision": "bf16"}
+    with pytest.raises(RetroRayError, match=r"embedder.batch_size=32 was given but the embeddings in .* are being "
+                                            r"made in groups of 64; drop the override"):
+        embed.run(p, overrides={"embedder": {"batch_size": 32}}, progress=False)
+    with pytest.raises(RetroRayError, match=r"embed.precision=fp32 was given but the embeddings in .* are being "
+                                            r"made in bf16"):
+        embed.run(p, C.EmbedRunConfig(precision="fp32"), progress=False)
+    assert json.loads(p.config_path.read_text())["embedder"]["batch_size"] == 64  # nothing was recorded

@@ -3,7 +3,7 @@
 - Ray cluster launcher files (cluster/*.yaml) against the ray-schema.json that ships inside the
   installed ray, then through ray's own prepare_config + validate_config (what `ray up` runs first).
 - KubeRay manifests (cluster/kuberay/*.yaml) against JSON Schemas of the KubeRay v1 CRDs, kept in
-  shared/schemas/kuberay beside the repository (not in it); these reject unknown fields.
+  tests/data/kuberay (source and version in its README); these reject unknown fields.
 - The RayService's serveConfigV2 against Ray Serve's own ServeDeploySchema.
 """
 
@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+KUBERAY_SCHEMAS = REPO / "tests" / "data" / "kuberay"
 SCHEMA_FILES = {"RayCluster": "raycluster_v1.json", "RayJob": "rayjob_v1.json", "RayService": "rayservice_v1.json"}
 SHARED_MOUNT = "/mnt/retro"  # where every pod and node sees the project storage
 
@@ -42,14 +42,12 @@ def ray_schema() -> dict:
 
 @pytest.fixture(scope="module")
 def kuberay_schemas() -> dict[str, dict]:
-    if not KUBERAY_SCHEMAS.is_dir():
-        pytest.fail(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS}: these tests expect the project's shared/ "
-                    "directory beside the repository (CI copies it there); copy shared/ next to the clone.")
     out = {}
     for kind, name in SCHEMA_FILES.items():
         path = KUBERAY_SCHEMAS / name
         if not path.is_file():
-            pytest.fail(f"missing KubeRay schema {path} (expected {', '.join(SCHEMA_FILES.values())})")
+            pytest.fail(f"missing KubeRay schema {path}: the repository ships {', '.join(SCHEMA_FILES.values())} "
+                        "in tests/data/kuberay; restore them from git")
         out[kind] = json.loads(path.read_text())
     return out
 

@@ -67,6 +67,21 @@ def test_batch_of_one_equals_batch_of_many(ref):
     assert cosine_rows(ref[2:3], one.embed([SENTENCES[2]])).min() >= 0.999
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_vector_depends_only_on_its_group(precision):
+    """embed_groups: the same group gives the same bits in any list that starts on a group boundary;
+    bf16 (emulated on CPUs without it) is where the padded width of a batch moves embeddings most."""
+    e = Embedder(EmbedderConfig(precision=precision, batch_size=4))
+    texts = (SENTENCES * 2)[:16]
+    whole = e.embed_groups(texts, 4)
+    parts = np.concatenate([e.embed_groups(texts[:8], 4), e.embed_groups(texts[8:12], 4), e.embed_groups(texts[12:], 4)])
+    assert whole.tobytes() == parts.tobytes()
+    # the group is the forward pass: the same text in another group may differ, but only by rounding
+    assert cosine_rows(whole, e.embed_groups(texts[::-1], 4)[::-1]).min() >= 0.995
+    with pytest.raises(RetroRayError, match="embedding group size 0 must be >= 1"):
+        e.embed_groups(texts, 0)
+
+
 def test_matches_sentence_transformers(embedder, ref):
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(embedder.model_dir), device="cpu", local_files_only=True)
