@@ -121,6 +121,7 @@ class PlainQuery:
         self.chunk_doc = self.doc_ids["train"][self.db.chunks[:, 1].astype(np.int64)]
 
     def block(self, split: str, start: int, end: int, times: dict) -> np.ndarray:
+        from retro_ray.prep.query import samples_per_group
         from retro_ray.retrieval.index import search
 
         m = self.cfg.chunk_length
@@ -131,9 +132,11 @@ class PlainQuery:
         chunks = np.concatenate([sp.tokens[:-1].reshape(per, m) for sp in spans])
         texts = self.gpt.decode_batch(chunks.tolist(), skip_special_tokens=True)
         t1 = time.perf_counter()
-        emb = self.embedder.embed(texts)
+        g = samples_per_group(self.cfg) * per  # query chunks embedded and searched together, as the stage does
+        emb = self.embedder.embed_groups(texts, g)
         t2 = time.perf_counter()
-        _, ids = search(self.index, emb, q.num_neighbors_query, nprobe=q.nprobe, ef_search=q.ef_search)
+        ids = np.concatenate([search(self.index, emb[a:a + g], q.num_neighbors_query, nprobe=q.nprobe,
+                                     ef_search=q.ef_search)[1] for a in range(0, len(emb), g)])
         t3 = time.perf_counter()
         # Same-document filter: a candidate is dropped when its document is one the sample spans.
         # As in the stage, chunks added later with add-docs (ids >= n_train) are never pretraining neighbours.
@@ -344,10 +347,10 @@ def main() -> int:
                 res["stage"], outs["stage"] = run_stage(project, args.train_samples)
             else:
                 res["plain"], outs["plain"] = run_plain(project, args.train_samples, qrun.samples_per_block,
-                                                        pcfg.embedder.batch_size)
+                                                        project.read_config().embedder.batch_size)
         res["check"] = compare(outs["stage"], outs["plain"])
         rounds.append(res)
-    diag = diagnostics(project, pcfg.embedder.batch_size)
+    diag = diagnostics(project, project.read_config().embedder.batch_size)
     ray.shutdown()
 
     say("part 2: RetroDataset vs train step")

@@ -78,8 +78,11 @@ class TokenizerConfig:
     )
     vocab_size: int = field(default=8192, metadata=_help("Vocabulary size when training the tokenizer."))
     min_frequency: int = field(default=2, metadata=_help("Minimum pair frequency for a BPE merge when training."))
-    eod_token: str = field(
-        default="<|endoftext|>", metadata=_help("End-of-document token, appended to every document.")
+    eod_token: str | None = field(
+        default=None,
+        metadata=_help("End-of-document token, appended to every document. Empty = the end-of-text token of the "
+                       "model directory tokenizer.path names (eos_token of its tokenizer_config.json, else "
+                       "config.json's eos_token_id), else <|endoftext|>."),
     )
 
 
@@ -101,9 +104,10 @@ class EmbedderSettings:
     batch_size: int = field(
         default=64,
         metadata=_help(
-            "Chunks per embedder forward pass. Chunks are embedded in fixed groups of this many consecutive "
-            "chunk ids (query: of whole samples), so a vector never depends on block sizes, actor counts or "
-            "timing; it does depend on this group, hence it is recorded. May be given to `embed` before it starts."
+            "Chunks per embedder forward pass. Chunks are embedded in fixed groups of 16 batches of consecutive "
+            "chunk ids (query: of whole samples), sorted by length inside a group, so a vector never depends on "
+            "block sizes, actor counts or timing; it does depend on this, hence it is recorded. May be given to "
+            "`embed` until it has started."
         ),
     )
 
@@ -310,12 +314,22 @@ RUN_SECTIONS: dict[str, type] = {
 }
 
 
+# Settings that moved: the old key is refused with the new one named, never silently dropped.
+MOVED_KEYS = {
+    ("embed", "batch_size"): "embedder.batch_size (recorded by prep: chunks are embedded in fixed groups of it)",
+    ("query", "batch_size"): "embedder.batch_size (recorded by prep: chunks are embedded in fixed groups of it)",
+}
+
+
 def split_run_settings(section: str, settings: dict) -> tuple[dict, dict]:
     """(preprocessing settings, run settings of ``section``) from one nested dict.
 
     Run sections of other stages are dropped, so one YAML file can hold every stage's settings.
     """
     settings = dict(settings)
+    for (name, key), now in MOVED_KEYS.items():
+        if isinstance(settings.get(name), dict) and key in settings[name]:
+            raise RetroRayError(f"{name}.{key} is no longer a setting; use {now}.")
     project_sections = {f.name for f in dataclasses.fields(ProjectConfig)}
     run: dict = {}
     for name, cls in RUN_SECTIONS.items():

@@ -20,6 +20,71 @@ from retro_ray.errors import RetroRayError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_EOD = "<|endoftext|>"
+
+
+def checkpoint_eos_token(path: str | Path) -> str | None:
+    """The end-of-text token a Hugging Face model directory declares, or None.
+
+    ``tokenizer_config.json``'s ``eos_token`` first (a string or an AddedToken dict), else
+    ``config.json``'s ``eos_token_id`` (the first, when it is a list) looked up in ``tokenizer.json``.
+    ``path`` may be the directory or a file in it.
+    """
+    d = Path(path).expanduser()
+    d = d if d.is_dir() else d.parent
+    tc = _read_json(d / "tokenizer_config.json")
+    eos = tc.get("eos_token") if isinstance(tc, dict) else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if isinstance(eos, str) and eos:
+        return eos
+    mc = _read_json(d / "config.json")
+    eid = mc.get("eos_token_id") if isinstance(mc, dict) else None
+    if isinstance(eid, list):
+        eid = eid[0] if eid else None
+    if isinstance(eid, int) and (d / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(d / "tokenizer.json")).id_to_token(eid)
+    return None
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RetroRayError(f"cannot read {path}: {e}; re-save the model directory with save_pretrained") from None
+
+
+def resolve_eod_token(cfg: TokenizerConfig) -> str:
+    """``cfg.eod_token``, or when empty the checkpoint's end-of-text token (``cfg.path`` a model
+    directory), or ``<|endoftext|>``. A checkpoint's own token keeps the documents separated the way
+    the pretrained model saw them, which RETRO-fitting relies on."""
+    found = checkpoint_eos_token(cfg.path) if cfg.path else None
+    if cfg.eod_token:
+        if found is not None and found != cfg.eod_token:
+            log.warning("tokenizer.eod_token=%r differs from the end-of-text token %r of %s; documents end with %r",
+                        cfg.eod_token, found, cfg.path, cfg.eod_token)
+        return cfg.eod_token
+    return found or DEFAULT_EOD
+
+
+def vocabulary_difference(ours: Tokenizer, theirs: Tokenizer) -> str | None:
+    """The first difference between two tokenizers' vocabularies (ids, added tokens included) or BPE
+    merges, as a phrase; None when they tokenize alike."""
+    a, b = ours.get_vocab(with_added_tokens=True), theirs.get_vocab(with_added_tokens=True)
+    ia, ib = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
+    for i in sorted(set(ia) | set(ib)):
+        if ia.get(i) != ib.get(i):
+            return f"token id {i} is {ia.get(i)!r} in the first and {ib.get(i)!r} in the second"
+    ma, mb = (json.loads(t.to_str()).get("model", {}).get("merges") or [] for t in (ours, theirs))
+    for j, (x, y) in enumerate(zip(ma, mb)):
+        if x != y:
+            return f"BPE merge {j} is {x!r} in the first and {y!r} in the second"
+    if len(ma) != len(mb):
+        return f"the first has {len(ma)} BPE merges and the second {len(mb)}"
+    return None
+
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, progress: bool = True) -> Tokenizer:
     """Train byte-level BPE on ``texts`` (an iterator; the corpus is never held in memory)."""
@@ -29,7 +94,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, progress: bool =
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=[cfg.eod_token],
+        special_tokens=[resolve_eod_token(cfg)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
     )
@@ -81,9 +146,10 @@ def load_user_tokenizer(path: str, cfg: TokenizerConfig) -> Tokenizer:
                 f"tokenizer file {p} does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                 "give a Hugging Face tokenizer.json or a GPT-2 vocab.json with merges.txt."
             ) from None
-    if tok.token_to_id(cfg.eod_token) is None:
-        tok.add_special_tokens([cfg.eod_token])
-        log.warning("tokenizer %s had no %s token; added it as id %d", p, cfg.eod_token, tok.token_to_id(cfg.eod_token))
+    eod = resolve_eod_token(cfg)
+    if tok.token_to_id(eod) is None:
+        tok.add_special_tokens([eod])
+        log.warning("tokenizer %s had no %s token; added it as id %d", p, eod, tok.token_to_id(eod))
     return tok
 
 

@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from retro_ray.embedder import group_size
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, atomic_write_json
@@ -436,12 +437,12 @@ def _tokenize_and_chunk(project: Project, docs: list[NewDocument]) -> dict:
 
 
 def _embed(embedder, texts: list[str], group: int, progress: bool) -> np.ndarray:
-    """The call's chunks in groups of ``group`` (the project's embedder.batch_size) from its first chunk,
+    """The call's chunks in groups of ``group`` (the project's embedder group) from its first chunk,
     as the embed stage groups chunk ids: the same documents always get the same vectors."""
     from tqdm import tqdm
 
     out = np.empty((len(texts), embedder.dim), dtype=np.float32)
-    step = group * 8
+    step = group
     with tqdm(total=len(texts), unit=" chunks", desc="add-docs embed", disable=True if not progress else None,
               leave=False) as bar:
         for lo in range(0, len(texts), step):
@@ -599,7 +600,7 @@ def add_documents(project: Project, source: str | os.PathLike | Sequence[dict], 
             if embedder is None:
                 embedder = _project_embedder(project, cfg)
                 _check_embedder(embedder, project)
-            vectors = _embed(embedder, chunked["texts"], project.read_config().embedder.batch_size, progress)
+            vectors = _embed(embedder, chunked["texts"], group_size(project.read_config().embedder.batch_size), progress)
             timings["embed"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             state = _commit_db(project, state, store, new, chunked, vectors, embedder)

@@ -4,8 +4,8 @@ Ray Data over blocks of chunk ids → ``map_batches`` with :class:`EmbedChunks` 
 callable class) on an actor pool → one ``embeddings/<split>/<block>.npy`` (float32 [n, dim]) per
 block, written atomically; a rerun embeds only the blocks that are missing.
 
-Invariance: chunks are embedded in fixed groups of ``embedder.batch_size`` consecutive chunk ids
-(:meth:`~retro_ray.embedder.Embedder.embed_groups`); a block whose edges cut a group embeds the
+Invariance: chunks are embedded in fixed groups of ``GROUP_BATCHES × embedder.batch_size``
+consecutive chunk ids (:meth:`~retro_ray.embedder.Embedder.embed_groups`); a block whose edges cut a group embeds the
 whole group and keeps its own rows. The precision is decided once, before the first block, and
 recorded with the block size in ``embeddings/layout.json``. So the files do not depend on
 ``embed.chunks_per_block``, on the number of actors or on which actor ran a block.
@@ -56,7 +56,7 @@ class EmbedChunks:
         self.embedder = Embedder(EmbedderConfig(model_dir=model_dir, max_chunk_length=max_chunk_length,
                                                 batch_size=batch_size, precision=precision, device=device))
         self.datasets = {s: IndexedDataset(self.project.token_prefix(s)) for s in EMBED_SPLITS}
-        self.group = int(batch_size)
+        self.group = self.embedder.group_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from retro_ray.retrieval.chunks import decode_chunks
@@ -208,7 +208,8 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
         if given is not None and "batch_size" in layout and int(given) != int(layout["batch_size"]):
             raise RetroRayError(
                 f"embedder.batch_size={given} was given but the embeddings in {project.embeddings_dir} are being "
-                f"made in groups of {layout['batch_size']}; drop the override, or delete that directory to start over"
+                f"made with embedder.batch_size={layout['batch_size']}; drop the override, or delete that directory "
+                "to start over"
             )
         cfg = project.check_overrides(overrides or {})
         if run_cfg.precision != "auto" and layout.get("precision") not in (None, run_cfg.precision):

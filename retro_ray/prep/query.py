@@ -13,7 +13,7 @@ the directory names. Ray Data runs it over blocks of samples with an actor pool 
 and search the shard actors; a rerun does only the missing blocks.
 
 Invariance: query chunks are embedded and searched in fixed groups of whole samples (as many as
-fit ``embedder.batch_size`` chunks, at least one), counted from sample 0 of the split; a block whose
+fit the embedder's group of ``GROUP_BATCHES × embedder.batch_size`` chunks, at least one), counted from sample 0 of the split; a block whose
 edges cut a group computes the whole group and keeps its own rows. Candidates are ranked by
 (distance, chunk id). So the neighbours do not depend on ``query.samples_per_block``, on the number
 of actors or on which actor ran a block.
@@ -147,8 +147,10 @@ class QueryNeighbors:
 
 
 def samples_per_group(cfg) -> int:
-    """Samples whose chunks are embedded and searched together: as many as fit ``embedder.batch_size``."""
-    return max(1, int(cfg.embedder.batch_size) // (cfg.seq_length // cfg.chunk_length))
+    """Samples whose chunks are embedded and searched together: as many as fit the embedder's group."""
+    from retro_ray.embedder import group_size
+
+    return max(1, group_size(cfg.embedder.batch_size) // (cfg.seq_length // cfg.chunk_length))
 
 
 def _process_start() -> float:

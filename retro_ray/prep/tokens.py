@@ -30,7 +30,7 @@ from retro_ray.indexed import IndexedDataset, IndexedDatasetWriter
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import SPLITS, Project, Report, atomic_write_json, tmp_path_for
 from retro_ray.runtime import connect, run_block_tasks
-from retro_ray.tokenizer import load_tokenizer, load_user_tokenizer, token_dtype, train_tokenizer
+from retro_ray.tokenizer import load_tokenizer, load_user_tokenizer, resolve_eod_token, token_dtype, train_tokenizer
 
 log = logging.getLogger(__name__)
 STAGE = "prep"
@@ -203,7 +203,8 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
     t0 = time.perf_counter()
     _prepare_tokenizer(project, cfg, doc_split, progress)
     tok = load_tokenizer(project.tokenizer_path)
-    eod_id = tok.token_to_id(cfg.tokenizer.eod_token)
+    eod_token = resolve_eod_token(cfg.tokenizer)
+    eod_id = tok.token_to_id(eod_token)
     vocab_size = tok.get_vocab_size()
     dtype = np.dtype(token_dtype(vocab_size))
     timings["tokenizer"] = time.perf_counter() - t0
@@ -245,7 +246,7 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
         split_tokens[name] = IndexedDataset(project.token_prefix(name)).num_tokens
     timings["merge"] = time.perf_counter() - t0
     project.update_derived(
-        vocab_size=vocab_size, eod_id=eod_id, token_dtype=dtype.name,
+        vocab_size=vocab_size, eod_id=eod_id, eod_token=eod_token, token_dtype=dtype.name,
         docs_per_split=split_docs, tokens_per_split=split_tokens,
     )
     report = Report(

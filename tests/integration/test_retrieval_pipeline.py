@@ -35,7 +35,9 @@ PIPELINE_OVERRIDES = ["tokenizer.vocab_size=1024", "split=90,10,0", f"seq_length
                       # small blocks, so that several actors, blocks and shards are exercised
                       "embed.chunks_per_block=200", "index.num_shards=3", "query.samples_per_block=40",
                       # bf16 (emulated where the CPU lacks it) is where a batch's make-up moves vectors most
-                      "embed.precision=bf16"]
+                      "embed.precision=bf16",
+                      # groups of 16 x 8 = 128 chunks (32 samples in query): block edges cut groups
+                      "embedder.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -263,11 +265,11 @@ def test_a_resumed_embed_keeps_its_group_size_and_precision(queried, tmp_path):
     shutil.copytree(queried.root, p.root)
     p.clear_done("embed")
     layout = json.loads((p.embeddings_dir / "layout.json").read_text())
-    assert layout == {"chunks_per_block": 200, "batch_size": 64, "precision": "bf16"}
+    assert layout == {"chunks_per_block": 200, "batch_size": 8, "precision": "bf16"}
     with pytest.raises(RetroRayError, match=r"embedder.batch_size=32 was given but the embeddings in .* are being "
-                                            r"made in groups of 64; drop the override"):
+                                            r"made with embedder.batch_size=8; drop the override"):
         embed.run(p, overrides={"embedder": {"batch_size": 32}}, progress=False)
     with pytest.raises(RetroRayError, match=r"embed.precision=fp32 was given but the embeddings in .* are being "
                                             r"made in bf16"):
         embed.run(p, C.EmbedRunConfig(precision="fp32"), progress=False)
-    assert json.loads(p.config_path.read_text())["embedder"]["batch_size"] == 64  # nothing was recorded
+    assert json.loads(p.config_path.read_text())["embedder"]["batch_size"] == 8  # nothing was recorded

@@ -126,3 +126,9 @@ def test_bad_yaml_file(tmp_path):
         C.load_yaml(p)
     with pytest.raises(RetroRayError, match="does not exist"):
         C.load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("key", ["embed.batch_size=128", "query.batch_size=32"])
+def test_a_moved_key_names_where_it_went(key):
+    with pytest.raises(RetroRayError, match=rf"{key.split('=')[0]} is no longer a setting; use embedder.batch_size"):
+        C.split_run_settings("embed", C.parse_overrides([key]))
