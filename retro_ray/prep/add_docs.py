@@ -442,12 +442,11 @@ def _embed(embedder, texts: list[str], group: int, progress: bool) -> np.ndarray
     from tqdm import tqdm
 
     out = np.empty((len(texts), embedder.dim), dtype=np.float32)
-    step = group
     with tqdm(total=len(texts), unit=" chunks", desc="add-docs embed", disable=True if not progress else None,
               leave=False) as bar:
-        for lo in range(0, len(texts), step):
-            out[lo:lo + step] = embedder.embed_groups(texts[lo:lo + step], group)
-            bar.update(min(step, len(texts) - lo))
+        for lo in range(0, len(texts), group):  # one group a call: any embedder with embed() will do
+            out[lo:lo + group] = embedder.embed(texts[lo:lo + group])
+            bar.update(min(group, len(texts) - lo))
     return out
 
 

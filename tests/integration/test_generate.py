@@ -75,6 +75,8 @@ def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProces
 def test_cli_nemo_style_and_retrieving(project, model_pt):
     r = cli("--checkpoint", str(model_pt), "prompt=sample prompt", 'neighbors=["sample neighbor 1","sample neighbor 2"]',
             "inference.tokens_to_generate=10", "inference.greedy=false", "inference.temperature=1.0",
+            # unseeded sampling: without the ban, one run in ~100 samples the end of document early
+            "inference.min_tokens_to_generate=10",
             "inference.add_BOS=false", "inference.retro_inference.retro_num_neighbors=2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
