@@ -16,8 +16,14 @@ Model: the decoder of ``train_demo.yaml`` (6 layers, d=256, 8 heads, MLP 1024, C
 2 neighbours of 128 tokens, chunk 64, vocabulary 8192), fp32, random weights.
 Goals (issue 6): cache ≥ 5× faster than recompute; RETRO with cache ≤ 1.3× HF GPT-2's per-token time.
 
+With --against DIR (another checkout, e.g. ``git worktree add /tmp/base <commit>``) only the cache
+decode is timed, of this checkout's Generator and of DIR's, in one process, with the same weights,
+alternating A/B --repeats times: a before/after comparison that a busy machine's load shifts alike.
+The figure per side is the median per-token time; the ratio is the median of the paired ratios.
+
 Run:  .venv/bin/python benchmarks/bench_generate.py [--prompt-tokens 448] [--new-tokens 64] [--repeats 3]
-Writes benchmarks/results/bench_generate.json (or --out).
+      .venv/bin/python benchmarks/bench_generate.py --against /tmp/base --repeats 15
+Writes benchmarks/results/bench_generate.json (--against: bench_generate_against.json), or --out.
 """
 
 from __future__ import annotations
@@ -57,6 +63,75 @@ def train_tokenizer_on_corpus(vocab: int):
     return train_tokenizer(texts, TokenizerConfig(vocab_size=vocab), progress=False), texts
 
 
+def import_other_checkout(root: Path):
+    """The retro_ray.model.retro and retro_ray.serve.generate modules of the checkout at root,
+    imported beside this checkout's.
+
+    Its modules are imported first, as retro_ray, then moved aside in sys.modules, so the names
+    they bound at import time keep pointing at their own package (generation imports nothing lazily).
+    """
+    import importlib
+    import sys
+
+    def ours(name: str) -> bool:
+        return name == "retro_ray" or name.startswith("retro_ray.")
+
+    mine = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
+    sys.path.insert(0, str(root))
+    try:
+        model_mod = importlib.import_module("retro_ray.model.retro")
+        gen_mod = importlib.import_module("retro_ray.serve.generate")
+        assert Path(model_mod.__file__).resolve().is_relative_to(root.resolve()), model_mod.__file__
+    finally:
+        sys.path.remove(str(root))
+        for k in [k for k in sys.modules if ours(k)]:
+            sys.modules["_other_" + k] = sys.modules.pop(k)
+        sys.modules.update(mine)
+    return model_mod, gen_mod
+
+
+def against(args, tok, eod: int, prompt: str, neighbors: list[str]) -> None:
+    """Cache decode of this checkout (A) against args.against's (B), interleaved; see the module docstring."""
+    from retro_ray.model import retro as model_a
+    from retro_ray.serve import generate as gen_a
+
+    model_b, gen_b = import_other_checkout(Path(args.against))
+    a = model_a.RetroModel(demo_config(True))
+    with torch.no_grad():
+        a.token_embedding.weight[eod] = 0.0  # never stop early at the end-of-document token
+    b = model_b.RetroModel(model_b.RetroConfig.from_dict(a.config.to_dict()))
+    b.load_state_dict(a.state_dict())  # same weights, same parameter names
+    sides = {"A": (gen_a, gen_a.Generator(a, tok, eod)), "B": (gen_b, gen_b.Generator(b, tok, eod))}
+    N = args.new_tokens
+
+    def run(side: str, n: int) -> tuple[float, list[int]]:
+        mod, gen = sides[side]
+        request = mod.GenerationRequest(prompt, neighbors, mod.InferenceConfig(tokens_to_generate=n, greedy=True))
+        t0 = time.perf_counter()
+        out = gen.generate([request])[0]
+        elapsed = time.perf_counter() - t0
+        assert len(out.tokens) == n, (len(out.tokens), out.finish_reason)
+        return elapsed, out.tokens
+
+    assert run("A", N)[1] == run("B", N)[1], "the two checkouts generate different tokens"  # also the warm-up
+    per: dict[str, list[float]] = {"A": [], "B": []}
+    for i in range(args.repeats):
+        for side in ("AB" if i % 2 == 0 else "BA"):  # alternate the order too
+            full, one = run(side, N)[0], run(side, 1)[0]
+            per[side].append(1000 * (full - one) / (N - 1))
+    ratios = [x / y for x, y in zip(per["A"], per["B"])]
+    summary = {"against": str(args.against), "repeats": args.repeats, "new_tokens": N, "prompt_tokens": len(tok.encode(prompt).ids),
+               "threads": args.threads, "load_average": os.getloadavg(),
+               "this_ms_per_token": per["A"], "against_ms_per_token": per["B"],
+               "this_median": statistics.median(per["A"]), "against_median": statistics.median(per["B"]),
+               "median_paired_ratio": statistics.median(ratios)}
+    print(f"this checkout: {summary['this_median']:.2f} ms/token, {args.against}: {summary['against_median']:.2f} "
+          f"ms/token (medians of {args.repeats}); paired ratio this/against: {summary['median_paired_ratio']:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    print(f"wrote {args.out}")
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -72,8 +147,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_generate.json"))
+    ap.add_argument("--against", default=None, help="another checkout's root: time its cache decode against this one's")
+    ap.add_argument("--out", default=None, help="default results/bench_generate.json (--against: bench_generate_against.json)")
     args = ap.parse_args()
+    if args.out is None:
+        name = "bench_generate_against.json" if args.against else "bench_generate.json"
+        args.out = str(Path(__file__).parent / "results" / name)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -89,6 +168,8 @@ def main() -> None:
     P = len(tok.encode(prompt).ids)
     neighbors = [texts[-1][:600], texts[-2][:600]]
     N = args.new_tokens
+    if args.against:
+        return against(args, tok, eod, prompt, neighbors)
 
     def ours(gen: Generator, n: int, recompute: bool = False, nbrs=None):
         cfg = InferenceConfig(tokens_to_generate=n, greedy=True)

@@ -17,6 +17,22 @@ Data flow of one forward pass:
     neighbor_tokens [B, C, K, r] -> shared embedding -> encoder -> [B, C, K, r, de]; the encoder runs
     once, at the first CCA layer, conditioned on that layer's hidden states of the retrieving chunk.
 
+Incremental decoding (generation) goes through the same forward and the same layers, with a
+RetroCache that the model makes (new_cache) and owns the layout of:
+    cache.k[i], cache.v[i]            [B, h, S, dh]      self-attention keys/values, every decoder layer
+    cache.neighbor_k[i], neighbor_v[i] [B, h, Kmax*r, dh] CCA layer i's projection of each row's current
+    cache.neighbor_mask               [B, Kmax*r]         neighbour set, and which of its keys exist
+    cache.states                      [B, S, d]          first CCA layer's normed states (the encoder's context)
+    forward(tokens [B, T], cache=, positions=[B]) feeds T tokens per row at its own positions; prefill
+    is T = the prompt, decoding T = 1 (or a few). Neighbours are not chunk-aligned tensors here but
+    sets added per row with cache.add_neighbors(row, p, tokens [K, r]): visible from position p until
+    the row's next set (the training forward's chunk j is the set at p = (j+1)m-1). The forward that
+    feeds p runs the encoder for it, conditioned on the first CCA layer's states of tokens p-m+1..p,
+    and each CCA layer projects it to keys/values once, into its cache slot. Why sets and not chunks:
+    a generator also gives a prompt neighbours at its last token, wherever that falls in a chunk.
+    Self-attention differs only in where keys come from (the cache up to each query's position), CCA
+    only in which set a query reads; the layer math (norms, residuals, MLP) is the training code.
+
 Design choices:
     * Pre-LayerNorm blocks with a GELU MLP and a final LayerNorm (GPT-2 / Megatron layout).
     * Rotary position embeddings (RoPE) in every self-attention, decoder and encoder: relative,
@@ -380,8 +396,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class SelfAttention(nn.Module):
     """Multi-head self-attention with RoPE; causal in the decoder, bidirectional in the encoder.
 
-    forward() takes an optional past (key, value) and returns the present one, so an incremental
-    decoder can feed one new token at a time against a cache.
+    With a cache slot (incremental decoding, see RetroCache) the new keys/values are written into
+    the cache at their positions and the queries attend to every cached key up to their own position.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, causal: bool):
@@ -395,26 +411,18 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [N, T, d]
-        cos: torch.Tensor,  # [T, dh/2], for the positions of x (past_len .. past_len+T-1)
+        cos: torch.Tensor,  # [T, dh/2] (or [N, 1, T, dh/2] with a cache), for the positions of x
         sin: torch.Tensor,
-        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([N, h, S_past, dh],) * 2
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        cache: "_LayerSlot | None" = None,
+    ) -> torch.Tensor:  # [N, T, d]
         N, T, d = x.shape
         q, k, v = self.rotated_qkv(x, cos, sin)  # [N, h, T, dh] each
-        if past_kv is not None:
-            k = torch.cat((past_kv[0], k), dim=2)  # [N, h, S, dh], S = S_past + T
-            v = torch.cat((past_kv[1], v), dim=2)
-        S = k.shape[2]
-
-        mask, is_causal = None, False
-        if self.causal and T > 1:
-            if S == T:
-                is_causal = True
-            else:
-                # SDPA's is_causal aligns the mask top-left; with a cache the queries are the last T keys.
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        if cache is None:
+            mask, is_causal = None, self.causal and T > 1
+        else:
+            k, v, mask, is_causal = cache.self_attention_kv(k, v)  # [N, h, S, dh]: every key up to the last query
         y = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # [N, h, T, dh]
-        return self.out_proj(y.transpose(1, 2).reshape(N, T, d)), (k, v)
+        return self.out_proj(y.transpose(1, 2).reshape(N, T, d))
 
     def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v [N, h, T, dh] of x [N, T, d], q and k rotated (cos/sin broadcast against [N, h, T, dh/2])."""
@@ -519,7 +527,9 @@ class ChunkedCrossAttention(nn.Module):
             config.hidden_size, config.num_attention_heads, config.attention_dropout, config.encoder_hidden_size
         )
 
-    def forward(self, x: torch.Tensor, retrieval: _Retrieval) -> torch.Tensor:  # x [B, n, d] (normed)
+    def forward(self, x: torch.Tensor, retrieval: "_Retrieval | _LayerSlot") -> torch.Tensor:  # x [B, n, d] (normed)
+        if isinstance(retrieval, _LayerSlot):
+            return self._forward_cached(x, retrieval)
         B, n, d = x.shape
         m = self.chunk_length
         C = retrieval.mask.shape[1]  # = n // m; a trailing partial chunk has no neighbours yet
@@ -535,6 +545,32 @@ class ChunkedCrossAttention(nn.Module):
         key_mask = retrieval.mask.reshape(B * C, K, 1).expand(B * C, K, r).reshape(B * C, K * r)
         out = self.attn(queries, keys, key_mask).reshape(B, C * m, d)
         return F.pad(out, (0, 0, m - 1, 0))[:, :n]  # shift back: [B, n, d]
+
+    def _forward_cached(self, x: torch.Tensor, slot: "_LayerSlot") -> torch.Tensor:  # x [B, T, d] (normed)
+        """Incremental decoding: each token reads the neighbour set current at its position.
+
+        The same visibility as forward() when sets are added at chunk ends ((j+1)m-1), but a set may
+        start anywhere (the generator adds one at the prompt's last token). This layer projects a
+        new set to keys/values once and keeps them in its cache slot for every later token.
+        """
+        step = slot.step
+        step.encode_neighbors(x)  # the first CCA layer runs the encoder; a no-op in later layers
+        later = []  # sets that start after the first new token: they need their own queries
+        for s in step.new_sets:
+            k, v = self.attn.context_kv(s.encoded)  # [1, h, K*r, dh]
+            if s.start == 0:
+                slot.install(s.row, k, v)
+            else:
+                later.append((s, k, v))
+        if step.visible_at_start:  # every row reads the set current at its first new token
+            out = self.attn.attend(x, slot.neighbor_k, slot.neighbor_v, step.mask_at_start)  # [B, T, d]
+        else:
+            out = torch.zeros_like(x)  # before any set no token reads neighbours (as forward()'s first m-1)
+        for s, k, v in later:
+            out[s.row, s.start : s.end] = self.attn.attend(x[s.row : s.row + 1, s.start : s.end], k, v,
+                                                          s.key_mask[None])[0]
+            slot.install(s.row, k, v)  # in order of position: the row's last set stays current
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -557,14 +593,14 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         retrieval: _Retrieval | None = None,
-        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, present = self.attn(self.ln_attn(x), cos, sin, past_kv)
-        x = x + self.drop(a)
-        if self.cca is not None and retrieval is not None:
-            x = x + self.drop(self.cca(self.ln_cca(x), retrieval))
+        cache: "_LayerSlot | None" = None,  # incremental decoding: this layer's part of a RetroCache
+    ) -> torch.Tensor:  # [B, T, d]
+        x = x + self.drop(self.attn(self.ln_attn(x), cos, sin, cache))
+        if self.cca is not None and (retrieval is not None or cache is not None):
+            # With a cache the neighbours come from it (sets added with RetroCache.add_neighbors).
+            x = x + self.drop(self.cca(self.ln_cca(x), retrieval if cache is None else cache))
         x = x + self.drop(self.mlp(self.ln_mlp(x)))
-        return x, present
+        return x
 
 
 class EncoderLayer(nn.Module):
@@ -591,7 +627,7 @@ class EncoderLayer(nn.Module):
         sin: torch.Tensor,
         context: torch.Tensor,  # [B*C, m, d]
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x), cos, sin)[0])
+        x = x + self.drop(self.attn(self.ln_attn(x), cos, sin))
         if self.cross is not None:
             # All K neighbours of a chunk read the same m chunk states: fold K into the query axis
             # so the context is projected once per chunk, not once per neighbour.
@@ -637,6 +673,240 @@ class RetroEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, context)
         return self.ln_f(x).reshape(B, C, K, r, de)
+
+
+# --------------------------------------------------------------------------------------------------
+# Incremental decoding: the cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PendingSet:
+    """A neighbour set added with RetroCache.add_neighbors, waiting for the forward that feeds its position."""
+
+    position: int
+    tokens: torch.Tensor  # [K, r] int64, negative = no neighbour
+    mask: torch.Tensor  # [K] bool, True = the neighbour exists
+
+
+class _RowState:
+    """Python-side bookkeeping of one cached sequence, shared by RetroCache.row() views."""
+
+    __slots__ = ("pending", "has_neighbors")
+
+    def __init__(self) -> None:
+        self.pending: list[_PendingSet] = []  # sorted by position
+        self.has_neighbors = False  # a set is installed (its keys are in the cache)
+
+
+class RetroCache:
+    """Incremental-decoding state of B sequences, owned by the model (see RetroModel.new_cache).
+
+    Per decoder layer, self-attention keys/values k[i], v[i] [B, h, S, dh] of every fed position
+    (S = max_length). Per CCA layer i, the projected keys/values of each row's current neighbour
+    set, neighbor_k[i], neighbor_v[i] [B, h, Kmax*r, dh], with neighbor_mask [B, Kmax*r] (True =
+    a key of an existing neighbour; a set of K < Kmax neighbours leaves the rest hidden). states
+    [B, S, d] keeps the first CCA layer's normed states: the encoder is conditioned on those of the
+    chunk that retrieved a set.
+
+    The cache does not count positions: each forward says where its tokens go (positions), so rows
+    of a batch can sit at different lengths and a finished row can stop advancing.
+    """
+
+    def __init__(self, config: RetroConfig, batch_size: int, max_length: int, max_neighbors: int | None = None,
+                 *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        B, S = batch_size, max_length
+        h, dh, d = config.num_attention_heads, config.head_dim, config.hidden_size
+        cca = [i - 1 for i in config.decoder_retro_layers]  # 0-based decoder layers with CCA
+        K = config.retro.retro_num_neighbors if max_neighbors is None else max_neighbors
+        self.config, self.batch_size, self.max_length = config, B, S
+        self.max_neighbors = K if cca else 0
+        self.k = [torch.zeros(B, h, S, dh, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        Kr = self.max_neighbors * config.neighbor_length
+        self.states = torch.zeros(B, S, d, dtype=dtype, device=device) if cca else None
+        self.neighbor_k = {i: torch.zeros(B, h, Kr, dh, dtype=dtype, device=device) for i in cca}
+        self.neighbor_v = {i: torch.zeros_like(t) for i, t in self.neighbor_k.items()}
+        self.neighbor_mask = torch.zeros(B, Kr, dtype=torch.bool, device=device) if cca else None
+        self.rows = [_RowState() for _ in range(B)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    def row(self, b: int) -> "RetroCache":
+        """Row b as a one-row cache sharing this one's storage (e.g. to prefill one prompt of a batch)."""
+        view = object.__new__(RetroCache)
+        view.config, view.batch_size, view.max_length, view.max_neighbors = (
+            self.config, 1, self.max_length, self.max_neighbors)
+        view.k, view.v = [t[b : b + 1] for t in self.k], [t[b : b + 1] for t in self.v]
+        view.states = None if self.states is None else self.states[b : b + 1]
+        view.neighbor_k = {i: t[b : b + 1] for i, t in self.neighbor_k.items()}
+        view.neighbor_v = {i: t[b : b + 1] for i, t in self.neighbor_v.items()}
+        view.neighbor_mask = None if self.neighbor_mask is None else self.neighbor_mask[b : b + 1]
+        view.rows = self.rows[b : b + 1]
+        return view
+
+    def add_neighbors(self, row: int, position: int, neighbor_tokens: torch.Tensor,
+                      neighbor_mask: torch.Tensor | None = None) -> None:
+        """Make a neighbour set (tokens [K, r], mask [K]) visible to row's position and every later one.
+
+        It stays current until the row's next set. The forward that feeds ``position`` encodes it,
+        conditioned on the first CCA layer's states of the (up to m) tokens ending at ``position``:
+        at a chunk's last token, (j+1)m-1, that is the training forward's chunk-j neighbours exactly.
+        Add a set before the forward that feeds its position. A neighbour with a negative token id
+        counts as missing, as in forward().
+        """
+        if self.neighbor_mask is None:
+            raise ValueError("this model has no chunked cross-attention (retro disabled): it reads no neighbours")
+        r = self.config.neighbor_length
+        if neighbor_tokens.dim() != 2 or neighbor_tokens.shape[1] != r or not 0 < len(neighbor_tokens) <= self.max_neighbors:
+            raise ValueError(f"neighbor_tokens must be [K, r={r}] with 1 <= K <= max_neighbors={self.max_neighbors}, "
+                             f"got {tuple(neighbor_tokens.shape)}")
+        if not 0 <= position < self.max_length:
+            raise ValueError(f"position {position} is outside the cache's 0..{self.max_length - 1}")
+        K = len(neighbor_tokens)
+        mask = torch.ones(K, dtype=torch.bool) if neighbor_mask is None else neighbor_mask.bool()
+        if mask.shape != (K,):
+            raise ValueError(f"neighbor_mask must be [{K}], got {tuple(mask.shape)}")
+        pending = self.rows[row].pending
+        pending.append(_PendingSet(position, neighbor_tokens.to(self.device), mask.to(self.device)))
+        pending.sort(key=lambda s: s.position)  # stable: of two sets at one position the later-added wins
+
+
+class _NewSet(NamedTuple):
+    """A set encoded in this forward: row `row` reads it at new tokens start .. end-1."""
+
+    row: int
+    start: int
+    end: int
+    encoded: torch.Tensor  # [1, K*r, de]
+    key_mask: torch.Tensor  # [K*r] bool
+
+
+class _Step:
+    """One forward of T tokens per row against a RetroCache, new tokens of row b at positions[b] + 0..T-1.
+
+    A fresh step (every row starts at 0, e.g. a prefill) attends with is_causal over its own keys,
+    like the training forward; otherwise queries see the cached keys up to their own positions.
+    """
+
+    def __init__(self, model: "RetroModel", cache: RetroCache, positions: int | torch.Tensor, T: int):
+        B, dev, c = cache.batch_size, cache.device, model.config
+        if isinstance(positions, int):
+            lo = hi = positions
+            pos = torch.full((B,), positions, dtype=torch.long, device=dev)
+        else:
+            pos = positions.to(device=dev, dtype=torch.long).reshape(-1)
+            if pos.shape[0] != B:
+                raise ValueError(f"positions must be [B={B}], got {tuple(positions.shape)}")
+            lo, hi = (int(t) for t in pos.aminmax())
+        if lo < 0 or hi + T > cache.max_length:
+            raise ValueError(f"positions {lo}..{hi + T - 1} are outside the cache's 0..{cache.max_length - 1}; "
+                             "make the cache longer (max_length)")
+        self.model, self.cache, self.T, self.pos = model, cache, T, pos
+        self.fresh = hi == 0
+        self.span = hi + T  # keys 0..span-1 hold every position a query of this step may see
+        dtype = cache.k[0].dtype
+        if self.fresh:
+            self.index = None  # write with a slice [:T]
+            self.cos, self.sin = rotary_cos_sin(torch.arange(T, device=dev), c.head_dim, dtype)  # [T, dh/2]
+            self.visible = None
+        else:
+            at = pos[:, None] + torch.arange(T, device=dev) if T > 1 else pos[:, None]  # [B, T] new positions
+            rows = torch.arange(B, device=dev)
+            # Where the new tokens go: ([B, 1], [B, T]) index [b, p]; for one token, 1-d [B], [B] (a cheaper
+            # index_put, a few % of a small model's decode step).
+            self.index = (rows[:, None], at) if T > 1 else (rows, pos)
+            cos, sin = rotary_cos_sin(at.reshape(-1), c.head_dim, dtype)  # [B*T, dh/2]
+            self.cos, self.sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # against [B, h, T, dh/2]
+            self.visible = (torch.arange(self.span, device=dev)[None, None, :] <= at[:, :, None])[:, None]  # [B,1,T,span]
+        self.encoded = False
+        self.new_sets: list[_NewSet] = []
+        self.visible_at_start = False
+        self.mask_at_start = cache.neighbor_mask
+
+    def layer(self, i: int) -> "_LayerSlot":
+        c = self.cache
+        return _LayerSlot(self, c.k[i], c.v[i], c.neighbor_k.get(i), c.neighbor_v.get(i))
+
+    def write(self, buffer: torch.Tensor, new: torch.Tensor) -> None:
+        """Store new [B, T, ...] at the step's positions of buffer [B, S, ...]."""
+        if self.index is None:
+            buffer[:, : self.T] = new
+        else:
+            buffer[self.index] = new if self.T > 1 else new[:, 0]
+
+    def write_heads(self, buffer: torch.Tensor, new: torch.Tensor) -> None:
+        """Store new [B, h, T, dh] at the step's positions of buffer [B, h, S, dh]."""
+        if self.index is None:
+            buffer[:, :, : self.T] = new
+        elif self.T > 1:
+            buffer[self.index[0], :, self.index[1]] = new.transpose(1, 2)  # indexed as [B, T, h, dh]
+        else:
+            buffer[self.index[0], :, self.index[1]] = new[:, :, 0]  # [B, h, dh]
+
+    def encode_neighbors(self, x: torch.Tensor) -> None:
+        """At the first CCA layer (x [B, T, d] normed): keep the states, encode the sets of this step."""
+        if self.encoded:
+            return
+        self.encoded = True
+        cache, m, T = self.cache, self.model.config.chunk_length, self.T
+        self.write(cache.states, x)
+        starts = self.pos.tolist() if any(row.pending for row in cache.rows) else []
+        for b, row in enumerate(cache.rows):
+            ours = [s for s in row.pending if s.position < starts[b] + T] if row.pending else []
+            row.pending = row.pending[len(ours):]
+            for s, nxt in zip(ours, [*ours[1:], None]):
+                if s.position < starts[b]:
+                    raise ValueError(f"neighbours for position {s.position} of row {b} were added after that "
+                                     "position was fed; add them before the forward that feeds it")
+                context = cache.states[b, max(0, s.position - m + 1) : s.position + 1]  # [m', d]
+                encoded, key_mask = self.model.encode_neighbors(s.tokens, s.mask, context)
+                end = T if nxt is None else nxt.position - starts[b]
+                self.new_sets.append(_NewSet(b, s.position - starts[b], end, encoded, key_mask))
+        mask = cache.neighbor_mask
+        for s in self.new_sets:
+            if s.start == 0:
+                _set_mask(mask, s.row, s.key_mask)
+                cache.rows[s.row].has_neighbors = True
+        self.visible_at_start = any(row.has_neighbors for row in cache.rows)
+        if any(s.start > 0 for s in self.new_sets):
+            self.mask_at_start = mask.clone()  # the sets current before this step's later ones
+            for s in self.new_sets:
+                if s.start > 0:
+                    _set_mask(mask, s.row, s.key_mask)
+                    cache.rows[s.row].has_neighbors = True
+
+
+def _set_mask(mask: torch.Tensor, b: int, key_mask: torch.Tensor) -> None:  # mask [B, Kmax*r], key_mask [K*r]
+    mask[b] = False
+    mask[b, : key_mask.shape[0]] = key_mask
+
+
+class _LayerSlot(NamedTuple):
+    """Decoder layer i's part of a RetroCache during one _Step."""
+
+    step: _Step
+    k: torch.Tensor  # [B, h, S, dh]
+    v: torch.Tensor
+    neighbor_k: torch.Tensor | None  # [B, h, Kmax*r, dh], CCA layers only
+    neighbor_v: torch.Tensor | None
+
+    def self_attention_kv(self, k: torch.Tensor, v: torch.Tensor):
+        """Store the new k, v [B, h, T, dh]; return (keys, values, mask, is_causal) for the queries."""
+        step = self.step
+        step.write_heads(self.k, k)
+        step.write_heads(self.v, v)
+        if step.fresh:
+            return k, v, None, step.T > 1  # a fresh step sees only its own keys, causally
+        return self.k[:, :, : step.span], self.v[:, :, : step.span], step.visible, False
+
+    def install(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Make the projected set k, v [1, h, K*r, dh] row b's current one in this layer."""
+        n = k.shape[2]
+        self.neighbor_k[b, :, :n] = k[0]
+        self.neighbor_v[b, :, :n] = v[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -695,6 +965,10 @@ class RetroModel(nn.Module):
         neighbor_tokens: torch.Tensor | None = None,  # [B, n // m, K, r] int64
         neighbor_mask: torch.Tensor | None = None,  # [B, n // m, K] bool, True = neighbour exists
         labels: torch.Tensor | None = None,  # [B, n] int64 next-token targets, IGNORE_INDEX = no loss
+        *,
+        cache: RetroCache | None = None,  # incremental decoding (new_cache()); tokens continue its rows
+        positions: int | torch.Tensor | None = None,  # with a cache: [B] (or one int) position of tokens[:, 0]
+        logits_to_keep: int = 0,  # > 0: logits of the last logits_to_keep positions only (0 = all)
     ) -> RetroOutput:
         """Logits for every position, and the mean loss over labelled positions if labels are given.
 
@@ -702,13 +976,31 @@ class RetroModel(nn.Module):
         partial chunk is fine. Neighbours are ignored when retro is disabled, and CCA is skipped when
         neighbor_tokens is None. A neighbour with any negative token id (the database's -1 for
         "no neighbour") counts as missing, like one with neighbor_mask False.
+
+        With a cache, tokens[b] are fed at positions[b] .. positions[b]+n-1 of row b: their keys and
+        values are stored, they attend to the row's earlier cached positions, and CCA reads the
+        neighbour sets added with cache.add_neighbors (not neighbor_tokens). Prefilling T tokens
+        and then feeding one (or a few) at a time gives the logits of one forward over the whole
+        sequence, up to rounding (tests/unit/test_model.py).
         """
         B, n = tokens.shape
         x = self.drop(self.token_embedding(tokens))  # [B, n, d]
-        cos, sin = rotary_cos_sin(torch.arange(n, device=tokens.device), self.config.head_dim, x.dtype)
-        retrieval = self._retrieval(neighbor_tokens, neighbor_mask, B, n)
-        for layer in self.layers:
-            x, _ = layer(x, cos, sin, retrieval)
+        if cache is None:
+            cos, sin = rotary_cos_sin(torch.arange(n, device=tokens.device), self.config.head_dim, x.dtype)
+            retrieval = self._retrieval(neighbor_tokens, neighbor_mask, B, n)
+            for layer in self.layers:
+                x = layer(x, cos, sin, retrieval)
+        else:
+            if neighbor_tokens is not None or positions is None or cache.batch_size != B:
+                raise ValueError(f"with a cache, give positions, a cache of B={B} rows (got {cache.batch_size}), "
+                                 "and neighbours through cache.add_neighbors, not neighbor_tokens")
+            step = _Step(self, cache, positions, n)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, step.cos, step.sin, cache=step.layer(i))
+        if logits_to_keep:
+            if labels is not None:
+                raise ValueError("labels need every position's logits; leave logits_to_keep at 0")
+            x = x[:, -logits_to_keep:]
         x = self.ln_f(x)
         logits = F.linear(x, self.token_embedding.weight)  # [B, n, V], tied output embedding
 
@@ -735,13 +1027,41 @@ class RetroModel(nn.Module):
             )
         if C == 0:
             return None  # no complete chunk yet, so no token may see a neighbour
-        mask = (neighbor_tokens >= 0).all(dim=-1)  # [B, C, K]
+        embedded, mask = self._embed_neighbors(neighbor_tokens, neighbor_mask)
+        return _Retrieval(self.encoder, embedded, mask)  # embedded [B, C, K, r, d]
+
+    def _embed_neighbors(
+        self, neighbor_tokens: torch.Tensor, neighbor_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [..., K, r], mask [..., K] -> embedded [..., K, r, d], mask
+        mask = (neighbor_tokens >= 0).all(dim=-1)  # [..., K]
         if neighbor_mask is not None:
             if neighbor_mask.shape != mask.shape:
                 raise ValueError(f"neighbor_mask must be {tuple(mask.shape)}, got {tuple(neighbor_mask.shape)}")
             mask = mask & neighbor_mask.bool()
         safe = neighbor_tokens.masked_fill(~mask[..., None], 0)  # any valid id; these are never attended
-        return _Retrieval(self.encoder, self.token_embedding(safe), mask)  # embedded [B, C, K, r, d]
+        return self.token_embedding(safe), mask
+
+    # ---- incremental decoding --------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, max_length: int, max_neighbors: int | None = None) -> RetroCache:
+        """An empty cache for batch_size sequences of up to max_length tokens, in the model's dtype and device.
+
+        max_neighbors: the most neighbours in one set (default retro.retro_num_neighbors).
+        """
+        p = self.token_embedding.weight
+        return RetroCache(self.config, batch_size, max_length, max_neighbors, dtype=p.dtype, device=p.device)
+
+    def encode_neighbors(
+        self,
+        neighbor_tokens: torch.Tensor,  # [K, r] int64, negative = no neighbour
+        neighbor_mask: torch.Tensor,  # [K] bool
+        context: torch.Tensor,  # [m', d] first-CCA-layer normed states of the retrieving tokens (m' <= m)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # encoded [1, K*r, de], key_mask [K*r]
+        """One neighbour set through the encoder, as CCA reads it (a forward with a cache calls this)."""
+        K, r = neighbor_tokens.shape
+        embedded, mask = self._embed_neighbors(neighbor_tokens, neighbor_mask)  # [K, r, d], [K]
+        encoded = self.encoder(embedded[None, None], context[None, None])  # [1, 1, K, r, de]
+        return encoded.reshape(1, K * r, -1), mask[:, None].expand(K, r).reshape(K * r)
 
     # ---- accounting ------------------------------------------------------------------------------
 

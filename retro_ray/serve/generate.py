@@ -1,12 +1,17 @@
 """Text generation with RETRO: a KV cache for self-attention, neighbours encoded once per chunk.
 
+This module schedules; the model computes. Every forward pass is ``RetroModel.forward`` against the
+model's own ``RetroCache`` (model/retro.py): here are the batch, the neighbour events and their
+retrieval, sampling and streaming, and no layer math.
+
 Incremental decoding, for a batch of prompts of different lengths:
 
-* Prefill runs each prompt through the decoder once (one sequence at a time, so positions and chunk
-  boundaries are the prompt's own) and fills the batch's preallocated self-attention cache
-  [B, h, S, dh] per layer. Then every decode step feeds one token per sequence at its own position.
+* Prefill runs each prompt through the model once (one sequence at a time, through a one-row view
+  of the batch's cache, so positions and chunk boundaries are the prompt's own). Then every decode
+  step feeds one token per sequence at its own position (``positions=lengths``).
 * Neighbours are *events*: at position p a new neighbour set becomes visible to p and every later
-  position until the next event. The encoder runs once per event, conditioned on the first CCA
+  position until the next event. The generator adds each set to the cache (``add_neighbors``)
+  before the forward that feeds p; that forward encodes it once, conditioned on the first CCA
   layer's normed states of the (up to m) tokens ending at p, and every CCA layer projects the
   encoded neighbours to keys/values once, then reuses them for each token that reads that set.
 * Where events happen:
@@ -18,7 +23,8 @@ Incremental decoding, for a batch of prompts of different lengths:
       short prompt gets neighbours from its first generated token rather than after m tokens.
     - no retriever and no neighbours, or a GPT model: no events; CCA adds nothing.
 * ``recompute=True`` runs the whole sequence from scratch for every token with the same events
-  (no cache): the reference the cache is tested against, and the benchmark's baseline.
+  (a fresh cache each time, nothing carried over): the reference the cache is tested against, and
+  the benchmark's baseline.
 
 Sampling (NeMo's ``inference`` names): greedy, temperature, top_k, top_p, min_tokens_to_generate,
 end_strings, add_BOS (the end-of-document token, which GPT training uses as the separator), seed.
@@ -37,11 +43,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
-from retro_ray.model.retro import RetroModel, rotary_cos_sin
+from retro_ray.model.retro import RetroCache, RetroModel
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +172,6 @@ class StreamEvent:
 
 
 @dataclass
-class _NeighborSet:
-    position: int
-    k: list[torch.Tensor]          # per CCA layer [1, h, K*r, dh]
-    v: list[torch.Tensor]
-    key_mask: torch.Tensor         # [K*r] bool
-    event: RetrievalEvent
-
-
-@dataclass
 class _Row:
     index: int
     request: GenerationRequest
@@ -207,9 +203,6 @@ class Generator:
         self.m = cfg.chunk_length
         self.r = cfg.neighbor_length
         self.vocab = min(int(tokenizer.get_vocab_size()), cfg.vocab_size)
-        self.cca_layers = [i for i, layer in enumerate(model.layers) if layer.cca is not None]
-        self.cca_slot = {li: j for j, li in enumerate(self.cca_layers)}  # decoder layer → its CCA cache slot
-        self.dtype = next(model.parameters()).dtype
         if retriever is not None and getattr(retriever.db, "chunk_length", self.m) != self.m:
             raise RetroRayError(
                 f"the model reads chunks of {self.m} tokens but the retrieval database holds chunks of "
@@ -377,61 +370,25 @@ class Generator:
                           RetrievalEvent(wanted[i][1], texts[j], infos))
         return out
 
-    def _encode(self, position: int, tokens: torch.Tensor, mask: torch.Tensor, context: torch.Tensor,
-                event: RetrievalEvent) -> _NeighborSet:
-        """Encode one neighbour set (tokens [K, r], mask [K]) conditioned on context [m', d]."""
-        model = self.model
-        tokens, mask = tokens.to(self.device), mask.to(self.device)
-        mask = mask & (tokens >= 0).all(dim=-1)
-        K = tokens.shape[0]
-        embedded = model.token_embedding(tokens.masked_fill(~mask[:, None], 0))[None, None]  # [1, 1, K, r, d]
-        encoded = model.encoder(embedded, context[None, None])  # [1, 1, K, r, de] (de: the encoder's width)
-        ctx = encoded.reshape(1, K * self.r, -1)
-        ks, vs = [], []
-        for i in self.cca_layers:
-            k, v = model.layers[i].cca.attn.context_kv(ctx)  # [1, h, K*r, dh]
-            ks.append(k)
-            vs.append(v)
-        return _NeighborSet(position, ks, vs, mask[:, None].expand(K, self.r).reshape(K * self.r), event)
+    # ---- forward passes (the model's own, against its RetroCache) --------------------------------
 
-    # ---- forward passes --------------------------------------------------------------------------
+    def _max_neighbors(self, rows: list[_Row]) -> int:
+        """Kmax of a cache for these rows: the largest set they have or may retrieve."""
+        return max([len(e[1]) for row in rows for e in row.events] +
+                   [row.request.inference.retro_inference.retro_num_neighbors for row in rows])
 
-    def _prefill(self, row: _Row, upto: int):
-        """Run row.ids[:upto] from scratch. Returns (last logits [V], per-layer (k, v) [h, T, dh],
-        first-CCA-layer normed states [T, d], the neighbour set current at upto-1 or None)."""
-        model, m = self.model, self.m
-        ids = torch.tensor(row.ids[:upto], dtype=torch.long, device=self.device)
-        T = len(ids)
-        events = [e for e in row.events if e[0] < T]
-        x = model.token_embedding(ids[None])  # [1, T, d]
-        d = x.shape[-1]
-        cos, sin = rotary_cos_sin(torch.arange(T, device=self.device), model.config.head_dim, x.dtype)
-        cache, states, sets = [], None, []
-        for li, layer in enumerate(model.layers):
-            q, k, v = layer.attn.rotated_qkv(layer.ln_attn(x), cos, sin)  # [1, h, T, dh]
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + layer.attn.out_proj(y.transpose(1, 2).reshape(1, T, d))
-            cache.append((k[0], v[0]))
-            if layer.cca is not None:
-                xn = layer.ln_cca(x)  # [1, T, d]
-                if states is None:  # first CCA layer: encode every event's neighbours
-                    states = xn[0]
-                    sets = [self._encode(p, tok, msk, states[max(0, p - m + 1): p + 1], ev) for p, tok, msk, ev in events]
-                out = torch.zeros_like(xn)
-                j = self.cca_slot[li]
-                for s, nxt in zip(sets, [*sets[1:], None]):
-                    end = T if nxt is None else nxt.position
-                    out[:, s.position:end] = layer.cca.attn.attend(xn[:, s.position:end], s.k[j], s.v[j], s.key_mask[None])
-                x = x + out
-            x = x + layer.mlp(layer.ln_mlp(x))
-        logits = F.linear(model.ln_f(x[:, -1]), model.token_embedding.weight)[0]  # [V]
-        return logits, cache, states, (sets[-1] if sets else None)
+    def _prefill(self, row: _Row, cache: RetroCache) -> torch.Tensor:
+        """Feed row.ids from position 0 into a one-row cache, with the row's neighbour events; last logits [V]."""
+        if self.model.config.retro.enabled:
+            for p, tokens, mask, _ in row.events:
+                cache.add_neighbors(0, p, tokens, mask)
+        ids = torch.tensor(row.ids, dtype=torch.long, device=self.device)[None]  # [1, T]
+        return self.model(ids, cache=cache, positions=0, logits_to_keep=1).logits[0, -1]
 
     @torch.inference_mode()  # on a generator function, torch enters the mode only while it runs
     def _run(self, rows: list[_Row], is_cancelled, recompute: bool) -> Iterator[list[StreamEvent]]:
         model, dev = self.model, self.device
-        cfgm = model.config
-        B, h, dh, d = len(rows), cfgm.num_attention_heads, cfgm.head_dim, cfgm.hidden_size
+        B = len(rows)
         S = max(r.n_prompt + r.request.inference.tokens_to_generate for r in rows)
 
         # Neighbours for the prompts' events, fetched in one batch.
@@ -439,38 +396,16 @@ class Generator:
         for (row, p), (tok, msk, ev) in zip(wanted, self._fetch(wanted)):
             row.events.append((p, tok, msk, ev))
 
-        if not recompute:
-            kcache = [torch.zeros(B, h, S, dh, dtype=self.dtype, device=dev) for _ in model.layers]
-            vcache = [torch.zeros(B, h, S, dh, dtype=self.dtype, device=dev) for _ in model.layers]
-            states = torch.zeros(B, S, d, dtype=self.dtype, device=dev)
-            Kmax = max([len(e[1]) for row in rows for e in row.events] +
-                       [row.request.inference.retro_inference.retro_num_neighbors for row in rows])
-            cur_k = [torch.zeros(B, h, Kmax * self.r, dh, dtype=self.dtype, device=dev) for _ in self.cca_layers]
-            cur_v = [torch.zeros_like(t) for t in cur_k]
-            cur_mask = torch.zeros(B, Kmax * self.r, dtype=torch.bool, device=dev)
+        # One cache for the batch; rows sit at their own lengths. recompute: a fresh one per token.
+        cache = None if recompute else model.new_cache(B, S, self._max_neighbors(rows))
         lengths = torch.tensor([row.n_prompt for row in rows], dtype=torch.long, device=dev)
 
-        def install(b: int, s: _NeighborSet) -> None:
-            n = s.key_mask.shape[0]
-            for j in range(len(self.cca_layers)):
-                cur_k[j][b, :, :n] = s.k[j][0]
-                cur_v[j][b, :, :n] = s.v[j][0]
-            cur_mask[b] = False
-            cur_mask[b, :n] = s.key_mask
+        def from_scratch(row: _Row) -> torch.Tensor:  # [V]
+            return self._prefill(row, model.new_cache(1, len(row.ids), self._max_neighbors([row])))
 
-        logits = []
-        for b, row in enumerate(rows):
-            lg, cache, st, current = self._prefill(row, row.n_prompt)
-            logits.append(lg)
-            if not recompute:
-                for li, (k, v) in enumerate(cache):
-                    kcache[li][b, :, : row.n_prompt] = k
-                    vcache[li][b, :, : row.n_prompt] = v
-                if st is not None:
-                    states[b, : row.n_prompt] = st
-                if current is not None:
-                    install(b, current)
-        logits = torch.stack(logits)  # [B, V]
+        # Prefill one prompt at a time, so each runs at its own positions with its own chunk boundaries.
+        logits = torch.stack([from_scratch(row) if recompute else self._prefill(row, cache.row(b))
+                              for b, row in enumerate(rows)])  # [B, V]
 
         while True:
             step_events = []
@@ -488,54 +423,23 @@ class Generator:
             active = [b for b, row in enumerate(rows) if not row.finished]
             if not active:
                 return
-            # Events at the positions about to be fed (a chunk completes), fetched in one batch.
-            wanted = [(rows[b], int(lengths[b])) for b in active if self._is_event(rows[b], int(lengths[b]))]
-            for (row, p), (tok, msk, ev) in zip(wanted, self._fetch(wanted)):
-                row.events.append((p, tok, msk, ev))
+            # Events at the positions about to be fed (a chunk completes), fetched in one batch; the
+            # model encodes them in the step that feeds their position.
+            wanted = [(b, int(lengths[b])) for b in active if self._is_event(rows[b], int(lengths[b]))]
+            for (b, p), (tok, msk, ev) in zip(wanted, self._fetch([(rows[b], p) for b, p in wanted])):
+                rows[b].events.append((p, tok, msk, ev))
+                if cache is not None:
+                    cache.add_neighbors(b, p, tok, msk)
             if recompute:
                 new = logits.clone()
                 for b in active:
-                    new[b] = self._prefill(rows[b], len(rows[b].ids))[0]
-                    lengths[b] += 1
+                    new[b] = from_scratch(rows[b])
                 logits = new
-                continue
-            feed = torch.tensor([row.ids[-1] if not row.finished else self.eod_id for row in rows], device=dev)
-            event_rows = {b for b in active if rows[b].events and rows[b].events[-1][0] == int(lengths[b])}
-            logits = self._decode_step(feed, lengths, kcache, vcache, states, cur_k, cur_v, cur_mask, rows,
-                                       event_rows, install)
+            else:
+                # One token per row at its own position; finished rows feed a dummy token and stay put.
+                feed = torch.tensor([row.ids[-1] if not row.finished else self.eod_id for row in rows], device=dev)
+                logits = model(feed[:, None], cache=cache, positions=lengths, logits_to_keep=1).logits[:, -1]  # [B, V]
             lengths[active] += 1
-
-    def _decode_step(self, feed, lengths, kcache, vcache, states, cur_k, cur_v, cur_mask, rows, event_rows, install):
-        """One token per row at position lengths[b]; returns logits [B, V]."""
-        model, m = self.model, self.m
-        B = feed.shape[0]
-        ar = torch.arange(B, device=feed.device)
-        x = model.token_embedding(feed[:, None])  # [B, 1, d]
-        d = x.shape[-1]
-        cos, sin = rotary_cos_sin(lengths, model.config.head_dim, x.dtype)  # [B, dh/2]
-        cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # broadcast against [B, h, 1, dh/2]
-        span = int(lengths.max()) + 1
-        visible = (torch.arange(span, device=feed.device)[None, :] <= lengths[:, None])[:, None, None, :]  # [B,1,1,span]
-        first_cca = True
-        for li, layer in enumerate(model.layers):
-            q, k, v = layer.attn.rotated_qkv(layer.ln_attn(x), cos, sin)  # [B, h, 1, dh]
-            kcache[li][ar, :, lengths] = k[:, :, 0]
-            vcache[li][ar, :, lengths] = v[:, :, 0]
-            y = F.scaled_dot_product_attention(q, kcache[li][:, :, :span], vcache[li][:, :, :span], attn_mask=visible)
-            x = x + layer.attn.out_proj(y.transpose(1, 2).reshape(B, 1, d))
-            if layer.cca is not None:
-                xn = layer.ln_cca(x)  # [B, 1, d]
-                if first_cca:
-                    first_cca = False
-                    states[ar, lengths] = xn[:, 0]
-                    for b in sorted(event_rows):
-                        p = int(lengths[b])
-                        _, tok, msk, ev = rows[b].events[-1]
-                        install(b, self._encode(p, tok, msk, states[b, max(0, p - m + 1): p + 1], ev))
-                j = self.cca_slot[li]
-                x = x + layer.cca.attn.attend(xn, cur_k[j], cur_v[j], cur_mask)
-            x = x + layer.mlp(layer.ln_mlp(x))
-        return F.linear(model.ln_f(x[:, 0]), model.token_embedding.weight)  # [B, V]
 
     # ---- sampling and finishing ------------------------------------------------------------------
 

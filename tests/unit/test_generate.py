@@ -60,7 +60,8 @@ PROMPTS = ["The river flows", "In 1066 the Normans crossed the Channel and defea
 @pytest.mark.parametrize("which", ["gen", "narrow_gen"])
 @pytest.mark.parametrize("T", [3 * M, 3 * M + 5, M - 1])
 def test_prefill_equals_the_training_forward(request, which, T):
-    """With neighbours at the chunk boundaries, the generator's forward is the model's training forward."""
+    """With neighbours at the chunk boundaries, the generator's prefill (the model's forward against a
+    fresh cache) is the model's training forward."""
     gen = request.getfixturevalue(which)
     g = torch.Generator().manual_seed(T)
     tokens = torch.randint(0, 400, (T,), generator=g)
@@ -73,7 +74,7 @@ def test_prefill_equals_the_training_forward(request, which, T):
     row.events = [((j + 1) * M - 1, neighbours[0, j], torch.ones(K, dtype=torch.bool), RetrievalEvent(0, "", []))
                   for j in range(C)]
     with torch.inference_mode():
-        logits, _, _, _ = gen._prefill(row, T)
+        logits = gen._prefill(row, gen.model.new_cache(1, T, max_neighbors=K))
         want = gen.model(tokens[None], neighbours).logits[0, -1]
     torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
 

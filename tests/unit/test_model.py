@@ -17,11 +17,9 @@ from retro_ray.model import RetroConfig, RetroModel
 from retro_ray.model.retro import (
     IGNORE_INDEX,
     ChunkedCrossAttention,
-    DecoderLayer,
     RetroSettings,
     _Retrieval,
     default_retro_layers,
-    rotary_cos_sin,
 )
 
 M = 16  # tiny config chunk_length
@@ -239,22 +237,107 @@ def test_loss_ignores_masked_labels(model):
     assert nothing.item() == 0.0
 
 
-# ---- incremental decoding readiness --------------------------------------------------------------
+# ---- incremental decoding -----------------------------------------------------------------------
 
 
-def test_self_attention_with_past_kv_matches_full_pass():
-    torch.manual_seed(0)
-    cfg = RetroConfig.tiny()
-    layer = DecoderLayer(cfg, with_cca=False).double().eval()
-    x = torch.randn(2, 10, cfg.hidden_size, dtype=torch.float64)
-    cos, sin = rotary_cos_sin(torch.arange(10), cfg.head_dim, x.dtype)
+DECODERS = {
+    "retro": RetroConfig.tiny().retro,
+    "retro narrow encoder": NARROW_ENCODER,
+    "gpt": RetroSettings(enabled=False),
+}
+
+
+def cached_logits(model: RetroModel, tokens: torch.Tensor, neighbors: torch.Tensor | None, prefill: list[int],
+                  step: int = 1) -> list[torch.Tensor]:
+    """Row b: prefill tokens[b, :prefill[b]] through a one-row view, then feed `step` tokens at a time,
+    both rows in one batched forward at their own positions, until row 0 reaches the end. Chunk j's
+    neighbours are added at its last token, (j+1)m-1, before any forward. Returns each row's logits [n_b, V]."""
+    B, n = tokens.shape
+    cache = model.new_cache(B, n, max_neighbors=K)
+    if neighbors is not None:
+        for b in range(B):
+            for j in range(n // M):
+                cache.add_neighbors(b, (j + 1) * M - 1, neighbors[b, j])
+    out = [[model(tokens[b : b + 1, : prefill[b]], cache=cache.row(b), positions=0).logits[0]] for b in range(B)]
+    at = torch.tensor(prefill)
+    while int(at[0]) < n:
+        s = min(step, n - int(at[0]))
+        feed = torch.stack([tokens[b, int(at[b]) : int(at[b]) + s] for b in range(B)])  # [B, s]
+        logits = model(feed, cache=cache, positions=at).logits  # [B, s, V]
+        for b in range(B):
+            out[b].append(logits[b])
+        at += s
+    return [torch.cat(o) for o in out]
+
+
+@pytest.mark.usefixtures("torch_one_thread")  # decode steps are many tiny ops
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("step", [1, 3])
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_cached_decode_equals_the_forward_on_the_full_sequence(decoder, step, dtype):
+    """Prefill, then decode one (or three) tokens at a time against the model's cache, rows of the
+    batch at different lengths, neighbours added at the chunk boundaries: every logit is the no-cache
+    forward's on the whole sequence (float64: to 1e-12; float32: to the generator tests' tolerance)."""
+    model = make_model(retro=DECODERS[decoder]).to(dtype)
+    tokens, neighbors = make_inputs()
+    neighbors[0, 1, 1] = -1  # a missing neighbour
+    neighbors[1, 2] = -1  # a chunk with no neighbour at all
+    retro = model.config.retro.enabled
+    prefill = [M + 3, 5]  # row 1 lags 14 tokens behind; events fall inside prefills and decode steps
     with torch.no_grad():
-        full, _ = layer(x, cos, sin)
-        first, past = layer(x[:, :6], cos[:6], sin[:6])
-        rest, past = layer(x[:, 6:9], cos[6:9], sin[6:9], past_kv=past)  # several tokens against a cache
-        last, past = layer(x[:, 9:], cos[9:], sin[9:], past_kv=past)  # one token
-    assert past[0].shape == (2, cfg.num_attention_heads, 10, cfg.head_dim)
-    torch.testing.assert_close(torch.cat((first, rest, last), dim=1), full, rtol=0, atol=1e-12)
+        full = model(tokens, neighbors if retro else None).logits
+        rows = cached_logits(model, tokens, neighbors if retro else None, prefill, step)
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    assert [len(r) for r in rows] == [N, N - (prefill[0] - prefill[1])]
+    for b, got in enumerate(rows):
+        torch.testing.assert_close(got, full[b, : len(got)], **tol)
+    if retro:  # the neighbours matter, so the comparison above covers CCA and the encoder
+        with torch.no_grad():
+            assert differs(model(tokens).logits[:, M - 1 :], full[:, M - 1 :])
+
+
+@pytest.mark.usefixtures("torch_one_thread")  # decode steps are many tiny ops
+def test_a_set_added_mid_chunk_is_read_from_its_position_on():
+    """A set may start anywhere (the generator adds one at a prompt's last token): positions before
+    it read nothing, it and later positions read it, and prefill = token-by-token decode."""
+    model = make_model()
+    tokens, neighbors = make_inputs(batch=1)
+    p = 9  # before the first chunk completes
+    with torch.no_grad():
+        off = model(tokens[:, :20]).logits
+        outs = []
+        for pieces in ([20], [5, 8, 7], [1] * 20):  # in one forward, or split around p
+            cache = model.new_cache(1, 20)
+            cache.add_neighbors(0, p, neighbors[0, 0])
+            at, logits = 0, []
+            for s in pieces:
+                logits.append(model(tokens[:, at : at + s], cache=cache, positions=at).logits)
+                at += s
+            outs.append(torch.cat(logits, 1))
+    torch.testing.assert_close(outs[0][:, :p], off[:, :p], rtol=0, atol=1e-12)
+    assert differs(outs[0][:, p], off[:, p])
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.usefixtures("torch_one_thread")  # decode steps are many tiny ops
+def test_cache_misuse_is_rejected():
+    model = make_model()
+    tokens, neighbors = make_inputs(batch=1)
+    cache = model.new_cache(1, 20)
+    with torch.no_grad():
+        model(tokens[:, :10], cache=cache, positions=0)
+        cache.add_neighbors(0, 5, neighbors[0, 0])  # position 5 was fed already
+        with pytest.raises(ValueError, match="added after that position was fed"):
+            model(tokens[:, 10:11], cache=cache, positions=10)
+        with pytest.raises(ValueError, match="outside the cache"):
+            model(tokens[:, :5], cache=cache, positions=18)
+        with pytest.raises(ValueError, match="through cache.add_neighbors"):
+            model(tokens[:, :1], neighbors[:, :1], cache=cache, positions=0)
+    with pytest.raises(ValueError, match=r"neighbor_tokens must be \[K, r=32\]"):
+        cache.add_neighbors(0, 19, neighbors[0, 0, :, :5])
+    with pytest.raises(ValueError, match="reads no neighbours"):
+        make_model(retro=RetroSettings(enabled=False)).new_cache(1, 4).add_neighbors(0, 0, neighbors[0, 0])
 
 
 # ---- configuration -------------------------------------------------------------------------------
