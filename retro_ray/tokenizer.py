@@ -69,20 +69,21 @@ def resolve_eod_token(cfg: TokenizerConfig) -> str:
     return found or DEFAULT_EOD
 
 
-def vocabulary_difference(ours: Tokenizer, theirs: Tokenizer) -> str | None:
+def vocabulary_difference(ours: Tokenizer, theirs: Tokenizer, names: tuple[str, str] = ("the first", "the second")) -> str | None:
     """The first difference between two tokenizers' vocabularies (ids, added tokens included) or BPE
-    merges, as a phrase; None when they tokenize alike."""
+    merges, as a phrase naming them by ``names``; None when they tokenize alike."""
+    first, second = names
     a, b = ours.get_vocab(with_added_tokens=True), theirs.get_vocab(with_added_tokens=True)
     ia, ib = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
     for i in sorted(set(ia) | set(ib)):
         if ia.get(i) != ib.get(i):
-            return f"token id {i} is {ia.get(i)!r} in the first and {ib.get(i)!r} in the second"
+            return f"token id {i} is {ia.get(i)!r} in {first} and {ib.get(i)!r} in {second}"
     ma, mb = (json.loads(t.to_str()).get("model", {}).get("merges") or [] for t in (ours, theirs))
     for j, (x, y) in enumerate(zip(ma, mb)):
         if x != y:
-            return f"BPE merge {j} is {x!r} in the first and {y!r} in the second"
+            return f"BPE merge {j} is {x!r} in {first} and {y!r} in {second}"
     if len(ma) != len(mb):
-        return f"the first has {len(ma)} BPE merges and the second {len(mb)}"
+        return f"{first} has {len(ma)} BPE merges and {second} {len(mb)}"
     return None
 
 

@@ -126,6 +126,14 @@ class RetroSettings:
             "decoder states (Megatron: the first layer only)."
         },
     )
+    freeze_decoder: bool = field(
+        default=False,
+        metadata={
+            "help": "RETRO-fitting (Borgeaud et al. 2022, sec. 4.2): train only the neighbour encoder and the "
+            "chunked cross-attention (with their norms and projections); the decoder's own weights get no "
+            "gradient and no optimizer state and stay bit for bit. Usually with model.init_from."
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -298,6 +306,11 @@ class RetroConfig:
         if not isinstance(s.enabled, bool):
             raise RetroRayError(f"retro.enabled={s.enabled!r} must be true or false.")
         if not s.enabled:
+            if s.freeze_decoder:
+                raise RetroRayError(
+                    "retro.freeze_decoder=true with retro.enabled=false would leave nothing to train; set "
+                    "retro.enabled=true to RETRO-fit, or retro.freeze_decoder=false to train a GPT."
+                )
             return  # the other retro settings are unused by a plain GPT
         for name in ("retro_encoder_num_layers", "retro_num_neighbors"):
             _check_positive_int(f"retro.{name}", getattr(s, name))

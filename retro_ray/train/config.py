@@ -204,6 +204,16 @@ class ModelConfig(RetroConfig):
         default=None,
         metadata=_help("Empty = the project's chunk_length (config.json); a value given must equal it."),
     )
+    init_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "A pretrained decoder to RETRO-fit: a model.pt written by `retro-ray export` (a GPT baseline, or "
+            "a RETRO whose decoder is taken). The decoder's shape comes from it (a shape setting that "
+            "disagrees is refused, naming both values) and so do its weights; the encoder and CCA are new, "
+            "with CCA outputs at zero so that step 0 equals the base exactly. With "
+            "model.retro.freeze_decoder=true only the encoder and CCA train (Borgeaud et al. 2022, sec. 4.2)."
+        ),
+    )
     micro_batch_size: int = field(default=4, metadata=_help("Samples per worker per forward/backward pass."))
     global_batch_size: int = field(
         default=8,
@@ -415,13 +425,37 @@ def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+# RetroConfig fields that are not the decoder's shape: a RETRO-fit takes every other one from its base.
+NOT_DECODER_SHAPE = ("retro", "seq_length", "chunk_length", "init_method_std", "hidden_dropout", "attention_dropout",
+                     "ffn_dropout")
+
+
+def decoder_from_base(train_cfg: TrainConfig, base: RetroConfig, source: str) -> TrainConfig:
+    """``train_cfg`` with the decoder's shape (vocab_size included) of ``base``, the model RETRO-fitting
+    starts from. A shape setting given away from its default that disagrees is an error naming both."""
+    m = train_cfg.model
+    defaults = ModelConfig()
+    take = {}
+    for f in dataclasses.fields(RetroConfig):
+        if f.name in NOT_DECODER_SHAPE:
+            continue
+        given, want = getattr(m, f.name), getattr(base, f.name)
+        if given != getattr(defaults, f.name) and given != want:
+            raise RetroRayError(
+                f"model.{f.name}={given} was given but the decoder in {source} has {f.name}={want}; drop "
+                f"model.{f.name} (RETRO-fitting takes the decoder's shape from model.init_from)."
+            )
+        take[f.name] = want
+    return dataclasses.replace(train_cfg, model=dataclasses.replace(m, **take))
+
+
 def resolve_model_config(train_cfg: TrainConfig, seq_length: int, chunk_length: int, vocab_size: int) -> RetroConfig:
     """The model's RetroConfig, with seq_length / chunk_length / vocab_size from the data.
 
     ``seq_length`` and ``chunk_length`` are the project's (config.json); a different value given by
     the user is an error naming both. ``vocab_size`` is the tokenizer's; the model gets it padded up
     to a multiple of 64 (see :func:`pad_vocab_size`), or the user's value when that is at least the
-    tokenizer's.
+    tokenizer's. (A RETRO-fit's vocab_size is its base's: see :func:`decoder_from_base`.)
     """
     m = train_cfg.model
     for key, given, data in (("seq_length", m.seq_length, seq_length), ("chunk_length", m.chunk_length, chunk_length)):

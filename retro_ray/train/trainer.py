@@ -142,6 +142,37 @@ def project_model_data(project: Project, num_neighbors_available: int) -> dict[s
 # --------------------------------------------------------------------------------------------------
 
 
+def retrofit_base(train_cfg: TrainConfig, model_data: dict[str, Any]) -> TrainConfig:
+    """Check ``model.init_from`` (an export, with the project's tokenizer) and take its decoder's shape."""
+    from retro_ray.model.retro import RetroConfig
+    from retro_ray.tokenizer import load_tokenizer, vocabulary_difference
+    from retro_ray.train.config import decoder_from_base
+    from retro_ray.train.export import read_export
+
+    path = Path(train_cfg.model.init_from).expanduser()
+    if path.is_dir():
+        raise RetroRayError(f"model.init_from={path} is a directory; give the model.pt written by `retro-ray export` "
+                            "of the run to RETRO-fit (e.g. the GPT baseline).")
+    payload = read_export(path)
+    base = RetroConfig.from_dict(payload["config"])
+    data = payload.get("data") or {}
+    if data.get("vocab_size") is not None and int(data["vocab_size"]) != int(model_data["vocab_size"]):
+        raise RetroRayError(
+            f"{path} was trained with a tokenizer of {data['vocab_size']} tokens but this project's has "
+            f"{model_data['vocab_size']}; prepare the project with that model's tokenizer (tokenizer.path=...)."
+        )
+    theirs, ours = data.get("tokenizer_path"), model_data.get("tokenizer_path")
+    if theirs and ours and Path(theirs).is_file() and Path(ours).is_file() and Path(theirs).resolve() != Path(ours).resolve():
+        diff = vocabulary_difference(load_tokenizer(Path(ours)), load_tokenizer(Path(theirs)), ("the project's", "the base's"))
+        if diff:
+            raise RetroRayError(f"this project's tokenizer is not the one {path} was trained with: {diff}; prepare "
+                                f"the project with tokenizer.path={theirs}.")
+    log.info("RETRO-fitting %s: its decoder (%d layers x %d, vocabulary %d), %s", path, base.num_layers,
+             base.hidden_size, base.vocab_size,
+             "frozen" if train_cfg.model.retro.freeze_decoder else "trained with the rest")
+    return decoder_from_base(train_cfg, base, str(path))
+
+
 def check_model_data(model_data: dict[str, Any]) -> None:
     missing = [k for k in MODEL_DATA_KEYS if k not in model_data]
     if missing:
@@ -303,6 +334,13 @@ def run(
     if not exp_dir:
         raise RetroRayError("no experiment directory: set exp_manager.exp_dir=/path/to/exp_dir.")
     exp_dir = Path(exp_dir).expanduser().resolve()
+    if train_cfg.model.init_from:
+        train_cfg = retrofit_base(train_cfg, model_data)
+    elif train_cfg.model.retro.freeze_decoder:
+        raise RetroRayError(
+            "model.retro.freeze_decoder=true without model.init_from would freeze a randomly initialised decoder; "
+            "give model.init_from=<model.pt of a trained GPT> or drop freeze_decoder."
+        )
     model_cfg = resolve_model_config(train_cfg, int(model_data["seq_length"]), int(model_data["chunk_length"]),
                                      int(model_data["vocab_size"]))
     check_neighbors(model_cfg, model_data)

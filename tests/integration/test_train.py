@@ -337,3 +337,68 @@ def test_synthetic_data_rewards_retrieval():
     torch.set_num_threads(threads)
     print(f"\nmean train loss, steps {steps - 40}-{steps}: RETRO {final[True]:.3f}, GPT {final[False]:.3f}")
     assert final[True] < final[False] - 0.05
+
+
+def _gpt_export(path: Path, model_data: dict, seed: int = 7) -> Path:
+    """A GPT of the tiny config's decoder in the export format, random weights (a RETRO-fitting base)."""
+    import io
+
+    from retro_ray.train.config import resolve_model_config
+    from retro_ray.train.export import EXPORT_FORMAT, EXPORT_VERSION
+
+    cfg = resolve_model_config(load_train_config("tiny", ["model.retro.enabled=false"]), model_data["seq_length"],
+                               model_data["chunk_length"], model_data["vocab_size"])
+    torch.manual_seed(seed)
+    payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "config": cfg.to_dict(),
+               "state_dict": RetroModel(cfg).state_dict(), "train_step": 0, "data": dict(model_data),
+               "weights_source": "random init (test)", "checkpoint": ""}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path):
+    """model.init_from + freeze_decoder under ZeRO-2 with 2 workers: the decoder leaves training bit for bit
+    the base's, the retrieval part learns, and the export equals the base exactly where it should."""
+    from retro_ray.model.retrofit import is_retrieval_parameter
+
+    data = FACTORY.model_data()
+    base = _gpt_export(tmp_path / "gpt.pt", data)
+    cfg = load_train_config("retrofit", TWO_WORKERS + [
+        f"model.init_from={base}", "trainer.max_steps=12", "trainer.checkpoint_interval=12",
+        "trainer.val_check_interval=12", "trainer.log_every_n_steps=2", "trainer.zero_stage=2",
+        "model.retro.retro_layers=[2,4]", "model.optim.lr=3e-3", "model.optim.sched.warmup_steps=2",
+        "model.hidden_dropout=0", "model.attention_dropout=0", "model.ffn_dropout=0"])
+    report = trainer.run(cfg, FACTORY, data, tmp_path / "exp")
+    assert report.final_step == 12
+    start = next(r for r in history(tmp_path / "exp") if r["kind"] == "event")
+    assert start["decoder_tensors_copied"] == start["decoder_tensors_frozen"] > 0 and start["cca_outputs_zeroed"] == 4
+    out = export(tmp_path / "exp", tmp_path / "fit.pt")
+    fit, base_sd = read_export(out), read_export(base)["state_dict"]
+    assert fit["config"]["num_layers"] == 4 and fit["config"]["retro"]["freeze_decoder"] is True
+    for k, v in fit["state_dict"].items():
+        if not is_retrieval_parameter(k):
+            assert torch.equal(v, base_sd[k]), k
+    assert all(fit["state_dict"][k].abs().max() > 0 for k in fit["state_dict"] if ".cca.attn.out_proj.weight" in k)
+    losses = train_losses(history(tmp_path / "exp"))
+    assert losses[-1] < losses[0]  # retrieval of the synthetic data's copies pays at once
+
+
+def test_retrofitting_bad_input(ray_cluster, tmp_path):
+    data = FACTORY.model_data()
+    base = _gpt_export(tmp_path / "gpt.pt", data)
+    wide = load_train_config("retrofit", TWO_WORKERS + [f"model.init_from={base}", "model.num_layers=6"])
+    with pytest.raises(RetroRayError, match=r"model.num_layers=6 was given but the decoder in .*gpt.pt has "
+                                            r"num_layers=4; drop model.num_layers"):
+        trainer.run(wide, FACTORY, data, tmp_path / "a")
+    alone = load_train_config("tiny", TWO_WORKERS + ["model.retro.freeze_decoder=true"])
+    with pytest.raises(RetroRayError, match="freeze_decoder=true without model.init_from would freeze a randomly"):
+        trainer.run(alone, FACTORY, data, tmp_path / "b")
+    folder = load_train_config("retrofit", TWO_WORKERS + [f"model.init_from={tmp_path}"])
+    with pytest.raises(RetroRayError, match="is a directory; give the model.pt written by `retro-ray export`"):
+        trainer.run(folder, FACTORY, data, tmp_path / "c")
+    other = load_train_config("retrofit", TWO_WORKERS + [f"model.init_from={base}"])
+    with pytest.raises(RetroRayError, match=r"was trained with a tokenizer of \d+ tokens but this project's has 999"):
+        trainer.run(other, FACTORY, {**data, "vocab_size": 999}, tmp_path / "d")
+    assert not any((tmp_path / d).exists() for d in "abcd")  # refused before anything was written

@@ -49,7 +49,7 @@ def test_model_section_is_retro_config():
     retro_fields = {f.name for f in dataclasses.fields(RetroConfig)}
     model_fields = {f.name for f in dataclasses.fields(TC.ModelConfig)}
     assert retro_fields <= model_fields
-    assert model_fields - retro_fields == {"micro_batch_size", "global_batch_size", "optim", "data"}
+    assert model_fields - retro_fields == {"init_from", "micro_batch_size", "global_batch_size", "optim", "data"}
     # every leaf has help text
     for key, _typ, text in C.field_help(TC.TrainConfig):
         assert text, f"{key} has no help"
