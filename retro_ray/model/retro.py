@@ -7,8 +7,9 @@ Shapes, used throughout:
     B  batch size                  n  tokens in a sequence (seq_length when training)
     m  chunk_length                C  chunks with neighbours = n // m
     K  neighbours per chunk        r  tokens per neighbour (chunk + continuation = 2m)
-    d  hidden_size                 h  attention heads, dh = d // h
+    d  hidden_size                 h  attention heads, dh = d // h (unless kv_channels is set)
     V  vocab_size                  de encoder width (= d unless retro_encoder_hidden_size is set)
+    S  a cache's max_length        hk key/value heads (= h unless num_key_value_heads is set)
 
 Data flow of one forward pass:
     tokens [B, n] -> embedding -> decoder layers 1..L -> LayerNorm -> tied output -> logits [B, n, V]
@@ -19,10 +20,10 @@ Data flow of one forward pass:
 
 Incremental decoding (generation) goes through the same forward and the same layers, with a
 RetroCache that the model makes (new_cache) and owns the layout of:
-    cache.k[i], cache.v[i]            [B, h, S, dh]      self-attention keys/values, every decoder layer
-    cache.neighbor_k[i], neighbor_v[i] [B, h, Kmax*r, dh] CCA layer i's projection of each row's current
-    cache.neighbor_mask               [B, Kmax*r]         neighbour set, and which of its keys exist
-    cache.states                      [B, S, d]          first CCA layer's normed states (the encoder's context)
+    cache.k[i], cache.v[i]               [B, hk, S, dh]      self-attention keys/values, every decoder layer
+    cache.neighbor_k[i], neighbor_v[i]   [B, h, Kmax*r, dh]  CCA layer i's projection of each row's
+    cache.neighbor_mask                  [B, Kmax*r]         current neighbour set, and which keys exist
+    cache.states                         [B, S, d]           first CCA layer's normed states (encoder context)
     forward(tokens [B, T], cache=, positions=[B]) feeds T tokens per row at its own positions; prefill
     is T = the prompt, decoding T = 1 (or a few). Neighbours are not chunk-aligned tensors here but
     sets added per row with cache.add_neighbors(row, p, tokens [K, r]): visible from position p until
@@ -558,17 +559,19 @@ def rope_inv_freq(config: RetroConfig, device: torch.device, work: torch.dtype) 
 
 
 def rope_cos_sin(
-    config: RetroConfig, positions: torch.Tensor, dtype: torch.dtype
+    config: RetroConfig, positions: torch.Tensor, dtype: torch.dtype, inv_freq: torch.Tensor | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """cos, sin [T, dh/2] for integer positions [T]; (None, None) for the gpt2 family (no rotation).
 
     Computed on the fly in float32 (float64 for float64 models): no buffer to be cast to bf16 by a
-    training engine, and no length limit.
+    training engine, and no length limit. inv_freq: rope_inv_freq() computed once (a RetroCache keeps
+    it: a decode step is small enough for its four tensor ops to show).
     """
     if not config.uses_rope:
         return None, None
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = rope_inv_freq(config, positions.device, work)
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(config, positions.device, work)
     angles = positions.to(work)[:, None] * inv_freq[None, :]  # [T, dh/2]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -942,7 +945,7 @@ class _RowState:
 class RetroCache:
     """Incremental-decoding state of B sequences, owned by the model (see RetroModel.new_cache).
 
-    Per decoder layer, self-attention keys/values k[i], v[i] [B, h, S, dh] of every fed position
+    Per decoder layer, self-attention keys/values k[i], v[i] [B, hk, S, dh] of every fed position
     (S = max_length). Per CCA layer i, the projected keys/values of each row's current neighbour
     set, neighbor_k[i], neighbor_v[i] [B, h, Kmax*r, dh], with neighbor_mask [B, Kmax*r] (True =
     a key of an existing neighbour; a set of K < Kmax neighbours leaves the rest hidden). states
@@ -970,6 +973,8 @@ class RetroCache:
         self.neighbor_v = {i: torch.zeros_like(t) for i, t in self.neighbor_k.items()}
         self.neighbor_mask = torch.zeros(B, Kr, dtype=torch.bool, device=device) if cca else None
         self.rows = [_RowState() for _ in range(B)]
+        work = torch.float64 if dtype == torch.float64 else torch.float32  # as rope_cos_sin computes it
+        self.inv_freq = rope_inv_freq(config, torch.device(device), work) if config.uses_rope else None  # [dh/2]
 
     @property
     def device(self) -> torch.device:
@@ -986,6 +991,7 @@ class RetroCache:
         view.neighbor_v = {i: t[b : b + 1] for i, t in self.neighbor_v.items()}
         view.neighbor_mask = None if self.neighbor_mask is None else self.neighbor_mask[b : b + 1]
         view.rows = self.rows[b : b + 1]
+        view.inv_freq = self.inv_freq
         return view
 
     def add_neighbors(self, row: int, position: int, neighbor_tokens: torch.Tensor,
@@ -1052,7 +1058,7 @@ class _Step:
         if self.fresh:
             self.index = None  # write with a slice [:T]
             self.positions = torch.arange(T, device=dev)  # [T]
-            self.cos, self.sin = rope_cos_sin(c, self.positions, dtype)  # [T, dh/2] (None: gpt2)
+            self.cos, self.sin = rope_cos_sin(c, self.positions, dtype, cache.inv_freq)  # [T, dh/2] (None: gpt2)
             self.visible = None
         else:
             at = pos[:, None] + torch.arange(T, device=dev) if T > 1 else pos[:, None]  # [B, T] new positions
@@ -1061,7 +1067,7 @@ class _Step:
             # index_put, a few % of a small model's decode step).
             self.index = (rows[:, None], at) if T > 1 else (rows, pos)
             self.positions = at  # [B, T]
-            cos, sin = rope_cos_sin(c, at.reshape(-1), dtype)  # [B*T, dh/2]
+            cos, sin = rope_cos_sin(c, at.reshape(-1), dtype, cache.inv_freq)  # [B*T, dh/2]
             if cos is not None:
                 cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # against [B, h, T, dh/2]
             self.cos, self.sin = cos, sin
@@ -1133,13 +1139,13 @@ class _LayerSlot(NamedTuple):
     """Decoder layer i's part of a RetroCache during one _Step."""
 
     step: _Step
-    k: torch.Tensor  # [B, h, S, dh]
+    k: torch.Tensor  # [B, hk, S, dh]
     v: torch.Tensor
     neighbor_k: torch.Tensor | None  # [B, h, Kmax*r, dh], CCA layers only
     neighbor_v: torch.Tensor | None
 
     def self_attention_kv(self, k: torch.Tensor, v: torch.Tensor):
-        """Store the new k, v [B, h, T, dh]; return (keys, values, mask, is_causal) for the queries."""
+        """Store the new k, v [B, hk, T, dh]; return (keys, values, mask, is_causal) for the queries."""
         step = self.step
         step.write_heads(self.k, k)
         step.write_heads(self.v, v)
