@@ -469,11 +469,29 @@ def test_flops_per_token_is_every_matmul_of_a_training_step(retro):
     which the counter sees (it does not count CPU SDPA kernels); like flops_per_token(), they
     compute the causal scores in full.
     """
+    assert_flops_per_token_counts_every_matmul(retro)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        dict(family="gpt2", max_position_embeddings=256),
+        dict(family="llama", num_key_value_heads=2, kv_channels=32, tie_word_embeddings=False),
+        dict(family="qwen2", num_key_value_heads=1),
+    ],
+    ids=["gpt2", "llama gqa, head size 32 of d/h=64, untied", "qwen2 one kv head"],
+)
+def test_flops_per_token_counts_every_matmul_in_every_family(family):
+    assert_flops_per_token_counts_every_matmul(RetroSettings(retro_layers=(3, 6), retro_encoder_hidden_size=128),
+                                               **family)
+
+
+def assert_flops_per_token_counts_every_matmul(retro: RetroSettings, **family) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     config = RetroConfig(vocab_size=512, num_layers=6, hidden_size=256, ffn_hidden_size=1024,
-                         num_attention_heads=4, seq_length=256, chunk_length=32, retro=retro)
+                         num_attention_heads=4, seq_length=256, chunk_length=32, retro=retro, **family)
     model = RetroModel(config).train()
     K = retro.retro_num_neighbors
     tokens = torch.randint(0, 512, (2, 256))
