@@ -29,6 +29,7 @@ Writes benchmarks/results/bench_generate.json (--against: bench_generate_against
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -99,7 +100,9 @@ def against(args, tok, eod: int, prompt: str, neighbors: list[str]) -> None:
     a = model_a.RetroModel(demo_config(True))
     with torch.no_grad():
         a.token_embedding.weight[eod] = 0.0  # never stop early at the end-of-document token
-    b = model_b.RetroModel(model_b.RetroConfig.from_dict(a.config.to_dict()))
+    # The other checkout may predate some settings: give it only the ones it knows (they are at their defaults).
+    known = {f.name for f in dataclasses.fields(model_b.RetroConfig)}
+    b = model_b.RetroModel(model_b.RetroConfig.from_dict({k: v for k, v in a.config.to_dict().items() if k in known}))
     b.load_state_dict(a.state_dict())  # same weights, same parameter names
     sides = {"A": (gen_a, gen_a.Generator(a, tok, eod)), "B": (gen_b, gen_b.Generator(b, tok, eod))}
     N = args.new_tokens

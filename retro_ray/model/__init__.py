@@ -2,10 +2,11 @@
 
 from retro_ray.model.retro import (
     IGNORE_INDEX,
+    RetroCache,
     RetroConfig,
     RetroModel,
     RetroOutput,
     RetroSettings,
 )
 
-__all__ = ["IGNORE_INDEX", "RetroConfig", "RetroModel", "RetroOutput", "RetroSettings"]
+__all__ = ["IGNORE_INDEX", "RetroCache", "RetroConfig", "RetroModel", "RetroOutput", "RetroSettings"]

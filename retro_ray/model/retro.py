@@ -7,8 +7,9 @@ Shapes, used throughout:
     B  batch size                  n  tokens in a sequence (seq_length when training)
     m  chunk_length                C  chunks with neighbours = n // m
     K  neighbours per chunk        r  tokens per neighbour (chunk + continuation = 2m)
-    d  hidden_size                 h  attention heads, dh = d // h
+    d  hidden_size                 h  attention heads, dh = d // h (unless kv_channels is set)
     V  vocab_size                  de encoder width (= d unless retro_encoder_hidden_size is set)
+    S  a cache's max_length        hk key/value heads (= h unless num_key_value_heads is set)
 
 Data flow of one forward pass:
     tokens [B, n] -> embedding -> decoder layers 1..L -> LayerNorm -> tied output -> logits [B, n, V]
@@ -19,10 +20,10 @@ Data flow of one forward pass:
 
 Incremental decoding (generation) goes through the same forward and the same layers, with a
 RetroCache that the model makes (new_cache) and owns the layout of:
-    cache.k[i], cache.v[i]            [B, h, S, dh]      self-attention keys/values, every decoder layer
-    cache.neighbor_k[i], neighbor_v[i] [B, h, Kmax*r, dh] CCA layer i's projection of each row's current
-    cache.neighbor_mask               [B, Kmax*r]         neighbour set, and which of its keys exist
-    cache.states                      [B, S, d]          first CCA layer's normed states (the encoder's context)
+    cache.k[i], cache.v[i]               [B, hk, S, dh]      self-attention keys/values, every decoder layer
+    cache.neighbor_k[i], neighbor_v[i]   [B, h, Kmax*r, dh]  CCA layer i's projection of each row's
+    cache.neighbor_mask                  [B, Kmax*r]         current neighbour set, and which keys exist
+    cache.states                         [B, S, d]           first CCA layer's normed states (encoder context)
     forward(tokens [B, T], cache=, positions=[B]) feeds T tokens per row at its own positions; prefill
     is T = the prompt, decoding T = 1 (or a few). Neighbours are not chunk-aligned tensors here but
     sets added per row with cache.add_neighbors(row, p, tokens [K, r]): visible from position p until
@@ -50,6 +51,22 @@ Design choices:
     * Labels are the next-token targets already aligned with tokens: labels[:, i] is the target for
       logits[:, i] (the data pipeline cuts a (n+1)-token sample into tokens=x[:-1], labels=x[1:]).
       Positions whose label is IGNORE_INDEX (-100) are left out of the mean loss.
+    * Decoder families (config.family), so that pretrained GPT-2 / Llama / Qwen2 weights can be mapped
+      in (model/hf.py maps the parameter names; the math matches transformers' modeling code):
+        retro  the layout above: LayerNorm, erf GELU, RoPE theta^(-2i/dh), biases everywhere, tied.
+        gpt2   learned absolute positions (a max_position_embeddings table: seq_length beyond it is
+               refused), tanh GELU, LayerNorm, biases, tied; q/k/v fused as GPT-2's c_attn.
+        llama  RMSNorm, SwiGLU MLP (fc_gate, fc_in, fc_out = gate/up/down_proj), no biases, RoPE with
+               rope_theta and rope_scaling (linear, llama3), grouped-query attention
+               (num_key_value_heads; the cache keeps only those heads), explicit head size
+               (kv_channels), tied or untied output (lm_head).
+        qwen2  llama with biases on q/k/v.
+      Retrieval follows the family, because it has no layout of its own to keep: CCA and the encoder
+      use the family's norm, MLP, biases and head size (the encoder's heads are de/dh), the encoder
+      the family's positions (RoPE, or the learned table for a neighbour's r positions); their
+      attention keeps all heads (no GQA), as their keys/values are computed once per neighbour set,
+      not cached per token. Parameter names stay ours in every family, and the default family's
+      are unchanged (no fc_gate, position_embedding or lm_head).
     * Dropout and attention go through retro_ray/model/dropout.py: on the CPU it draws dropout masks
       ~10x faster than torch's bernoulli_ (a third of a CPU training step before); elsewhere it is
       exactly F.dropout and F.scaled_dot_product_attention.
@@ -69,6 +86,11 @@ from retro_ray.model.dropout import Dropout, attention
 
 IGNORE_INDEX = -100
 ROPE_BASE = 10000.0
+FAMILIES = ("retro", "gpt2", "llama", "qwen2")
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def default_retro_layers(num_layers: int) -> tuple[int, ...]:
@@ -172,12 +194,84 @@ class RetroConfig:
     retro: RetroSettings = field(
         default_factory=RetroSettings, metadata={"help": "Retrieval settings (encoder, CCA layers, neighbours)."}
     )
+    family: str = field(
+        default="retro",
+        metadata={
+            "help": "Decoder layout. retro: pre-LN LayerNorm, GELU MLP, RoPE, biases (this project's original); "
+            "gpt2: learned absolute positions (max_position_embeddings), tanh GELU, biases (GPT2LMHeadModel); "
+            "llama: RMSNorm, SwiGLU MLP, RoPE (rope_theta, rope_scaling), no biases (LlamaForCausalLM); "
+            "qwen2: llama with q/k/v biases (Qwen2ForCausalLM). The encoder and CCA follow it."
+        },
+    )
+    num_key_value_heads: int | None = field(
+        default=None,
+        metadata={"help": "Key/value heads of the decoder's self-attention (grouped-query attention, llama's "
+                          "num_key_value_heads); must divide num_attention_heads; unset = num_attention_heads."},
+    )
+    kv_channels: int | None = field(
+        default=None,
+        metadata={"help": "Attention head size (Megatron's kv_channels, HF's head_dim); unset = "
+                          "hidden_size/num_attention_heads."},
+    )
+    max_position_embeddings: int = field(
+        default=1024,
+        metadata={"help": "gpt2 family: rows of the learned position table, the longest sequence it can read "
+                          "(seq_length and the 2m-token neighbours must fit); unused by RoPE families."},
+    )
+    rope_theta: float = field(
+        default=ROPE_BASE, metadata={"help": "RoPE base period (llama 3: 500000); unused by the gpt2 family."}
+    )
+    rope_scaling: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "RoPE frequency scaling, as HF's rope_scaling: {rope_type: linear, factor} or {rope_type: "
+                          "llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}; "
+                          "unset = none. llama and qwen2 families only."},
+    )
+    layernorm_epsilon: float = field(
+        default=1e-5, metadata={"help": "Epsilon of every LayerNorm / RMSNorm (llama: rms_norm_eps)."}
+    )
+    tie_word_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Output logits use the input embedding table (false: a separate lm_head, as in most "
+                          "llama and qwen2 checkpoints)."},
+    )
 
     # ---- derived values --------------------------------------------------------------------------
 
     @property
     def head_dim(self) -> int:
+        if self.kv_channels is not None:
+            return self.kv_channels
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the decoder's self-attention (= num_attention_heads without GQA)."""
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.family != "gpt2"
+
+    @property
+    def norm(self) -> str:
+        """'rms' (llama, qwen2: RMSNorm, a scale and no bias) or 'layer' (LayerNorm)."""
+        return "rms" if self.family in ("llama", "qwen2") else "layer"
+
+    @property
+    def activation(self) -> str:
+        """The MLP: 'gelu' (erf GELU), 'gelu_tanh' (GPT-2's tanh approximation) or 'swiglu' (llama's gated SiLU)."""
+        return {"retro": "gelu", "gpt2": "gelu_tanh"}.get(self.family, "swiglu")
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on the attention's query/key/value projections (all but llama)."""
+        return self.family != "llama"
+
+    @property
+    def linear_bias(self) -> bool:
+        """Biases on every other projection: attention outputs, MLPs (retro and gpt2; none in llama/qwen2)."""
+        return self.family in ("retro", "gpt2")
 
     @property
     def neighbor_length(self) -> int:
@@ -260,6 +354,8 @@ class RetroConfig:
                 if isinstance(retro.get(key), list):
                     retro[key] = tuple(retro[key])
             retro = RetroSettings(**retro)
+        if isinstance(data.get("rope_scaling"), dict):
+            data["rope_scaling"] = dict(data["rope_scaling"])
         config = cls(**data) if retro is None else cls(**data, retro=retro)
         config.validate()
         return config
@@ -271,14 +367,15 @@ class RetroConfig:
         for name in ("vocab_size", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "seq_length", "chunk_length"):
             _check_positive_int(name, getattr(self, name))
-        if self.hidden_size % self.num_attention_heads:
+        self._validate_family()
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             a = self.num_attention_heads
             suggestion = a * max(1, round(self.hidden_size / a))
             raise RetroRayError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={a}; "
                 f"set hidden_size to a multiple of num_attention_heads (e.g. {suggestion}) or change the head count."
             )
-        if self.head_dim % 2:
+        if self.uses_rope and self.head_dim % 2:
             raise RetroRayError(
                 f"the attention head size hidden_size/num_attention_heads={self.head_dim} is odd, but rotary "
                 "position embeddings need an even head size; change hidden_size or num_attention_heads."
@@ -297,6 +394,59 @@ class RetroConfig:
             _check_probability(name, getattr(self, name))
         self._validate_retro()
 
+    def _validate_family(self) -> None:
+        if self.family not in FAMILIES:
+            raise RetroRayError(f"family={self.family!r} is not a known decoder family; choose one of {list(FAMILIES)}.")
+        h = self.num_attention_heads
+        if self.kv_channels is not None:
+            _check_positive_int("kv_channels", self.kv_channels)
+        if self.num_key_value_heads is not None:
+            _check_positive_int("num_key_value_heads", self.num_key_value_heads)
+            if isinstance(h, int) and h % self.num_key_value_heads:
+                raise RetroRayError(
+                    f"num_key_value_heads={self.num_key_value_heads} does not divide num_attention_heads={h}; "
+                    f"each key/value head serves a whole group of query heads, so use a divisor of {h}."
+                )
+        if not isinstance(self.layernorm_epsilon, (int, float)) or not self.layernorm_epsilon > 0:
+            raise RetroRayError(f"layernorm_epsilon={self.layernorm_epsilon!r} must be a positive number; use e.g. 1e-5.")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise RetroRayError(f"tie_word_embeddings={self.tie_word_embeddings!r} must be true or false.")
+        if self.family == "gpt2":
+            _check_positive_int("max_position_embeddings", self.max_position_embeddings)
+            if self.seq_length > self.max_position_embeddings:
+                raise RetroRayError(
+                    f"seq_length={self.seq_length} exceeds max_position_embeddings={self.max_position_embeddings}, "
+                    f"the gpt2 family's learned position table; set seq_length <= {self.max_position_embeddings} "
+                    f"or raise max_position_embeddings."
+                )
+            if self.retro.enabled and self.neighbor_length > self.max_position_embeddings:
+                raise RetroRayError(
+                    f"neighbours of 2*chunk_length={self.neighbor_length} tokens exceed max_position_embeddings="
+                    f"{self.max_position_embeddings}, the gpt2 family's learned position table that the encoder "
+                    f"reads too; lower chunk_length or raise max_position_embeddings."
+                )
+        if not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+            raise RetroRayError(f"rope_theta={self.rope_theta!r} must be a positive number; use e.g. 10000.")
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if self.family not in ("llama", "qwen2"):
+            raise RetroRayError(f"rope_scaling is a llama/qwen2 setting, but family={self.family!r}; "
+                                "leave rope_scaling unset or set family to llama or qwen2.")
+        kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else None
+        if kind not in ROPE_SCALING_KEYS:
+            raise RetroRayError(f"rope_scaling={rs!r} needs rope_type {' or '.join(ROPE_SCALING_KEYS)}; "
+                                "e.g. {rope_type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
+                                "original_max_position_embeddings: 8192}.")
+        missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(rs.get(k), (int, float)) or not rs[k] > 0]
+        if missing:
+            raise RetroRayError(f"rope_scaling of rope_type {kind} needs positive {missing}; got {rs!r}.")
+        if kind == "llama3" and not rs["high_freq_factor"] > rs["low_freq_factor"]:
+            raise RetroRayError(f"rope_scaling high_freq_factor={rs['high_freq_factor']} must exceed "
+                                f"low_freq_factor={rs['low_freq_factor']} (llama 3: 4 and 1).")
+
     def _validate_retro(self) -> None:
         s = self.retro
         if not isinstance(s, RetroSettings):
@@ -312,6 +462,12 @@ class RetroConfig:
                     "retro.enabled=true to RETRO-fit, or retro.freeze_decoder=false to train a GPT."
                 )
             return  # the other retro settings are unused by a plain GPT
+        if self.kv_channels is not None and s.retro_encoder_hidden_size is None and self.hidden_size % self.head_dim:
+            raise RetroRayError(
+                f"the encoder (width hidden_size={self.hidden_size}) keeps the decoder's head size kv_channels="
+                f"{self.head_dim}, which does not divide it; set retro.retro_encoder_hidden_size to a multiple of "
+                f"{self.head_dim}."
+            )
         for name in ("retro_encoder_num_layers", "retro_num_neighbors"):
             _check_positive_int(f"retro.{name}", getattr(s, name))
         if s.retro_encoder_hidden_size is not None:
@@ -387,16 +543,71 @@ def _check_layer_numbers(name: str, layers: Any, count: int, count_name: str) ->
 # --------------------------------------------------------------------------------------------------
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, dh/2] for integer positions [T].
+def rope_inv_freq(config: RetroConfig, device: torch.device, work: torch.dtype) -> torch.Tensor:
+    """RoPE's angle per position of each feature pair, [dh/2], in the work dtype.
+
+    The retro family keeps its original expression, theta^(-2i/dh) (its outputs stay bit-identical);
+    the HF families use HF's, 1 / theta^(2i/dh) (a few ulps apart), then rope_scaling: linear divides
+    every frequency by factor; llama3 divides the low frequencies (wavelength above
+    original_max_position_embeddings/low_freq_factor) by factor, keeps the high ones (wavelength below
+    .../high_freq_factor) and interpolates linearly in 1/wavelength between the two.
+    """
+    dh, theta = config.head_dim, float(config.rope_theta)
+    exponents = torch.arange(0, dh, 2, device=device, dtype=work) / dh
+    if config.family == "retro":
+        return theta ** (-exponents)
+    inv_freq = 1.0 / theta ** exponents
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    kind, factor = rs.get("rope_type", rs.get("type")), float(rs["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high, context = float(rs["low_freq_factor"]), float(rs["high_freq_factor"]), rs["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)  # 0 at the low-frequency edge, 1 at the high one
+    between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_cos_sin(
+    config: RetroConfig, positions: torch.Tensor, dtype: torch.dtype, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """cos, sin [T, dh/2] for integer positions [T]; (None, None) for the gpt2 family (no rotation).
 
     Computed on the fly in float32 (float64 for float64 models): no buffer to be cast to bf16 by a
-    training engine, and no length limit.
+    training engine, and no length limit. inv_freq: rope_inv_freq() computed once (a RetroCache keeps
+    it: a decode step is small enough for its four tensor ops to show).
     """
+    if not config.uses_rope:
+        return None, None
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim)
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(config, positions.device, work)
     angles = positions.to(work)[:, None] * inv_freq[None, :]  # [T, dh/2]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (llama's norm: no mean subtraction, no bias), computed in float32."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: RetroConfig, width: int) -> nn.Module:
+    """The family's norm of the given width (every norm of the model, decoder, CCA and encoder)."""
+    if config.norm == "rms":
+        return RMSNorm(width, config.layernorm_epsilon)
+    return nn.LayerNorm(width, eps=config.layernorm_epsilon)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -413,13 +624,17 @@ class SelfAttention(nn.Module):
     the cache at their positions and the queries attend to every cached key up to their own position.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, causal: bool):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, causal: bool, head_dim: int | None = None,
+                 kv_heads: int | None = None, qkv_bias: bool = True, out_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
+        self.kv_heads = num_heads if kv_heads is None else kv_heads  # grouped-query attention when fewer
+        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
         self.dropout = dropout
         self.causal = causal
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        # q, k, v fused in one projection: rows [h*dh | hk*dh | hk*dh] (HF's q_proj, k_proj, v_proj stacked).
+        self.qkv = nn.Linear(hidden_size, (num_heads + 2 * self.kv_heads) * self.head_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
 
     def forward(
         self,
@@ -428,19 +643,30 @@ class SelfAttention(nn.Module):
         sin: torch.Tensor,
         cache: "_LayerSlot | None" = None,
     ) -> torch.Tensor:  # [N, T, d]
-        N, T, d = x.shape
-        q, k, v = self.rotated_qkv(x, cos, sin)  # [N, h, T, dh] each
+        N, T, _ = x.shape
+        q, k, v = self.rotated_qkv(x, cos, sin)  # q [N, h, T, dh], k and v [N, hk, T, dh]
         if cache is None:
             mask, is_causal = None, self.causal and T > 1
         else:
-            k, v, mask, is_causal = cache.self_attention_kv(k, v)  # [N, h, S, dh]: every key up to the last query
+            k, v, mask, is_causal = cache.self_attention_kv(k, v)  # [N, hk, S, dh]: every key up to the last query
+        if self.kv_heads != self.num_heads:  # query head j reads key/value head j // (h / hk)
+            k = k.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
         y = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # [N, h, T, dh]
-        return self.out_proj(y.transpose(1, 2).reshape(N, T, d))
+        return self.out_proj(y.transpose(1, 2).reshape(N, T, self.num_heads * self.head_dim))
 
-    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v [N, h, T, dh] of x [N, T, d], q and k rotated (cos/sin broadcast against [N, h, T, dh/2])."""
-        N, T, d = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q [N, h, T, dh], k, v [N, hk, T, dh] of x [N, T, d], q and k rotated unless cos is None
+        (cos/sin broadcast against [N, h, T, dh/2])."""
+        N, T, _ = x.shape
+        h, hk, dh = self.num_heads, self.kv_heads, self.head_dim
+        if hk == h:
+            q, k, v = self.qkv(x).view(N, T, 3, h, dh).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).split((h * dh, hk * dh, hk * dh), dim=-1)
+            q, k, v = (t.view(N, T, -1, dh).transpose(1, 2) for t in (q, k, v))
+        if cos is None:
+            return q, k, v
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
@@ -453,14 +679,16 @@ class CrossAttention(nn.Module):
     output instead of the NaN that a softmax over nothing would give.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, context_size: int | None = None):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, context_size: int | None = None,
+                 head_dim: int | None = None, qkv_bias: bool = True, out_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
-        self.head_dim = hidden_size // num_heads
-        self.q = nn.Linear(hidden_size, hidden_size)
-        self.kv = nn.Linear(hidden_size if context_size is None else context_size, 2 * hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        inner = num_heads * self.head_dim
+        self.q = nn.Linear(hidden_size, inner, bias=qkv_bias)
+        self.kv = nn.Linear(hidden_size if context_size is None else context_size, 2 * inner, bias=qkv_bias)
+        self.out_proj = nn.Linear(inner, hidden_size, bias=out_bias)
 
     def forward(
         self,
@@ -491,21 +719,30 @@ class CrossAttention(nn.Module):
             # Let empty rows see every key (finite softmax), then zero their output below.
             mask = (key_mask | ~has_keys[:, None])[:, None, None, :]  # [N, 1, 1, Tk]
         y = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
-        y = self.out_proj(y.transpose(1, 2).reshape(N, Tq, d))
+        y = self.out_proj(y.transpose(1, 2).reshape(N, Tq, self.num_heads * self.head_dim))
         if has_keys is not None:
             y = y * has_keys[:, None, None].to(y.dtype)
         return y
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, dropout: float):
+    """fc_out(act(fc_in(x))); SwiGLU: fc_out(silu(fc_gate(x)) * fc_in(x)) (HF llama's gate/up/down_proj)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, dropout: float, activation: str = "gelu",
+                 bias: bool = True):
         super().__init__()
-        self.fc_in = nn.Linear(hidden_size, ffn_hidden_size)
+        self.activation = activation
+        self.fc_gate = nn.Linear(hidden_size, ffn_hidden_size, bias=bias) if activation == "swiglu" else None
+        self.fc_in = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
         self.drop = Dropout(dropout)
-        self.fc_out = nn.Linear(ffn_hidden_size, hidden_size)
+        self.fc_out = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.drop(F.gelu(self.fc_in(x))))
+        if self.fc_gate is not None:
+            return self.fc_out(self.drop(F.silu(self.fc_gate(x)) * self.fc_in(x)))
+        h = self.fc_in(x)
+        h = F.gelu(h, approximate="tanh") if self.activation == "gelu_tanh" else F.gelu(h)
+        return self.fc_out(self.drop(h))
 
 
 class _Retrieval:
@@ -537,7 +774,8 @@ class ChunkedCrossAttention(nn.Module):
         super().__init__()
         self.chunk_length = config.chunk_length
         self.attn = CrossAttention(
-            config.hidden_size, config.num_attention_heads, config.attention_dropout, config.encoder_hidden_size
+            config.hidden_size, config.num_attention_heads, config.attention_dropout, config.encoder_hidden_size,
+            head_dim=config.head_dim, qkv_bias=config.qkv_bias, out_bias=config.linear_bias,
         )
 
     def forward(self, x: torch.Tensor, retrieval: "_Retrieval | _LayerSlot") -> torch.Tensor:  # x [B, n, d] (normed)
@@ -592,12 +830,14 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: RetroConfig, with_cca: bool):
         super().__init__()
         d = config.hidden_size
-        self.ln_attn = nn.LayerNorm(d)
-        self.attn = SelfAttention(d, config.num_attention_heads, config.attention_dropout, causal=True)
-        self.ln_cca = nn.LayerNorm(d) if with_cca else None
+        self.ln_attn = make_norm(config, d)
+        self.attn = SelfAttention(d, config.num_attention_heads, config.attention_dropout, causal=True,
+                                  head_dim=config.head_dim, kv_heads=config.kv_heads, qkv_bias=config.qkv_bias,
+                                  out_bias=config.linear_bias)
+        self.ln_cca = make_norm(config, d) if with_cca else None
         self.cca = ChunkedCrossAttention(config) if with_cca else None
-        self.ln_mlp = nn.LayerNorm(d)
-        self.mlp = MLP(d, config.ffn_hidden_size, config.ffn_dropout)
+        self.ln_mlp = make_norm(config, d)
+        self.mlp = MLP(d, config.ffn_hidden_size, config.ffn_dropout, config.activation, config.linear_bias)
         self.drop = Dropout(config.hidden_dropout)
 
     def forward(
@@ -622,15 +862,18 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: RetroConfig, with_cross: bool):
         super().__init__()
         de, heads, s = config.encoder_hidden_size, config.encoder_num_attention_heads, config.retro
-        self.ln_attn = nn.LayerNorm(de)
-        self.attn = SelfAttention(de, heads, s.retro_encoder_attention_dropout, causal=False)
-        self.ln_cross = nn.LayerNorm(de) if with_cross else None
+        dh, qkv_bias, bias = config.head_dim, config.qkv_bias, config.linear_bias
+        self.ln_attn = make_norm(config, de)
+        self.attn = SelfAttention(de, heads, s.retro_encoder_attention_dropout, causal=False, head_dim=dh,
+                                  qkv_bias=qkv_bias, out_bias=bias)
+        self.ln_cross = make_norm(config, de) if with_cross else None
         self.cross = (
-            CrossAttention(de, heads, s.retro_encoder_attention_dropout, context_size=config.hidden_size)
+            CrossAttention(de, heads, s.retro_encoder_attention_dropout, context_size=config.hidden_size,
+                           head_dim=dh, qkv_bias=qkv_bias, out_bias=bias)
             if with_cross else None
         )
-        self.ln_mlp = nn.LayerNorm(de)
-        self.mlp = MLP(de, config.encoder_ffn_hidden_size, config.ffn_dropout)
+        self.ln_mlp = make_norm(config, de)
+        self.mlp = MLP(de, config.encoder_ffn_hidden_size, config.ffn_dropout, config.activation, bias)
         self.drop = Dropout(s.retro_encoder_hidden_dropout)
 
     def forward(
@@ -664,13 +907,13 @@ class RetroEncoder(nn.Module):
         s = config.retro
         cross = set(s.retro_encoder_cross_attention_layers)
         de = config.encoder_hidden_size
-        self.head_dim = config.head_dim
-        self.input_proj = nn.Linear(config.hidden_size, de) if de != config.hidden_size else None
+        self.config = config
+        self.input_proj = nn.Linear(config.hidden_size, de, bias=config.linear_bias) if de != config.hidden_size else None
         self.drop = Dropout(s.retro_encoder_hidden_dropout)
         self.layers = nn.ModuleList(
             EncoderLayer(config, with_cross=i in cross) for i in range(1, s.retro_encoder_num_layers + 1)
         )
-        self.ln_f = nn.LayerNorm(de)
+        self.ln_f = make_norm(config, de)
 
     def forward(
         self,
@@ -682,7 +925,7 @@ class RetroEncoder(nn.Module):
         de = x.shape[-1]
         x = self.drop(x).reshape(B * C * K, r, de)
         context = chunk_states.reshape(B * C, chunk_states.shape[2], d)
-        cos, sin = rotary_cos_sin(torch.arange(r, device=x.device), self.head_dim, x.dtype)
+        cos, sin = rope_cos_sin(self.config, torch.arange(r, device=x.device), x.dtype)  # None for gpt2
         for layer in self.layers:
             x = layer(x, cos, sin, context)
         return self.ln_f(x).reshape(B, C, K, r, de)
@@ -715,7 +958,7 @@ class _RowState:
 class RetroCache:
     """Incremental-decoding state of B sequences, owned by the model (see RetroModel.new_cache).
 
-    Per decoder layer, self-attention keys/values k[i], v[i] [B, h, S, dh] of every fed position
+    Per decoder layer, self-attention keys/values k[i], v[i] [B, hk, S, dh] of every fed position
     (S = max_length). Per CCA layer i, the projected keys/values of each row's current neighbour
     set, neighbor_k[i], neighbor_v[i] [B, h, Kmax*r, dh], with neighbor_mask [B, Kmax*r] (True =
     a key of an existing neighbour; a set of K < Kmax neighbours leaves the rest hidden). states
@@ -734,7 +977,8 @@ class RetroCache:
         K = config.retro.retro_num_neighbors if max_neighbors is None else max_neighbors
         self.config, self.batch_size, self.max_length = config, B, S
         self.max_neighbors = K if cca else 0
-        self.k = [torch.zeros(B, h, S, dh, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        hk = config.kv_heads  # grouped-query attention caches only the key/value heads
+        self.k = [torch.zeros(B, hk, S, dh, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
         Kr = self.max_neighbors * config.neighbor_length
         self.states = torch.zeros(B, S, d, dtype=dtype, device=device) if cca else None
@@ -742,6 +986,8 @@ class RetroCache:
         self.neighbor_v = {i: torch.zeros_like(t) for i, t in self.neighbor_k.items()}
         self.neighbor_mask = torch.zeros(B, Kr, dtype=torch.bool, device=device) if cca else None
         self.rows = [_RowState() for _ in range(B)]
+        work = torch.float64 if dtype == torch.float64 else torch.float32  # as rope_cos_sin computes it
+        self.inv_freq = rope_inv_freq(config, torch.device(device), work) if config.uses_rope else None  # [dh/2]
 
     @property
     def device(self) -> torch.device:
@@ -758,6 +1004,7 @@ class RetroCache:
         view.neighbor_v = {i: t[b : b + 1] for i, t in self.neighbor_v.items()}
         view.neighbor_mask = None if self.neighbor_mask is None else self.neighbor_mask[b : b + 1]
         view.rows = self.rows[b : b + 1]
+        view.inv_freq = self.inv_freq
         return view
 
     def add_neighbors(self, row: int, position: int, neighbor_tokens: torch.Tensor,
@@ -823,7 +1070,8 @@ class _Step:
         dtype = cache.k[0].dtype
         if self.fresh:
             self.index = None  # write with a slice [:T]
-            self.cos, self.sin = rotary_cos_sin(torch.arange(T, device=dev), c.head_dim, dtype)  # [T, dh/2]
+            self.positions = torch.arange(T, device=dev)  # [T]
+            self.cos, self.sin = rope_cos_sin(c, self.positions, dtype, cache.inv_freq)  # [T, dh/2] (None: gpt2)
             self.visible = None
         else:
             at = pos[:, None] + torch.arange(T, device=dev) if T > 1 else pos[:, None]  # [B, T] new positions
@@ -831,8 +1079,11 @@ class _Step:
             # Where the new tokens go: ([B, 1], [B, T]) index [b, p]; for one token, 1-d [B], [B] (a cheaper
             # index_put, a few % of a small model's decode step).
             self.index = (rows[:, None], at) if T > 1 else (rows, pos)
-            cos, sin = rotary_cos_sin(at.reshape(-1), c.head_dim, dtype)  # [B*T, dh/2]
-            self.cos, self.sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # against [B, h, T, dh/2]
+            self.positions = at  # [B, T]
+            cos, sin = rope_cos_sin(c, at.reshape(-1), dtype, cache.inv_freq)  # [B*T, dh/2]
+            if cos is not None:
+                cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # against [B, h, T, dh/2]
+            self.cos, self.sin = cos, sin
             self.visible = (torch.arange(self.span, device=dev)[None, None, :] <= at[:, :, None])[:, None]  # [B,1,T,span]
         self.encoded = False
         self.new_sets: list[_NewSet] = []
@@ -901,13 +1152,13 @@ class _LayerSlot(NamedTuple):
     """Decoder layer i's part of a RetroCache during one _Step."""
 
     step: _Step
-    k: torch.Tensor  # [B, h, S, dh]
+    k: torch.Tensor  # [B, hk, S, dh]
     v: torch.Tensor
     neighbor_k: torch.Tensor | None  # [B, h, Kmax*r, dh], CCA layers only
     neighbor_v: torch.Tensor | None
 
     def self_attention_kv(self, k: torch.Tensor, v: torch.Tensor):
-        """Store the new k, v [B, h, T, dh]; return (keys, values, mask, is_causal) for the queries."""
+        """Store the new k, v [B, hk, T, dh]; return (keys, values, mask, is_causal) for the queries."""
         step = self.step
         step.write_heads(self.k, k)
         step.write_heads(self.v, v)
@@ -941,11 +1192,18 @@ class RetroModel(nn.Module):
         self.config = config
         self.retro_layers = config.decoder_retro_layers  # 1-based
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        # gpt2 family: learned absolute positions, added to the token embedding (decoder and encoder).
+        self.position_embedding = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size) if config.family == "gpt2" else None
+        )
         self.drop = Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(
             DecoderLayer(config, with_cca=i in self.retro_layers) for i in range(1, config.num_layers + 1)
         )
-        self.ln_f = nn.LayerNorm(config.hidden_size)
+        self.ln_f = make_norm(config, config.hidden_size)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.encoder = RetroEncoder(config) if config.retro.enabled else None
         self._init_weights()
 
@@ -959,10 +1217,11 @@ class RetroModel(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            # nn.LayerNorm keeps its (1, 0) init.
+            # nn.LayerNorm keeps its (1, 0) init, RMSNorm its 1.
         # Projections that write into the residual stream are scaled by 1/sqrt(2 * layers), as in
         # GPT-2 and Megatron (scaled_init_method_normal), so the residual's variance does not grow
         # with depth. The encoder is its own stack and uses its own depth.
@@ -997,9 +1256,10 @@ class RetroModel(nn.Module):
         sequence, up to rounding (tests/unit/test_model.py).
         """
         B, n = tokens.shape
-        x = self.drop(self.token_embedding(tokens))  # [B, n, d]
         if cache is None:
-            cos, sin = rotary_cos_sin(torch.arange(n, device=tokens.device), self.config.head_dim, x.dtype)
+            self._check_positions(n)
+            x = self.drop(self._embed(tokens, lambda: torch.arange(n, device=tokens.device)))  # [B, n, d]
+            cos, sin = rope_cos_sin(self.config, torch.arange(n, device=tokens.device), x.dtype)  # [n, dh/2]
             retrieval = self._retrieval(neighbor_tokens, neighbor_mask, B, n)
             for layer in self.layers:
                 x = layer(x, cos, sin, retrieval)
@@ -1008,6 +1268,8 @@ class RetroModel(nn.Module):
                 raise ValueError(f"with a cache, give positions, a cache of B={B} rows (got {cache.batch_size}), "
                                  "and neighbours through cache.add_neighbors, not neighbor_tokens")
             step = _Step(self, cache, positions, n)
+            self._check_positions(step.span)
+            x = self.drop(self._embed(tokens, lambda: step.positions))  # [B, n, d]
             for i, layer in enumerate(self.layers):
                 x = layer(x, step.cos, step.sin, cache=step.layer(i))
         if logits_to_keep:
@@ -1015,7 +1277,10 @@ class RetroModel(nn.Module):
                 raise ValueError("labels need every position's logits; leave logits_to_keep at 0")
             x = x[:, -logits_to_keep:]
         x = self.ln_f(x)
-        logits = F.linear(x, self.token_embedding.weight)  # [B, n, V], tied output embedding
+        if self.lm_head is None:
+            logits = F.linear(x, self.token_embedding.weight)  # [B, n, V], tied output embedding
+        else:
+            logits = self.lm_head(x)
 
         loss = None
         if labels is not None:
@@ -1052,7 +1317,22 @@ class RetroModel(nn.Module):
                 raise ValueError(f"neighbor_mask must be {tuple(mask.shape)}, got {tuple(neighbor_mask.shape)}")
             mask = mask & neighbor_mask.bool()
         safe = neighbor_tokens.masked_fill(~mask[..., None], 0)  # any valid id; these are never attended
-        return self.token_embedding(safe), mask
+        r = neighbor_tokens.shape[-1]
+        return self._embed(safe, lambda: torch.arange(r, device=safe.device)), mask  # a neighbour starts at 0
+
+    def _check_positions(self, length: int) -> None:
+        if self.position_embedding is not None and length > self.config.max_position_embeddings:
+            raise RetroRayError(
+                f"{length} positions exceed max_position_embeddings={self.config.max_position_embeddings}, the gpt2 "
+                f"family's learned position table; use at most {self.config.max_position_embeddings} tokens."
+            )
+
+    def _embed(self, tokens: torch.Tensor, positions) -> torch.Tensor:  # tokens [..., T] -> [..., T, d]
+        """Token embedding, plus the learned position embedding in the gpt2 family (positions() [T] or [B, T])."""
+        x = self.token_embedding(tokens)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions())
+        return x
 
     # ---- incremental decoding --------------------------------------------------------------------
 
@@ -1083,6 +1363,8 @@ class RetroModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             total -= self.token_embedding.weight.numel()
+            if self.position_embedding is not None:
+                total -= self.position_embedding.weight.numel()
         return total
 
     def flops_per_token(self) -> float:
@@ -1102,22 +1384,25 @@ class RetroModel(nn.Module):
         c = self.config
         d, f, L, n, m, V = c.hidden_size, c.ffn_hidden_size, c.num_layers, c.seq_length, c.chunk_length, c.vocab_size
 
-        def layer(width: int, ffn: int, keys: int) -> int:
-            """A transformer layer per token: q, k, v, out projections, MLP, QK^T and AV over ``keys``."""
-            return 2 * 4 * width * width + 2 * 2 * width * ffn + 4 * keys * width
+        mlp_mats = 3 if c.activation == "swiglu" else 2  # SwiGLU's gate is a third ffn-wide matrix
+        inner, kv_inner = c.num_attention_heads * c.head_dim, c.kv_heads * c.head_dim  # = d, d without GQA
 
-        fwd = L * layer(d, f, n) + 2 * d * V
+        def layer(width: int, ffn: int, keys: int, q_width: int, kv_width: int) -> int:
+            """A transformer layer per token: q, out (q_width), k, v (kv_width) projections, MLP, QK^T and AV."""
+            return 2 * 2 * width * q_width + 2 * 2 * width * kv_width + 2 * mlp_mats * width * ffn + 4 * keys * q_width
+
+        fwd = L * layer(d, f, n, inner, kv_inner) + 2 * d * V
         if c.retro.enabled:
             K, r = c.retro.retro_num_neighbors, c.neighbor_length
             de, fe = c.encoder_hidden_size, c.encoder_ffn_hidden_size
             nbr_per_token = K * r / m
-            cca = 2 * 2 * d * d + nbr_per_token * 2 * 2 * de * d + 4 * K * r * d
+            cca = 2 * 2 * d * inner + nbr_per_token * 2 * 2 * de * inner + 4 * K * r * inner
             fwd += len(self.retro_layers) * cca
             E = c.retro.retro_encoder_num_layers
             X = len(c.retro.retro_encoder_cross_attention_layers)
             per_nbr_token = (
                 (2 * d * de if de != d else 0)
-                + E * layer(de, fe, r)
+                + E * layer(de, fe, r, de, de)
                 + X * (2 * 2 * de * de + 4 * m * de)
             )
             fwd += nbr_per_token * per_nbr_token + X * 2 * 2 * d * de

@@ -28,9 +28,10 @@ def tokenizer(wiki_docs):
     return train_tokenizer((t for _, t in wiki_docs[:150]), TokenizerConfig(vocab_size=400), progress=False)
 
 
-def make_generator(tokenizer, retro: bool = True, seed: int = 0, encoder_width: int | None = None) -> Generator:
+def make_generator(tokenizer, retro: bool = True, seed: int = 0, encoder_width: int | None = None,
+                   **family) -> Generator:
     torch.manual_seed(seed)
-    cfg = RetroConfig.tiny(vocab_size=512, chunk_length=M)
+    cfg = RetroConfig.tiny(vocab_size=512, chunk_length=M, **family)
     d = cfg.to_dict()
     d["retro"]["enabled"] = retro
     d["retro"]["retro_encoder_hidden_size"] = encoder_width
@@ -99,6 +100,20 @@ def test_cache_equals_full_recomputation_for_a_batch_of_lengths(tokenizer, retro
         (event,) = cached[1].retrievals
         assert event.position == cached[1].prompt_tokens - 1
         assert [n.text for n in event.neighbors] == neighbours
+
+
+@pytest.mark.parametrize("family", [
+    dict(family="gpt2", max_position_embeddings=256),
+    dict(family="llama", num_key_value_heads=2, tie_word_embeddings=False),
+    dict(family="qwen2", num_key_value_heads=1, rope_theta=1e6),
+], ids=["gpt2", "llama", "qwen2"])
+def test_every_family_generates_with_the_cache_as_without(tokenizer, family):
+    gen = make_generator(tokenizer, seed=4, **family)
+    reqs = [GenerationRequest(PROMPTS[0], inference=greedy(M + 3)),
+            GenerationRequest(PROMPTS[1], ["The Normans were descendants of Vikings."], inference=greedy(M))]
+    cached, full = gen.generate(reqs), gen.generate(reqs, recompute=True)
+    assert [c.tokens for c in cached] == [f.tokens for f in full]
+    assert all(len(c.tokens) == r.inference.tokens_to_generate for c, r in zip(cached, reqs))
 
 
 def test_given_neighbours_change_the_output(tokenizer):

@@ -469,11 +469,29 @@ def test_flops_per_token_is_every_matmul_of_a_training_step(retro):
     which the counter sees (it does not count CPU SDPA kernels); like flops_per_token(), they
     compute the causal scores in full.
     """
+    assert_flops_per_token_counts_every_matmul(retro)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        dict(family="gpt2", max_position_embeddings=256),
+        dict(family="llama", num_key_value_heads=2, kv_channels=32, tie_word_embeddings=False),
+        dict(family="qwen2", num_key_value_heads=1),
+    ],
+    ids=["gpt2", "llama gqa, head size 32 of d/h=64, untied", "qwen2 one kv head"],
+)
+def test_flops_per_token_counts_every_matmul_in_every_family(family):
+    assert_flops_per_token_counts_every_matmul(RetroSettings(retro_layers=(3, 6), retro_encoder_hidden_size=128),
+                                               **family)
+
+
+def assert_flops_per_token_counts_every_matmul(retro: RetroSettings, **family) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     config = RetroConfig(vocab_size=512, num_layers=6, hidden_size=256, ffn_hidden_size=1024,
-                         num_attention_heads=4, seq_length=256, chunk_length=32, retro=retro)
+                         num_attention_heads=4, seq_length=256, chunk_length=32, retro=retro, **family)
     model = RetroModel(config).train()
     K = retro.retro_num_neighbors
     tokens = torch.randint(0, 512, (2, 256))
@@ -505,3 +523,154 @@ def test_init_scales_residual_projections():
     assert model.layers[0].mlp.fc_out.weight.std().item() == pytest.approx(std / math.sqrt(16), rel=0.05)
     assert model.layers[3].cca.attn.out_proj.weight.std().item() == pytest.approx(std / 4, rel=0.05)
     assert model.encoder.layers[0].attn.out_proj.weight.std().item() == pytest.approx(std / 2, rel=0.05)
+
+
+# ---- decoder families ----------------------------------------------------------------------------
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 256}  # with dh=8, theta=5e5: one kept, one smoothed, two scaled
+FAMILIES = {
+    "gpt2": dict(family="gpt2", max_position_embeddings=96),
+    "llama": dict(family="llama", num_key_value_heads=2, kv_channels=8, rope_theta=500000.0, layernorm_epsilon=1e-6,
+                  rope_scaling=LLAMA3_SCALING, tie_word_embeddings=False),
+    "qwen2": dict(family="qwen2", num_key_value_heads=1, rope_theta=1e6),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request) -> RetroModel:
+    return make_model(**FAMILIES[request.param])
+
+
+def test_families_build_with_their_layout(family_model):
+    c, names = family_model.config, {name for name, _ in family_model.named_parameters()}
+    layer = family_model.layers[1]  # a CCA layer
+    assert ("position_embedding.weight" in names) == (c.family == "gpt2")
+    assert ("lm_head.weight" in names) == (not c.tie_word_embeddings)
+    assert ("layers.0.mlp.fc_gate.weight" in names) == (c.family != "gpt2")
+    assert ("layers.0.attn.qkv.bias" in names) == (c.family != "llama")
+    assert ("layers.0.ln_attn.bias" in names) == (c.family == "gpt2")  # RMSNorm has no bias
+    # q, k, v rows of the fused projection: h*dh + 2*hk*dh; the encoder and CCA use the family's norm.
+    assert layer.attn.qkv.weight.shape[0] == (c.num_attention_heads + 2 * c.kv_heads) * c.head_dim
+    assert type(layer.ln_cca) is type(layer.ln_attn) is type(family_model.encoder.layers[0].ln_attn)
+    assert (family_model.encoder.layers[0].mlp.fc_gate is None) == (layer.mlp.fc_gate is None) == (c.family == "gpt2")
+    assert layer.cca.attn.head_dim == family_model.encoder.layers[0].attn.head_dim == c.head_dim
+
+
+@pytest.mark.parametrize("t", [1, M - 1, M, 2 * M + 3, N - 1])
+def test_families_are_exactly_causal(family_model, t):
+    tokens, neighbors = make_inputs()
+    changed = tokens.clone()
+    changed[:, t:] = torch.randint(0, V, (2, N - t), generator=torch.Generator().manual_seed(100 + t))
+    with torch.no_grad():
+        a = family_model(tokens, neighbors).logits
+        b = family_model(changed, neighbors).logits
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert differs(a[:, t:], b[:, t:])
+
+
+@pytest.mark.parametrize("j", [0, C - 1])
+def test_families_read_a_chunks_neighbours_from_its_last_token(family_model, j):
+    tokens, neighbors = make_inputs()
+    changed = neighbors.clone()
+    changed[:, j] = torch.randint(0, V, (2, K, R), generator=torch.Generator().manual_seed(200 + j))
+    boundary = (j + 1) * M - 1
+    with torch.no_grad():
+        a = family_model(tokens, neighbors).logits
+        b = family_model(tokens, changed).logits
+    assert torch.equal(a[:, :boundary], b[:, :boundary])
+    assert differs(a[:, boundary], b[:, boundary])
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+@pytest.mark.parametrize("retro", [True, False], ids=["retro", "no retrieval"])
+def test_families_cached_decode_equals_the_full_forward(family_model, retro):
+    model = family_model
+    if not retro:
+        model = RetroModel(dataclasses.replace(model.config, retro=RetroSettings(enabled=False))).double().eval()
+        model.load_state_dict(family_model.state_dict(), strict=False)
+    tokens, neighbors = make_inputs()
+    with torch.no_grad():
+        full = model(tokens, neighbors if retro else None).logits
+        rows = cached_logits(model, tokens, neighbors if retro else None, [M + 3, 5])
+    for b, got in enumerate(rows):
+        torch.testing.assert_close(got, full[b, : len(got)], rtol=0, atol=1e-12)
+
+
+def test_llama3_rope_scaling_keeps_high_scales_low_and_smooths_between():
+    from retro_ray.model.retro import rope_inv_freq
+
+    base = RetroConfig.tiny(**{**FAMILIES["llama"], "rope_scaling": None})
+    scaled = dataclasses.replace(base, rope_scaling=LLAMA3_SCALING)
+    plain = rope_inv_freq(base, torch.device("cpu"), torch.float64)
+    ratio = rope_inv_freq(scaled, torch.device("cpu"), torch.float64) / plain
+    # wavelengths 2*pi/freq: 6.3 (< 256/4: kept), 166 (between: smoothed), 4.4e3 and 1.2e5 (> 256/1: / factor)
+    assert ratio[0] == 1 and 1 / 8 < ratio[1] < 1 and torch.allclose(ratio[2:], torch.full((2,), 1 / 8.0, dtype=torch.float64))
+
+
+def test_gpt2_family_refuses_a_sequence_beyond_its_position_table():
+    with pytest.raises(RetroRayError, match=r"^seq_length=128 exceeds max_position_embeddings=96, .*set seq_length "
+                                            r"<= 96 or raise max_position_embeddings\.$"):
+        RetroConfig.tiny(family="gpt2", max_position_embeddings=96, seq_length=128).validate()
+    model = make_model(family="gpt2", max_position_embeddings=64)
+    with pytest.raises(RetroRayError, match="65 positions exceed max_position_embeddings=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"family": "mistral"}, r"family='mistral' is not a known decoder family"),
+        ({"family": "llama", "num_key_value_heads": 3}, r"num_key_value_heads=3 does not divide num_attention_heads=4"),
+        ({"family": "gpt2", "rope_scaling": LLAMA3_SCALING}, r"rope_scaling is a llama/qwen2 setting"),
+        ({"family": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, r"needs rope_type linear or llama3"),
+        ({"family": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"needs positive \['low_freq"),
+        ({"family": "llama", "layernorm_epsilon": 0}, r"layernorm_epsilon=0 must be a positive number"),
+        ({"family": "llama", "kv_channels": 12}, r"kv_channels=12, which does not divide it"),
+    ],
+)
+def test_family_config_messages(overrides, match):
+    with pytest.raises(RetroRayError, match=match):
+        RetroConfig.tiny(**overrides).validate()
+
+
+def test_family_configs_round_trip():
+    for overrides in FAMILIES.values():
+        config = RetroConfig.tiny(**overrides)
+        assert RetroConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def _tiny_hf_models():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    llama = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128)
+    return {
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_layer=2, n_embd=64, n_head=4, n_positions=128,
+                                                   bos_token_id=0, eos_token_id=0)),
+        "llama gqa head_dim llama3 untied": lambda: LlamaForCausalLM(LlamaConfig(
+            **llama, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+            rope_parameters={"rope_theta": 500000.0, **LLAMA3_SCALING})),
+        "llama tied": lambda: LlamaForCausalLM(LlamaConfig(**llama, num_key_value_heads=4, tie_word_embeddings=True)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**llama, num_key_value_heads=2)),
+    }
+
+
+@pytest.mark.parametrize("which", list(_tiny_hf_models()))
+def test_families_compute_what_transformers_computes(which):
+    """A tiny random HF model's weights, mapped by model/hf.py, give the same logits (fp32, retrieval off)."""
+    from retro_ray.model.hf import config_from_hf, state_dict_from_hf
+
+    torch.manual_seed(0)
+    hf = _tiny_hf_models()[which]().eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # not HF's init: biases and norm scales must map too
+            p.normal_(0.0, 0.2)
+    config = config_from_hf(hf.config, chunk_length=M)
+    ours = RetroModel(config).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), config))  # strict: every parameter mapped
+    tokens = torch.randint(0, V, (2, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = hf(tokens).logits, ours(tokens).logits
+    assert want.abs().max() > 0.5  # far from zero, so the comparison below means something
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
