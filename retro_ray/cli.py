@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="one-file checkpoint (model.pt) from an experiment, for inference")
     p.add_argument("--exp-dir", required=True, help="experiment directory, run directory or checkpoint")
     p.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    p = sub.add_parser("import-hf", help="a local Hugging Face GPT-2 / Llama / Qwen2 directory as a model.pt",
+                       description="Read config.json and the safetensors of a local GPT2LMHeadModel, "
+                                   "LlamaForCausalLM or Qwen2ForCausalLM directory (nothing is downloaded, no code "
+                                   "from it runs) and write a model.pt whose logits equal transformers' own. Use it "
+                                   "as model.init_from to RETRO-fit it, or with generate / eval as a baseline.")
+    p.add_argument("model_dir", help="the directory save_pretrained wrote")
+    p.add_argument("--out", required=True, help="output file, e.g. runs/smol/base.pt")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="seq_length= (default: the model's positions, a multiple of chunk_length), chunk_length=")
     p = sub.add_parser("generate", help="generate text with a trained model, neighbours given or retrieved",
                        description="Continue a prompt. Neighbours come from neighbors=[...] (NeMo semantics) or, "
                                    "with --project-dir, are retrieved at the prompt end and at every chunk boundary.",
@@ -148,14 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file of settings; overrides on the command line win")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p = sub.add_parser("demo", help="the whole system on the default corpus: data, RETRO + GPT, eval, serving",
+    p = sub.add_parser("demo", help="the whole system on the default corpus: data, RETRO, GPT and a RETRO-fit, eval, serving",
                        description=(__import__("retro_ray.demo").demo.__doc__ or "").split("\n\n", 1)[-1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project-dir", default="runs/demo")
     p.add_argument("--stop", action="store_true", help="stop the Serve app after the sample request")
     p.add_argument("--no-serve", action="store_true", help="end after the evaluation")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="train_steps=, eval_samples=, port=")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="train_steps=, eval_samples=, retrofit_lr=, port=")
     p = sub.add_parser("serve", help="the Ray Serve app: /generate, /v1/completions (OpenAI), /documents, /health",
                        description="Serve a model over HTTP with retrieval from the project, until Ctrl-C. "
                                    "(`serve run serve_config.yaml` runs the same app from a Serve config file.)",
@@ -344,6 +353,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    from retro_ray.train.export import import_hf
+
+    allowed = {"seq_length", "chunk_length"}
+    overrides = C.parse_overrides(args.overrides)
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+        raise RetroRayError(f"import-hf takes only {', '.join(sorted(allowed))}, not {bad[0]}: the rest of the "
+                            "shape comes from the checkpoint's config.json")
+    out = import_hf(args.model_dir, args.out, **{k: int(v) for k, v in overrides.items()})
+    print(f"imported {args.model_dir} -> {out}")
+    return 0
+
+
 def cmd_search(args) -> int:
     from retro_ray.retrieval.retriever import Retriever
 
@@ -403,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "import-hf":
+            return cmd_import_hf(args)
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "add-docs":

@@ -1,8 +1,9 @@
 """Hugging Face transformers configs and weights -> RetroConfig and RetroModel state dicts.
 
 The gpt2, llama and qwen2 families (model/retro.py) compute what GPT2LMHeadModel, LlamaForCausalLM
-and Qwen2ForCausalLM compute; this module maps one onto the other, for tests and for a later
-checkpoint import. It reads configs and state dicts only; it downloads and loads nothing.
+and Qwen2ForCausalLM compute; this module maps one onto the other, and reads a local checkpoint
+directory (``load_hf_directory``: config.json and safetensors). It never downloads anything and
+never runs code from a checkpoint (no remote code).
 
 Parameter names, HF -> ours (layer i; "transformer." / "model." prefixes as HF writes them):
     gpt2   wte, wpe                          token_embedding, position_embedding
@@ -21,6 +22,10 @@ enables it, and then the retrieval parameters keep their fresh initialisation (l
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,9 +89,15 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> RetroConfig:
     return config
 
 
-def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], config: RetroConfig) -> dict[str, torch.Tensor]:
-    """Our decoder's parameters from an HF state dict of the config's family (see the module docstring)."""
-    sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state_dict.items()}
+def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], config: RetroConfig,
+                       source: str = "the HF state dict") -> dict[str, torch.Tensor]:
+    """Our decoder's parameters from an HF state dict of the config's family (see the module docstring).
+
+    Every HF weight must be used: a missing one, or one left over (other than the buffers some
+    checkpoints carry and a tied output layer's copy), is a RetroRayError naming it and ``source``.
+    """
+    sd = _Weights({k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state_dict.items()},
+                  source, config.family)
     out: dict[str, torch.Tensor] = {}
     L = config.num_layers
     if config.family == "gpt2":
@@ -119,5 +130,118 @@ def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], config: RetroConf
         raise RetroRayError(f"family={config.family!r} has no HF counterpart; gpt2, llama and qwen2 do.")
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
+    sd.check_all_used(ignore={"lm_head.weight"} if config.tie_word_embeddings else set())
     return {k: v.detach().clone() for k, v in out.items()}
 
+
+# Tensors some checkpoints carry that are not weights: GPT-2's causal-mask buffers, old rotary caches.
+_NOT_WEIGHTS = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
+
+
+class _Weights(dict):
+    """An HF state dict that remembers which tensors the mapping read, and names what is wrong."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: str, family: str) -> None:
+        super().__init__(tensors)
+        self.source, self.family, self.used = source, family, set()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self:
+            raise RetroRayError(f"{self.source} lacks the weight {name!r} that a {self.family} model of its config "
+                                "has; the checkpoint is incomplete or of another shape")
+        self.used.add(name)
+        return super().__getitem__(name)
+
+    def check_all_used(self, ignore: set[str]) -> None:
+        extra = sorted(k for k in self if k not in self.used and k not in ignore and not _NOT_WEIGHTS.search(k))
+        if extra:
+            raise RetroRayError(f"{self.source} has a weight {extra[0]!r} (and {len(extra) - 1} more) that a "
+                                f"{self.family} model of its config does not; it is another architecture or a "
+                                "modified checkpoint")
+
+
+
+# ---- local checkpoint directories -----------------------------------------------------------------
+SUPPORTED_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass
+class HFCheckpoint:
+    """A local Hugging Face model directory, read: our config and state dict, and its tokenizer's facts."""
+
+    path: Path
+    config: RetroConfig                 # retro disabled: the decoder alone
+    state_dict: dict[str, torch.Tensor]  # ours, float32
+    tokenizer_path: Path | None          # <dir>/tokenizer.json when there is one
+    tokenizer_vocab_size: int | None     # its token count, added tokens included
+    eos_token: str | None                # the checkpoint's end-of-text token
+
+
+def _safetensors_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RetroRayError(f"cannot read {index}: {e}; re-save the model with save_pretrained") from None
+        files = [d / f for f in sorted(set(weight_map.values()))]
+        lost = next((f for f in files if not f.is_file()), None)
+        if lost is not None:
+            raise RetroRayError(f"{index} names the shard {lost.name}, which is not in {d}; copy the whole checkpoint")
+        return files
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    found = sorted(p.name for p in d.iterdir())[:8]
+    hint = (" (pytorch_model.bin is not read: convert it with save_pretrained(dir, safe_serialization=True))"
+            if (d / "pytorch_model.bin").is_file() else "")
+    raise RetroRayError(f"{d} has no model.safetensors or model.safetensors.index.json (found: {', '.join(found)})"
+                        f"{hint}; give the directory save_pretrained wrote")
+
+
+def load_hf_directory(path: str | Path, *, weights: bool = True, **overrides: Any) -> HFCheckpoint:
+    """Read a local GPT2LMHeadModel / LlamaForCausalLM / Qwen2ForCausalLM directory (config.json and
+    safetensors, sharded or not). Nothing is downloaded and no code from the directory runs.
+    ``weights=False`` reads the config and tokenizer only (state_dict is then empty).
+    ``overrides``: RetroConfig fields (seq_length, chunk_length) set on the mapped config."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise RetroRayError(f"{d} is not a directory; give a local Hugging Face model directory (config.json and "
+                            "*.safetensors, as save_pretrained writes it); nothing is downloaded")
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        found = sorted(p.name for p in d.iterdir())[:8]
+        raise RetroRayError(f"{d} has no config.json (found: {', '.join(found) or 'nothing'}); give the directory "
+                            "save_pretrained wrote")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise RetroRayError(f"cannot read {cfg_file}: {e}; re-save the model with save_pretrained") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        raise RetroRayError(f"{d} holds a model of type {kind!r}; supported: {supported}")
+    hf_config = AutoConfig.for_model(kind, **{k: v for k, v in raw.items() if k != "model_type"})
+    config = config_from_hf(hf_config, **overrides)
+    hf: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(d) if weights else []:
+        try:
+            hf.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type (and OSError) on bad files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RetroRayError(f"{f} is not a readable safetensors file ({first}); copy it again or re-save the "
+                                "model with save_pretrained") from None
+    sd = state_dict_from_hf({k: v.float() for k, v in hf.items()}, config, str(d)) if weights else {}
+    tok_file = d / "tokenizer.json"
+    vocab = None
+    if tok_file.is_file():
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(tok_file)).get_vocab_size()
+    from retro_ray.tokenizer import checkpoint_eos_token
+
+    return HFCheckpoint(path=d.resolve(), config=config, state_dict=sd,
+                        tokenizer_path=tok_file.resolve() if tok_file.is_file() else None,
+                        tokenizer_vocab_size=vocab, eos_token=checkpoint_eos_token(d))

@@ -207,8 +207,9 @@ class ModelConfig(RetroConfig):
     init_from: str | None = field(
         default=None,
         metadata=_help(
-            "A pretrained decoder to RETRO-fit: a model.pt written by `retro-ray export` (a GPT baseline, or "
-            "a RETRO whose decoder is taken). The decoder's shape comes from it (a shape setting that "
+            "A pretrained decoder to RETRO-fit: a model.pt written by `retro-ray export` or `import-hf` (a GPT "
+            "baseline, or a RETRO whose decoder is taken), or a local Hugging Face GPT-2 / Llama / Qwen2 "
+            "directory. The decoder's shape comes from it (a shape setting that "
             "disagrees is refused, naming both values) and so do its weights; the encoder and CCA are new, "
             "with CCA outputs at zero so that step 0 equals the base exactly. With "
             "model.retro.freeze_decoder=true only the encoder and CCA train (Borgeaud et al. 2022, sec. 4.2)."

@@ -120,16 +120,16 @@ def export(exp_dir_or_checkpoint: str | Path, out_path: str | Path) -> Path:
     missing, extra = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or extra:
         raise RuntimeError(f"checkpoint {ckpt} does not match its model config: missing {missing}, unexpected {extra}")
-    payload = {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
-        "config": config.to_dict(),
-        "state_dict": state_dict,
-        "train_step": int(meta["train_step"]),
-        "data": meta.get("model_data", {}),
-        "weights_source": source,
-        "checkpoint": str(ckpt),
-    }
+    return write_export(out_path, config, state_dict, data=meta.get("model_data", {}), weights_source=source,
+                        train_step=int(meta["train_step"]), checkpoint=str(ckpt))
+
+
+def write_export(out_path: str | Path, config: RetroConfig, state_dict: dict[str, torch.Tensor], *, data: dict,
+                 weights_source: str, train_step: int = 0, checkpoint: str = "") -> Path:
+    """Write the model.pt format atomically (a directory ``out_path`` gets ``model.pt`` inside)."""
+    payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "config": config.to_dict(), "state_dict": state_dict,
+               "train_step": int(train_step), "data": dict(data), "weights_source": weights_source,
+               "checkpoint": checkpoint}
     out = Path(out_path).expanduser()
     if out.is_dir() or str(out_path).endswith("/"):
         out = out / "model.pt"
@@ -137,6 +137,45 @@ def export(exp_dir_or_checkpoint: str | Path, out_path: str | Path) -> Path:
     torch.save(payload, buf)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def import_hf(model_dir: str | Path, out_path: str | Path, **overrides: Any) -> Path:
+    """``retro-ray import-hf``: a local HF GPT-2 / Llama / Qwen2 directory as a model.pt (a GPT: retro
+    off) whose logits equal transformers' own; its tokenizer facts are recorded as a run's would be,
+    so that RETRO-fitting can check a project against them."""
+    from retro_ray.model.hf import load_hf_directory
+
+    ck = load_hf_directory(model_dir, **overrides)
+    model = RetroModel(ck.config)
+    model.load_state_dict(ck.state_dict, strict=True)  # a mapping bug fails here, before anything is written
+    return write_export(out_path, ck.config, model.state_dict(), data=_hf_data(ck), weights_source=f"huggingface:{ck.path}")
+
+
+def _hf_data(ck) -> dict[str, Any]:
+    """What a run records about its data, for an imported checkpoint: its tokenizer and end-of-text id."""
+    data: dict[str, Any] = {"seq_length": ck.config.seq_length, "chunk_length": ck.config.chunk_length,
+                            "source": "huggingface"}
+    if ck.tokenizer_path is not None:
+        from tokenizers import Tokenizer
+
+        data.update(vocab_size=ck.tokenizer_vocab_size, tokenizer_path=str(ck.tokenizer_path))
+        eos = Tokenizer.from_file(str(ck.tokenizer_path)).token_to_id(ck.eos_token) if ck.eos_token else None
+        if eos is not None:
+            data["eod_id"] = int(eos)
+    return data
+
+
+def read_base(path: str | Path, *, weights: bool = True) -> tuple[RetroConfig, dict[str, torch.Tensor], dict]:
+    """A decoder to RETRO-fit: (config, state dict, data) of a model.pt, or of a local Hugging Face
+    directory imported in memory. ``weights=False``: the config and data only (cheap for a directory)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        from retro_ray.model.hf import load_hf_directory
+
+        ck = load_hf_directory(p, weights=weights)
+        return ck.config, ck.state_dict, _hf_data(ck)
+    payload = read_export(p)
+    return RetroConfig.from_dict(payload["config"]), payload["state_dict"], payload.get("data") or {}
 
 
 def read_export(path: str | Path) -> dict[str, Any]:

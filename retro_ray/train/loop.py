@@ -233,10 +233,10 @@ def build_engine(cfg: TrainConfig, model_cfg: RetroConfig, world_size: int, on_g
     model = RetroModel(model_cfg)
     if cfg.model.init_from:  # RETRO-fitting: the decoder from the base, CCA outputs at zero, maybe frozen
         from retro_ray.model.retrofit import retrofit
-        from retro_ray.train.export import read_export
+        from retro_ray.train.export import read_base
 
-        timings.update(retrofit(model, read_export(cfg.model.init_from)["state_dict"],
-                                freeze=model_cfg.retro.freeze_decoder, source=cfg.model.init_from))
+        timings.update(retrofit(model, read_base(cfg.model.init_from)[1], freeze=model_cfg.retro.freeze_decoder,
+                                source=cfg.model.init_from))
     if on_gpu:  # where DeepSpeed will put it; the optimizer is built on the moved parameters
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     o = cfg.model.optim

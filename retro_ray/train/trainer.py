@@ -143,19 +143,14 @@ def project_model_data(project: Project, num_neighbors_available: int) -> dict[s
 
 
 def retrofit_base(train_cfg: TrainConfig, model_data: dict[str, Any]) -> TrainConfig:
-    """Check ``model.init_from`` (an export, with the project's tokenizer) and take its decoder's shape."""
-    from retro_ray.model.retro import RetroConfig
+    """Check ``model.init_from`` (a model.pt or a local HF directory, trained with the project's tokenizer)
+    and take its decoder's shape."""
     from retro_ray.tokenizer import load_tokenizer, vocabulary_difference
     from retro_ray.train.config import decoder_from_base
-    from retro_ray.train.export import read_export
+    from retro_ray.train.export import read_base
 
     path = Path(train_cfg.model.init_from).expanduser()
-    if path.is_dir():
-        raise RetroRayError(f"model.init_from={path} is a directory; give the model.pt written by `retro-ray export` "
-                            "of the run to RETRO-fit (e.g. the GPT baseline).")
-    payload = read_export(path)
-    base = RetroConfig.from_dict(payload["config"])
-    data = payload.get("data") or {}
+    base, _, data = read_base(path, weights=False)
     if data.get("vocab_size") is not None and int(data["vocab_size"]) != int(model_data["vocab_size"]):
         raise RetroRayError(
             f"{path} was trained with a tokenizer of {data['vocab_size']} tokens but this project's has "
@@ -170,6 +165,8 @@ def retrofit_base(train_cfg: TrainConfig, model_data: dict[str, Any]) -> TrainCo
     log.info("RETRO-fitting %s: its decoder (%d layers x %d, vocabulary %d), %s", path, base.num_layers,
              base.hidden_size, base.vocab_size,
              "frozen" if train_cfg.model.retro.freeze_decoder else "trained with the rest")
+    # Absolute: Ray Train's workers run in directories of their own.
+    train_cfg = dataclasses.replace(train_cfg, model=dataclasses.replace(train_cfg.model, init_from=str(path.resolve())))
     return decoder_from_base(train_cfg, base, str(path))
 
 

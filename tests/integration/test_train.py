@@ -358,15 +358,17 @@ def _gpt_export(path: Path, model_data: dict, seed: int = 7) -> Path:
     return path
 
 
-def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path):
+def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path, monkeypatch):
     """model.init_from + freeze_decoder under ZeRO-2 with 2 workers: the decoder leaves training bit for bit
-    the base's, the retrieval part learns, and the export equals the base exactly where it should."""
+    the base's, the retrieval part learns, and the export equals the base exactly where it should. The
+    base is named by a relative path, as a user types it (the workers run in other directories)."""
     from retro_ray.model.retrofit import is_retrieval_parameter
 
     data = FACTORY.model_data()
     base = _gpt_export(tmp_path / "gpt.pt", data)
+    monkeypatch.chdir(tmp_path)
     cfg = load_train_config("retrofit", TWO_WORKERS + [
-        f"model.init_from={base}", "trainer.max_steps=12", "trainer.checkpoint_interval=12",
+        "model.init_from=gpt.pt", "trainer.max_steps=12", "trainer.checkpoint_interval=12",
         "trainer.val_check_interval=12", "trainer.log_every_n_steps=2", "trainer.zero_stage=2",
         "model.retro.retro_layers=[2,4]", "model.optim.lr=3e-3", "model.optim.sched.warmup_steps=2",
         "model.hidden_dropout=0", "model.attention_dropout=0", "model.ffn_dropout=0"])
@@ -396,9 +398,37 @@ def test_retrofitting_bad_input(ray_cluster, tmp_path):
     with pytest.raises(RetroRayError, match="freeze_decoder=true without model.init_from would freeze a randomly"):
         trainer.run(alone, FACTORY, data, tmp_path / "b")
     folder = load_train_config("retrofit", TWO_WORKERS + [f"model.init_from={tmp_path}"])
-    with pytest.raises(RetroRayError, match="is a directory; give the model.pt written by `retro-ray export`"):
+    with pytest.raises(RetroRayError, match=r"has no config.json \(found: .*\); give the directory save_pretrained wrote"):
         trainer.run(folder, FACTORY, data, tmp_path / "c")
     other = load_train_config("retrofit", TWO_WORKERS + [f"model.init_from={base}"])
     with pytest.raises(RetroRayError, match=r"was trained with a tokenizer of \d+ tokens but this project's has 999"):
         trainer.run(other, FACTORY, {**data, "vocab_size": 999}, tmp_path / "d")
     assert not any((tmp_path / d).exists() for d in "abcd")  # refused before anything was written
+
+
+def test_retrofitting_a_hugging_face_llama_directory(ray_cluster, tmp_path):
+    """model.init_from=<a local LlamaForCausalLM directory> (GQA, untied): imported in memory on every
+    worker, trained with ZeRO-0, its decoder leaves training as transformers saved it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retro_ray.model.hf import load_hf_directory
+    from retro_ray.model.retrofit import is_retrieval_parameter
+
+    data = FACTORY.model_data()
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=data["vocab_size"], hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=False))
+    hf.save_pretrained(str(tmp_path / "llama"))
+    cfg = load_train_config("retrofit", TWO_WORKERS + [
+        f"model.init_from={tmp_path / 'llama'}", "trainer.max_steps=6", "trainer.checkpoint_interval=6",
+        "trainer.val_check_interval=6", "trainer.log_every_n_steps=2", "model.retro.retro_layers=[2,4]",
+        "model.optim.sched.warmup_steps=1"])
+    report = trainer.run(cfg, FACTORY, data, tmp_path / "exp")
+    assert report.final_step == 6
+    fit = read_export(export(tmp_path / "exp", tmp_path / "fit.pt"))
+    assert fit["config"]["family"] == "llama" and fit["config"]["num_key_value_heads"] == 2
+    base = load_hf_directory(tmp_path / "llama", chunk_length=data["chunk_length"]).state_dict
+    for k, v in fit["state_dict"].items():
+        if not is_retrieval_parameter(k):
+            assert torch.equal(v, base[k]), k
