@@ -16,7 +16,9 @@ What is measured (one run of this script)
                    no chunked cross-attention): step-time ratio, next to the ratio of the model's
                    own FLOP counts (``RetroModel.flops_per_token``), which bounds what any
                    implementation can reach. A third loop, interleaved with both, runs RETRO with
-                   an encoder half the decoder's width (model.retro.retro_encoder_hidden_size).
+                   an encoder half the decoder's width (model.retro.retro_encoder_hidden_size), and
+                   a fourth the RETRO-fit of the same model (model.retro.freeze_decoder: only the
+                   encoder and CCA train), whose step time is compared with RETRO's.
     dropout masks  (CPU) the plain loop with this project's CPU dropout masks (numpy SFC64,
                    ``retro_ray.model.dropout``) against the same loop drawing them with torch's
                    ``bernoulli_`` (``torch_masks()``), steps interleaved; the demo model's dropouts
@@ -72,6 +74,7 @@ import torch
 from retro_ray.allocator import keep_freed_memory
 from retro_ray.model.dropout import torch_masks
 from retro_ray.model.retro import RetroConfig, RetroModel
+from retro_ray.model.retrofit import freeze_decoder, zero_cca_outputs
 from retro_ray.train import trainer
 from retro_ray.train.config import TrainConfig, load_train_config, lr_at, resolve_model_config
 from retro_ray.train.loop import collate, gpu_peak_flops, param_groups
@@ -146,6 +149,9 @@ class PlainLoop:
         self.dev = torch.device(device)
         torch.manual_seed(cfg.trainer.seed)
         self.model = RetroModel(model_cfg).to(self.dev)
+        if model_cfg.retro.enabled and model_cfg.retro.freeze_decoder:  # a RETRO-fit, as model.init_from makes it
+            zero_cca_outputs(self.model)
+            freeze_decoder(self.model)
         if device == "cuda":
             self.model.compile()  # in place, as the trainer's trainer.compile=auto does on GPU workers
         o = cfg.model.optim
@@ -223,13 +229,15 @@ def run_retro_vs_gpt(cfg: TrainConfig, model_cfg: RetroConfig, gpt_cfg: TrainCon
     retro = PlainLoop(cfg, model_cfg, factory, device)
     narrow = PlainLoop(cfg, narrow_encoder(model_cfg), factory, device)
     gpt = PlainLoop(gpt_cfg, gpt_model_cfg, factory, device)
+    fit = PlainLoop(cfg, dataclasses.replace(model_cfg, retro=dataclasses.replace(model_cfg.retro, freeze_decoder=True)),
+                    factory, device)
     threads = torch.get_num_threads()
     if device == "cpu":
         # One intra-op thread, as in each Ray worker: a ratio does not need both cores, and a single
         # thread does not stall on OpenMP barriers when the machine is shared.
         torch.set_num_threads(1)
     try:
-        rt, nt, gt = interleaved([retro, narrow, gpt], cfg.trainer.max_steps)
+        rt, nt, gt, ft = interleaved([retro, narrow, gpt, fit], cfg.trainer.max_steps)
     finally:
         torch.set_num_threads(threads)
     tokens = cfg.model.global_batch_size * model_cfg.seq_length
@@ -237,7 +245,8 @@ def run_retro_vs_gpt(cfg: TrainConfig, model_cfg: RetroConfig, gpt_cfg: TrainCon
     return {"retro": summarize(rt[warmup:], tokens, retro.model.flops_per_token(), peak),
             "retro_narrow_encoder": summarize(nt[warmup:], tokens, narrow.model.flops_per_token(), peak),
             "narrow_encoder_hidden_size": narrow.model.config.encoder_hidden_size,
-            "gpt": summarize(gt[warmup:], tokens, gpt.model.flops_per_token(), peak)}
+            "gpt": summarize(gt[warmup:], tokens, gpt.model.flops_per_token(), peak),
+            "retrofit": summarize(ft[warmup:], tokens, None, peak)}
 
 
 def run_dropout_masks(cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, warmup: int) -> dict:
@@ -299,6 +308,9 @@ def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
     line("plain RETRO (interleaved)", out["retro_vs_gpt"]["retro"])
     line(f"  encoder width {out['retro_vs_gpt']['narrow_encoder_hidden_size']}", out["retro_vs_gpt"]["retro_narrow_encoder"])
     line("plain GPT (interleaved)", out["retro_vs_gpt"]["gpt"])
+    line("plain RETRO-fit, frozen decoder", out["retro_vs_gpt"]["retrofit"])
+    out["retrofit_vs_retro_step_time"] = (out["retro_vs_gpt"]["retrofit"]["step_time_s"]
+                                          / out["retro_vs_gpt"]["retro"]["step_time_s"])
     gpt_step = out["retro_vs_gpt"]["gpt"]["step_time_s"]
     out["retro_vs_gpt_step_time"] = out["retro_vs_gpt"]["retro"]["step_time_s"] / gpt_step
     out["retro_vs_gpt_flops"] = flops_ratio(model_cfg)
@@ -317,6 +329,8 @@ def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
     print(f"    with an encoder of width d/2:       {out['narrow_encoder_vs_gpt_step_time']:.2f}x  "
           f"(FLOP ratio {out['narrow_encoder_vs_gpt_flops']:.2f}x; model.retro.retro_encoder_hidden_size="
           f"{out['retro_vs_gpt']['narrow_encoder_hidden_size']})")
+    print(f"  ratio RETRO-fit / RETRO step time:    {out['retrofit_vs_retro_step_time']:.2f}x  (goal <= 0.6x at 125M; "
+          "frozen decoder: no weight gradients below CCA, no optimizer state for it)")
     if "dropout_masks" in out:
         print(f"  speed-up of fast CPU dropout masks:   {out['dropout_masks']['speedup']:.2f}x  (same loop, masks drawn "
               "with torch's bernoulli_ as the baseline)")

@@ -412,7 +412,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             meta = json.loads((Path(d) / CHECKPOINT_META).read_text())
-            if meta["model_config"] != model_cfg.to_dict():
+            # from_dict fills settings added since the checkpoint was written with their defaults
+            if RetroConfig.from_dict(meta["model_config"]).to_dict() != model_cfg.to_dict():
                 raise RetroRayError(
                     "the checkpoint to resume from was trained with a different model config; start a "
                     "new run (another exp_manager.name or exp_dir) to train this one."

@@ -261,6 +261,19 @@ def _differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {a!r} -> {b!r}" for k, a, b in C.diff(old, new)]
 
 
+def _with_new_defaults(old: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run's config with settings added since it was written at their defaults, so that a run
+    made by an older version continues (and is found finished) when it is rerun unchanged."""
+    from retro_ray.model.retro import RetroConfig
+
+    try:
+        filled = {**old, "train": TrainConfig.from_dict(old["train"]).to_dict(),
+                  "model": RetroConfig.from_dict(old["model"]).to_dict()}
+    except (RetroRayError, TypeError, ValueError):
+        return old  # not buildable any more: the comparison names what differs
+    return json.loads(json.dumps(filled))
+
+
 def check_exp_dir(exp_dir: Path, record: dict[str, Any], resume: bool) -> TrainReport | None:
     """Compare with the config a previous run left in exp_dir; return its report if it finished."""
     path = exp_dir / CONFIG_FILE
@@ -274,6 +287,7 @@ def check_exp_dir(exp_dir: Path, record: dict[str, Any], resume: bool) -> TrainR
         raise RetroRayError(
             f"{exp_dir} holds a {CONFIG_FILE} that is not a retro-ray training config; use another exp_manager.exp_dir."
         )
+    old = _with_new_defaults(old)
     report_path = exp_dir / REPORT_FILE
     if old == record:
         if report_path.is_file():

@@ -175,6 +175,16 @@ def test_rerun_is_skipped_and_changes_need_resume(retro_run):
     again = trainer.run(cfg, FACTORY, FACTORY.model_data(), exp_dir)
     assert again.skipped and again.final_step == 30 and time.perf_counter() - t0 < 5
     assert len(train_losses(history(exp_dir))) == 30  # nothing was trained again
+    # a run recorded by a version without the decoder-family settings is the same run, still finished
+    path = exp_dir / "config.json"
+    recorded = path.read_text()
+    older = json.loads(recorded)
+    for section in (older["model"], older["train"]["model"]):
+        for key in ("family", "rope_theta", "tie_word_embeddings", "init_from"):
+            section.pop(key, None)
+    path.write_text(json.dumps(older))
+    assert trainer.run(cfg, FACTORY, FACTORY.model_data(), exp_dir).skipped
+    path.write_text(recorded)
     longer = load_train_config("tiny", TWO_WORKERS + ["trainer.max_steps=34"])
     with pytest.raises(RetroRayError, match=r"holds another run's config \(differing: train\.trainer\.max_steps: 30 -> 34"):
         trainer.run(longer, FACTORY, FACTORY.model_data(), exp_dir)
