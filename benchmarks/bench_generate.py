@@ -8,6 +8,9 @@ What is measured (one process, one thread unless --threads, same prompt for ever
     ours-gpt    the same Generator with retro.enabled=false (our decoder alone, with the cache).
     hf-gpt2     ``transformers`` GPT2LMHeadModel of the same decoder size (layers, width, heads, MLP,
                 vocabulary), random weights, ``generate(do_sample=False, use_cache=True)``.
+    ours-llama  the Generator on a LlamaForCausalLM of the same size (8 heads, 4 key/value heads)
+                imported exactly by model/hf.py, against
+    hf-llama    that LlamaForCausalLM's own ``generate`` with cache (issue 16's goal: <= 1.2x).
 Per-token decode time is (time for P + N tokens − time for P + 1 tokens) / (N − 1): the prompt's
 prefill cancels out, so the figure is the cost of one decode step at context P..P+N (default
 448 + 64 = 512 tokens of context at the end). Median of --repeats runs.
@@ -212,16 +215,48 @@ def main() -> None:
 
     per_token("hf-gpt2", hf_gen, N)
 
+    # A Llama-family decoder of the demo's size (GQA 8/4 heads), random weights, imported exactly from
+    # transformers' LlamaForCausalLM (model/hf.py): our Generator against transformers' generate.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retro_ray.model.hf import config_from_hf, state_dict_from_hf
+
+    hf_llama = LlamaForCausalLM(LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                            intermediate_size=c.ffn_hidden_size, num_hidden_layers=c.num_layers,
+                                            num_attention_heads=c.num_attention_heads, num_key_value_heads=4,
+                                            max_position_embeddings=1024, bos_token_id=eod, eos_token_id=eod)).eval()
+    llama_cfg = config_from_hf(hf_llama.config, chunk_length=c.chunk_length, seq_length=c.seq_length)
+    imported = RetroModel(llama_cfg)
+    imported.load_state_dict(state_dict_from_hf(hf_llama.state_dict(), llama_cfg))
+    llama_gen = Generator(imported, tok, eod)
+
+    def ours_llama(n: int) -> None:
+        cfg = InferenceConfig(tokens_to_generate=n, greedy=True, min_tokens_to_generate=n)
+        assert len(llama_gen.generate([GenerationRequest(prompt, None, cfg)])[0].tokens) == n
+
+    def hf_llama_gen(n: int) -> None:
+        with torch.inference_mode():
+            out = hf_llama.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=eod,
+                                    eos_token_id=None)
+        assert out.shape[1] == P + n
+
+    per_token("ours-llama", ours_llama, N)
+    per_token("hf-llama", hf_llama_gen, N)
+
     cache, rec, hfg = (results[k]["ms_per_token"] for k in ("cache", "recompute", "hf-gpt2"))
     summary = {
         "prompt_tokens": P, "new_tokens": N, "context_at_end": P + N, "threads": args.threads,
         "load_average": os.getloadavg(), "results": results,
         "cache_speedup_vs_recompute": rec / cache, "retro_cache_vs_hf_gpt2": cache / hfg,
         "ours_gpt_vs_hf_gpt2": results["ours-gpt"]["ms_per_token"] / hfg,
+        "imported_llama_vs_hf_llama": results["ours-llama"]["ms_per_token"] / results["hf-llama"]["ms_per_token"],
     }
     print(f"KV cache vs full recomputation: {rec / cache:.1f}x faster (goal >= 5x)")
     print(f"RETRO (cache) per token vs HF GPT-2 generate: {cache / hfg:.2f}x (goal <= 1.3x); "
           f"our GPT vs HF GPT-2: {summary['ours_gpt_vs_hf_gpt2']:.2f}x")
+    print(f"imported Llama (Generator) per token vs HF LlamaForCausalLM generate: "
+          f"{summary['imported_llama_vs_hf_llama']:.2f}x (goal <= 1.2x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
