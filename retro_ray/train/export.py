@@ -67,7 +67,26 @@ def _load_torch(path: Path) -> Any:
 
 
 def consolidate(ckpt: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    """(fp32 state dict, weights_source) from one DeepSpeed checkpoint directory."""
+    """(fp32 state dict, weights_source) from one DeepSpeed checkpoint directory.
+
+    A RETRO-fit's frozen decoder has no fp32 master copy in bf16/fp16 training (nothing updates it):
+    its tensors are taken from the base it was fitted from, whose values they are by definition,
+    rather than from the rounded half-precision copies the engine computed with."""
+    sd, source = _consolidate(ckpt, meta)
+    frozen_from = (meta.get("train_config") or {}).get("model", {}).get("init_from")
+    if frozen_from and meta["model_config"].get("retro", {}).get("freeze_decoder") and meta.get("precision") != "32":
+        from retro_ray.model.retrofit import is_retrieval_parameter
+
+        try:
+            base = read_base(frozen_from)[1]
+        except RetroRayError as e:
+            return sd, f"{source}; the frozen decoder from half-precision copies ({e})"
+        sd.update({k: base[k].float().clone() for k in sd if not is_retrieval_parameter(k)})
+        source = f"{source}; the frozen decoder from {frozen_from} (fp32)"
+    return sd, source
+
+
+def _consolidate(ckpt: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
     tag, stage = meta["tag"], int(meta["zero_stage"])
     if stage >= 1:
         from deepspeed.utils.zero_to_fp32 import (
@@ -92,8 +111,15 @@ def _fp32_masters(opt_state: Any, model_config: dict, module: dict[str, torch.Te
     groups = opt_state.get("fp32_groups") if isinstance(opt_state, dict) else None
     if not groups:
         return None
+    config = RetroConfig.from_dict(model_config)
     with torch.device("meta"):
-        names = [g for g in decay_split(RetroModel(RetroConfig.from_dict(model_config))) if g]  # empty groups dropped
+        model = RetroModel(config)
+    if config.retro.enabled and config.retro.freeze_decoder:  # a RETRO-fit's optimizer holds only what trains
+        from retro_ray.model.retrofit import freeze_decoder
+
+        freeze_decoder(model)
+    names = [g for g in decay_split(model) if g]  # empty groups dropped
+    trainable = {n for g in names for n in g}
     if [len(g) for g in names] != [len(g) for g in groups]:
         return None
     out = {}
@@ -102,7 +128,10 @@ def _fp32_masters(opt_state: Any, model_config: dict, module: dict[str, torch.Te
             if name not in module or tuple(module[name].shape) != tuple(t.shape):
                 return None
             out[name] = t.detach().float().clone()
-    return out if set(out) == set(module) else None
+    if set(out) != trainable:
+        return None
+    # frozen tensors (a RETRO-fit's decoder) exist only as the module's copies; consolidate() replaces them
+    return {**{k: v.float() for k, v in module.items() if k not in out}, **out}
 
 
 def export(exp_dir_or_checkpoint: str | Path, out_path: str | Path) -> Path:

@@ -413,12 +413,31 @@ def test_retrofitting_bad_input(ray_cluster, tmp_path):
     other = load_train_config("retrofit", TWO_WORKERS + [f"model.init_from={base}"])
     with pytest.raises(RetroRayError, match=r"was trained with a tokenizer of \d+ tokens but this project's has 999"):
         trainer.run(other, FACTORY, {**data, "vocab_size": 999}, tmp_path / "d")
-    assert not any((tmp_path / d).exists() for d in "abcd")  # refused before anything was written
+    # a base trained with another tokenizer of the same size: the first differing token is named
+    from retro_ray.config import TokenizerConfig
+    from retro_ray.tokenizer import train_tokenizer
+
+    paths = []
+    for name, text in (("ours", "the quick brown fox jumps over the lazy dog "), ("theirs", "zebras quietly vex jumpy wolves ")):
+        tok = train_tokenizer(iter([text * 50]), TokenizerConfig(vocab_size=300, min_frequency=1), progress=False)
+        paths.append(tmp_path / f"{name}.json")
+        tok.save(str(paths[-1]))
+    payload = read_export(base)
+    payload["data"] = {**payload["data"], "tokenizer_path": str(paths[1]), "vocab_size": None}
+    torch.save(payload, tmp_path / "other-tokenizer.pt")
+    mismatch = load_train_config("retrofit", TWO_WORKERS + [f"model.init_from={tmp_path / 'other-tokenizer.pt'}"])
+    with pytest.raises(RetroRayError, match=r"this project's tokenizer is not the one .*other-tokenizer.pt was trained "
+                                            r"with: token id \d+ is '.*' in the project's and '.*' in the base's; "
+                                            r"prepare the project with tokenizer.path=.*theirs.json"):
+        trainer.run(mismatch, FACTORY, {**data, "tokenizer_path": str(paths[0])}, tmp_path / "e")
+    assert not any((tmp_path / d).exists() for d in "abcde")  # refused before anything was written
 
 
-def test_retrofitting_a_hugging_face_llama_directory(ray_cluster, tmp_path):
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_retrofitting_a_hugging_face_llama_directory(ray_cluster, tmp_path, precision):
     """model.init_from=<a local LlamaForCausalLM directory> (GQA, untied): imported in memory on every
-    worker, trained with ZeRO-0, its decoder leaves training as transformers saved it."""
+    worker, trained with ZeRO-0 in fp32 and in bf16 (DeepSpeed's bf16 keeps fp32 masters only of what
+    trains), its decoder leaves training as transformers saved it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from retro_ray.model.hf import load_hf_directory
@@ -433,7 +452,7 @@ def test_retrofitting_a_hugging_face_llama_directory(ray_cluster, tmp_path):
     cfg = load_train_config("retrofit", TWO_WORKERS + [
         f"model.init_from={tmp_path / 'llama'}", "trainer.max_steps=6", "trainer.checkpoint_interval=6",
         "trainer.val_check_interval=6", "trainer.log_every_n_steps=2", "model.retro.retro_layers=[2,4]",
-        "model.optim.sched.warmup_steps=1"])
+        "model.optim.sched.warmup_steps=1", f"trainer.precision={precision}"])
     report = trainer.run(cfg, FACTORY, data, tmp_path / "exp")
     assert report.final_step == 6
     fit = read_export(export(tmp_path / "exp", tmp_path / "fit.pt"))
