@@ -13,6 +13,7 @@ Two workers with one CPU each, the tiny config. What is shown:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -395,6 +396,12 @@ def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path, m
     assert all(fit["state_dict"][k].abs().max() > 0 for k in fit["state_dict"] if ".cca.attn.out_proj.weight" in k)
     losses = train_losses(history(tmp_path / "exp"))
     assert losses[-1] < losses[0]  # retrieval of the synthetic data's copies pays at once
+    # resumed for 4 more steps (ZeRO-2 partitions of the trainable part only): still the base's decoder
+    longer = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=16))
+    assert trainer.run(longer, FACTORY, data, tmp_path / "exp", resume=True).final_step == 16
+    resumed = read_export(export(tmp_path / "exp", tmp_path / "fit16.pt"))["state_dict"]
+    assert all(torch.equal(v, base_sd[k]) for k, v in resumed.items() if not is_retrieval_parameter(k))
+    assert any(not torch.equal(v, fit["state_dict"][k]) for k, v in resumed.items() if is_retrieval_parameter(k))
 
 
 def test_retrofitting_bad_input(ray_cluster, tmp_path):
