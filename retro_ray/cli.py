@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project-dir", required=True)
     p.add_argument("--exp-dir", required=True, help="the RETRO run: experiment directory, checkpoint or model.pt")
-    p.add_argument("--baseline", help="the GPT baseline run (same forms); without it GPT figures are left out")
+    p.add_argument("--baseline", help="the GPT baseline: a run (same forms), a model.pt from import-hf, or a local Hugging Face "
+                   "directory (imported in memory, its tokenizer checked against the project's); for a RETRO-fit, "
+                   "its base. Without it GPT figures are left out")
     p.add_argument("--heldout", help="held-out documents (jsonl); default: <project>/data/heldout.jsonl if prep wrote one")
     p.add_argument("--no-heldout", action="store_true", help="skip the knowledge update")
     p.add_argument("--out", help="output directory (default <project>/eval)")

@@ -145,6 +145,14 @@ def render(results: dict[str, Any], plots: dict[str, str | None]) -> str:
           f"trained with {num(ret['retro_num_neighbors'])} neighbours, evaluated with k = {num(k)}."]
     L += [f"- GPT baseline: `{gpt['source']}` — step {num(gpt['train_step'])}, {num(gpt['num_parameters'])} parameters."
           if gpt else "- GPT baseline: none given; its figures are n/a."]
+    fit = r.get("retrofit")
+    if fit:
+        base = f"`{fit['init_from']}`" if fit["init_from"] else "a base not recorded in the model"
+        L += [f"- RETRO-fit of {base}, decoder {'frozen' if fit['frozen'] else 'trained with the rest'}."
+              + {True: " Its decoder equals the GPT baseline's bit for bit, so every difference below is what "
+                       "retrieval adds (retrieval off must equal the baseline exactly).",
+                 False: " Its decoder differs from the GPT baseline's: the baseline is not its base.",
+                 None: ""}[fit["decoder_equals_baseline"]]]
     L += [""]
 
     L += ["## Goals", ""]

@@ -23,7 +23,7 @@ import torch
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.eval.config import GOAL_KNOWLEDGE_UPDATE, GOAL_OFF_VS_GPT, GOAL_RETRO_VS_GPT, EvalConfig
-from retro_ray.eval.models import LoadedModel, comparability, load_model
+from retro_ray.eval.models import LoadedModel, comparability, load_model, same_decoder
 from retro_ray.eval.scoring import bits_per_byte, longest_common_run, perplexity, token_byte_lengths, token_nll
 from retro_ray.project import Project, atomic_write_json
 
@@ -219,6 +219,7 @@ def run_eval(project_dir: str | Path | Project, exp_dir: str | Path, baseline_di
                               embed_device="cuda" if device.type == "cuda" else "cpu", progress=progress)
         ku["source"] = str(heldout) if isinstance(heldout, (str, Path)) else f"{len(heldout_docs)} records given"
 
+    twin = same_decoder(retro, gpt) if gpt else None  # a RETRO-fit of this very GPT
     ppl, bpb = v["ppl"], v["bpb"]
     gpt_ppl = ppl.get("gpt")
     ratio = ppl["retro"] / gpt_ppl if gpt_ppl else None
@@ -250,7 +251,10 @@ def run_eval(project_dir: str | Path | Project, exp_dir: str | Path, baseline_di
             "ks_unavailable": [k for k in cfg.ks if k not in sc["ks_ok"]],
         },
         "models": {"retro": retro.info(), "gpt": gpt.info() if gpt else None},
-        "comparability": comparability(retro, gpt) if gpt else [],
+        "retrofit": ({"init_from": retro.init_from, "frozen": bool(retro.config.retro.freeze_decoder),
+                      "decoder_equals_baseline": twin}
+                     if retro.init_from or retro.config.retro.freeze_decoder else None),
+        "comparability": comparability(retro, gpt, twin) if gpt else [],
         "config": C.to_dict(cfg),
         "device": str(device),
         "timings": {"valid_s": round(t_valid, 3), **{f"pass_{p}_s": round(s, 3) for p, s in sc["seconds"].items()}},

@@ -177,6 +177,16 @@ class HFCheckpoint:
     eos_token: str | None                # the checkpoint's end-of-text token
 
 
+def is_hf_directory(path: str | Path) -> bool:
+    """Whether ``path`` looks like a Hugging Face model directory (a config.json naming a model_type),
+    rather than one of our run, checkpoint or project directories."""
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _safetensors_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.is_file():

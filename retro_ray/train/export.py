@@ -11,6 +11,8 @@ so loading it runs no pickled code)::
     data            what the run recorded about its data: seq_length, chunk_length, vocab_size (the
                     tokenizer's), num_neighbors_available, and when known tokenizer_path, eod_id
     weights_source  where the fp32 weights came from (see below)
+    init_from       a RETRO-fit's base (model.init_from: a model.pt or a Hugging Face directory); ""
+                    (or absent, in exports written before it was recorded) for a run from scratch
 
 The fp32 weights, from a DeepSpeed checkpoint:
     ZeRO 1 / 2   the fp32 master weights, gathered from every rank's optimizer partition with
@@ -73,7 +75,7 @@ def consolidate(ckpt: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tenso
     its tensors are taken from the base it was fitted from, whose values they are by definition,
     rather than from the rounded half-precision copies the engine computed with."""
     sd, source = _consolidate(ckpt, meta)
-    frozen_from = (meta.get("train_config") or {}).get("model", {}).get("init_from")
+    frozen_from = base_of(meta)
     if frozen_from and meta["model_config"].get("retro", {}).get("freeze_decoder") and meta.get("precision") != "32":
         from retro_ray.model.retrofit import is_retrieval_parameter
 
@@ -150,15 +152,20 @@ def export(exp_dir_or_checkpoint: str | Path, out_path: str | Path) -> Path:
     if missing or extra:
         raise RuntimeError(f"checkpoint {ckpt} does not match its model config: missing {missing}, unexpected {extra}")
     return write_export(out_path, config, state_dict, data=meta.get("model_data", {}), weights_source=source,
-                        train_step=int(meta["train_step"]), checkpoint=str(ckpt))
+                        train_step=int(meta["train_step"]), checkpoint=str(ckpt), init_from=base_of(meta))
+
+
+def base_of(meta: dict[str, Any]) -> str:
+    """The base a run was RETRO-fitted from (``model.init_from``), "" for a run from scratch."""
+    return str((meta.get("train_config") or {}).get("model", {}).get("init_from") or "")
 
 
 def write_export(out_path: str | Path, config: RetroConfig, state_dict: dict[str, torch.Tensor], *, data: dict,
-                 weights_source: str, train_step: int = 0, checkpoint: str = "") -> Path:
+                 weights_source: str, train_step: int = 0, checkpoint: str = "", init_from: str = "") -> Path:
     """Write the model.pt format atomically (a directory ``out_path`` gets ``model.pt`` inside)."""
     payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "config": config.to_dict(), "state_dict": state_dict,
                "train_step": int(train_step), "data": dict(data), "weights_source": weights_source,
-               "checkpoint": checkpoint}
+               "checkpoint": checkpoint, "init_from": init_from}
     out = Path(out_path).expanduser()
     if out.is_dir() or str(out_path).endswith("/"):
         out = out / "model.pt"
@@ -194,17 +201,36 @@ def _hf_data(ck) -> dict[str, Any]:
     return data
 
 
-def read_base(path: str | Path, *, weights: bool = True) -> tuple[RetroConfig, dict[str, torch.Tensor], dict]:
+def read_base(path: str | Path, *, weights: bool = True, **overrides: Any) -> tuple[RetroConfig, dict[str, torch.Tensor], dict]:
     """A decoder to RETRO-fit: (config, state dict, data) of a model.pt, or of a local Hugging Face
-    directory imported in memory. ``weights=False``: the config and data only (cheap for a directory)."""
+    directory imported in memory. ``weights=False``: the config and data only (cheap for a directory).
+    ``overrides``: seq_length / chunk_length for a directory (a model.pt has its own)."""
     p = Path(path).expanduser()
     if p.is_dir():
         from retro_ray.model.hf import load_hf_directory
 
-        ck = load_hf_directory(p, weights=weights)
+        ck = load_hf_directory(p, weights=weights, **overrides)
         return ck.config, ck.state_dict, _hf_data(ck)
     payload = read_export(p)
     return RetroConfig.from_dict(payload["config"]), payload["state_dict"], payload.get("data") or {}
+
+
+def check_base_tokenizer(path: str | Path, data: dict[str, Any], vocab_size: int, tokenizer_path: str | Path | None) -> None:
+    """Refuse a base model (``data``: what ``read_base`` returns for ``path``) that was trained with another
+    tokenizer than the project's (``vocab_size`` tokens, ``tokenizer_path``), naming the first difference."""
+    from retro_ray.tokenizer import load_tokenizer, vocabulary_difference
+
+    if data.get("vocab_size") is not None and int(data["vocab_size"]) != int(vocab_size):
+        raise RetroRayError(
+            f"{path} was trained with a tokenizer of {data['vocab_size']} tokens but this project's has "
+            f"{vocab_size}; prepare the project with that model's tokenizer (tokenizer.path=...)."
+        )
+    theirs, ours = data.get("tokenizer_path"), tokenizer_path
+    if theirs and ours and Path(theirs).is_file() and Path(ours).is_file() and Path(theirs).resolve() != Path(ours).resolve():
+        diff = vocabulary_difference(load_tokenizer(Path(ours)), load_tokenizer(Path(theirs)), ("the project's", "the base's"))
+        if diff:
+            raise RetroRayError(f"this project's tokenizer is not the one {path} was trained with: {diff}; prepare "
+                                f"the project with tokenizer.path={theirs}.")
 
 
 def read_export(path: str | Path) -> dict[str, Any]:

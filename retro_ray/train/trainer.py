@@ -145,23 +145,12 @@ def project_model_data(project: Project, num_neighbors_available: int) -> dict[s
 def retrofit_base(train_cfg: TrainConfig, model_data: dict[str, Any]) -> TrainConfig:
     """Check ``model.init_from`` (a model.pt or a local HF directory, trained with the project's tokenizer)
     and take its decoder's shape."""
-    from retro_ray.tokenizer import load_tokenizer, vocabulary_difference
     from retro_ray.train.config import decoder_from_base
-    from retro_ray.train.export import read_base
+    from retro_ray.train.export import check_base_tokenizer, read_base
 
     path = Path(train_cfg.model.init_from).expanduser()
     base, _, data = read_base(path, weights=False)
-    if data.get("vocab_size") is not None and int(data["vocab_size"]) != int(model_data["vocab_size"]):
-        raise RetroRayError(
-            f"{path} was trained with a tokenizer of {data['vocab_size']} tokens but this project's has "
-            f"{model_data['vocab_size']}; prepare the project with that model's tokenizer (tokenizer.path=...)."
-        )
-    theirs, ours = data.get("tokenizer_path"), model_data.get("tokenizer_path")
-    if theirs and ours and Path(theirs).is_file() and Path(ours).is_file() and Path(theirs).resolve() != Path(ours).resolve():
-        diff = vocabulary_difference(load_tokenizer(Path(ours)), load_tokenizer(Path(theirs)), ("the project's", "the base's"))
-        if diff:
-            raise RetroRayError(f"this project's tokenizer is not the one {path} was trained with: {diff}; prepare "
-                                f"the project with tokenizer.path={theirs}.")
+    check_base_tokenizer(path, data, model_data["vocab_size"], model_data.get("tokenizer_path"))
     log.info("RETRO-fitting %s: its decoder (%d layers x %d, vocabulary %d), %s", path, base.num_layers,
              base.hidden_size, base.vocab_size,
              "frozen" if train_cfg.model.retro.freeze_decoder else "trained with the rest")

@@ -257,6 +257,60 @@ def test_bad_input_is_one_clear_error(project, models, tmp_path):
     assert not (tmp_path / "results.json").exists()  # nothing was written by the failed runs
 
 
+def test_retrofit_against_its_frozen_base_and_a_hugging_face_baseline(project, models, tmp_path):
+    """A RETRO-fit before its first update (the GPT's decoder, frozen; CCA outputs zero) is recognised as
+    the RETRO-fit of its baseline, and equals it exactly with retrieval on and off. The baseline may be a
+    local Hugging Face directory (imported in memory) whose tokenizer must be the project's."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from retro_ray.model.retro import RetroConfig, RetroModel
+    from retro_ray.model.retrofit import retrofit
+    from retro_ray.train.export import import_hf, read_export, write_export
+
+    gpt = read_export(models["gpt"])
+    payload = read_export(models["retro"])
+    config = RetroConfig.from_dict({**payload["config"], "retro": {**payload["config"]["retro"], "freeze_decoder": True}})
+    torch.manual_seed(3)
+    fit = RetroModel(config)
+    retrofit(fit, gpt["state_dict"], freeze=True, source=str(models["gpt"]))
+    fit_pt = write_export(tmp_path / "retrofit.pt", config, fit.state_dict(), data=payload["data"],
+                          weights_source="test", train_step=5, init_from=str(models["gpt"]))
+    cfg = EvalConfig(max_samples=4, batch_size=4, ks=(1, 2))
+    r = evaluate(project, fit_pt, models["gpt"], cfg, tmp_path / "fit")
+    assert r["retrofit"] == {"init_from": str(models["gpt"]), "frozen": True, "decoder_equals_baseline": True}
+    assert r["comparability"] == []  # 5 RETRO-fit steps against a step-0 base: still like for like
+    assert r["retro_ppl"] == r["retro_off_ppl"] == r["gpt_ppl"]  # zero CCA: retrieval adds exactly nothing
+    assert "Its decoder equals the GPT baseline's bit for bit" in (tmp_path / "fit" / "report.md").read_text()
+    other_gpt = _variant(models["retro_seed1"], tmp_path / "gpt_seed1.pt", gpt=True)  # another decoder
+    r_other = evaluate(project, fit_pt, other_gpt, cfg, tmp_path / "other")
+    assert r_other["retrofit"]["decoder_equals_baseline"] is False and r_other["retro_ppl"] != r_other["gpt_ppl"]
+    assert evaluate(project, models["retro"], models["gpt"], cfg, tmp_path / "scratch")["retrofit"] is None
+
+    # A GPT-2 saved by transformers with the project's tokenizer, as --baseline without import-hf.
+    vocab = project.derived()["vocab_size"]
+    hf = tmp_path / "hf-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=2, n_embd=64, n_head=4,
+                               n_positions=project.read_config().seq_length)).save_pretrained(str(hf))
+    shutil.copy(project.tokenizer_path, hf / "tokenizer.json")
+    r_hf = evaluate(project, models["retro"], hf, cfg, tmp_path / "hf")
+    assert r_hf["models"]["gpt"]["weights_source"] == f"huggingface:{hf.resolve()}"
+    r_imported = evaluate(project, models["retro"], import_hf(hf, tmp_path / "imported.pt"), cfg, tmp_path / "imp")
+    assert r_hf["gpt_ppl"] == r_imported["gpt_ppl"] and r_hf["gpt_ppl"] != r["gpt_ppl"]
+    # ... and one whose tokenizer differs is refused, naming the first difference, before anything is written
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    vocab_map = tok["model"]["vocab"]
+    a, b = sorted(vocab_map, key=vocab_map.get)[300:302]
+    vocab_map[a], vocab_map[b] = vocab_map[b], vocab_map[a]
+    (hf / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(RetroRayError, match=r"this project's tokenizer is not the one .*hf-gpt2 was trained with: "
+                                            r"token id 300 is .* in the project's and .* in the base's"):
+        evaluate(project, models["retro"], hf, cfg, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.fixture(scope="module")
 def trained(project, ray_address, tmp_path_factory) -> Path:
     """A real 30-step RETRO run (Ray Train + DeepSpeed, 2 workers) on the project's stage-3 data, validating
