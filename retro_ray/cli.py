@@ -403,7 +403,7 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from retro_ray.runtime import hide_known_ray_noise
+    from retro_ray.runtime import hide_known_ray_noise, local_cluster_on_loopback
 
     hide_known_ray_noise()  # before anything imports ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*(args.overrides or []), *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    local_cluster_on_loopback(getattr(args, "address", None))  # before anything imports ray
     try:
         if args.command == "info":
             return cmd_info(args)

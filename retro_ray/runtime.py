@@ -1,7 +1,8 @@
 """Connecting to Ray, the same way for every stage, and running a stage's blocks as Ray tasks.
 
 ``ray.init()`` starts a local cluster when no address is given; ``--address`` or RAY_ADDRESS connects
-to a running one. A stage never assumes it started Ray: tests and notebooks may have already.
+to a running one. A stage never assumes it started Ray: tests and notebooks may have already. A local
+cluster listens on loopback only (``local_cluster_on_loopback``).
 """
 
 from __future__ import annotations
@@ -36,12 +37,40 @@ def hide_known_ray_noise() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", _RAY_NOISE)
 
 
+# Ray's own switch for a cluster confined to one machine (its default on macOS and Windows): "0" makes
+# the node's address the loopback one, so the GCS, raylets, object managers, workers and agents of a
+# cluster started here listen on 127.0.0.1 only, instead of on the machine's address and on all
+# interfaces. Ray reads it once, when it is imported, and the processes it starts inherit it.
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_cluster_on_loopback(address: str | None) -> bool:
+    """A local cluster this process starts (no ``address``, no RAY_ADDRESS) listens on loopback only.
+
+    Call before ray is imported (the CLI does). A value of RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER the user set
+    is kept ("1": Ray's default, every interface). Connecting to a running cluster changes nothing: the
+    driver must then be reachable at the machine's address. Returns whether the loopback setting holds."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    return os.environ.setdefault(LOOPBACK_ONLY_ENV, "0") == "0"
+
+
+def _ray_reads_every_interface() -> bool:
+    from ray._private import ray_constants  # what Ray read from the environment when it was imported
+
+    return bool(ray_constants.ENABLE_RAY_CLUSTER)
+
+
 def connect(address: str | None = None, progress: bool = True) -> None:
+    loopback = local_cluster_on_loopback(address)  # before ray is imported here, if it was not yet
     import ray
     from ray.data import DataContext
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        if loopback and _ray_reads_every_interface():
+            log.warning("ray was imported before %s=0 was set, so this local cluster listens on every interface; "
+                        "set it before importing ray to keep the cluster on loopback", LOOPBACK_ONLY_ENV)
         ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
         log.info("connected to Ray at %s", address or "a new local cluster")
     ctx = DataContext.get_current()

@@ -92,3 +92,49 @@ def test_a_skip_pattern_the_user_set_is_kept(monkeypatch):
     monkeypatch.setenv("RAY_DEDUP_LOGS_SKIP_REGEX", "mine")
     hide_known_ray_noise()
     assert os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] == "mine"
+
+
+_LISTENERS = """
+import json, sys
+from retro_ray.runtime import connect
+connect(None, progress=False)
+import psutil, ray
+
+@ray.remote
+def task():
+    return 1
+
+ray.get(task.remote())  # a worker is up too
+me = psutil.Process()
+found = set()
+for p in [me, *me.children(recursive=True)]:
+    try:
+        found |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    except psutil.Error:
+        pass
+print(json.dumps(sorted(found)))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "1"], ids=["default", "every-interface"])
+def test_a_local_cluster_listens_on_loopback_only(setting):
+    """connect() with no address starts a cluster whose every listening socket (GCS, raylet, object
+    manager, agents, driver and worker) is on 127.0.0.1; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, Ray's own
+    default, listens on the machine's address or all interfaces (which shows the check can fail)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    if setting is not None:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = setting
+    out = subprocess.run([sys.executable, "-c", _LISTENERS], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ips = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+    assert len(ips) >= 1
+    if setting is None:
+        assert ips <= loopback, f"listening beyond loopback: {sorted(ips - loopback)}"
+    else:
+        assert ips - loopback, "Ray's default was expected to listen beyond loopback"
