@@ -101,10 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Rerunning the same command resumes from the latest checkpoint.",
                        epilog="settings (NeMo names):\n" + _settings_help("retro_ray.train.config", "TrainConfig"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--project-dir", required=True)
-    p.add_argument("--exp-dir", required=True, help="where checkpoints, logs and the loss curve go")
-    p.add_argument("--config", default="demo", help="a YAML file, or a shipped config: tiny, demo, 125m (default demo)")
+    p.add_argument("--project-dir", help="the prepared project (required unless --dry-run)")
+    p.add_argument("--exp-dir", help="where checkpoints, logs and the loss curve go (required unless --dry-run)")
+    p.add_argument("--config", default="demo", help="a YAML file, or a shipped config: tiny, demo, 125m, retrofit, and "
+                   "Wang et al. 2023's RETRO sizes 148m, 410m, 1.5b, 9.5b (default demo)")
     p.add_argument("--resume", action="store_true", help="continue an experiment whose settings changed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="start nothing: print parameters, FLOPs per token and step, and memory per GPU for the "
+                        "config's ZeRO stage, worker count and micro-batch (data settings from --project-dir, "
+                        "else model.seq_length / chunk_length / vocab_size or 2048 / 64 / 50304)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="with --dry-run: the memory of one GPU, to say whether the plan fits (default 80)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p = sub.add_parser("export", help="one-file checkpoint (model.pt) from an experiment, for inference")
@@ -264,8 +271,13 @@ def cmd_train(args) -> int:
     from retro_ray.train import trainer
     from retro_ray.train.config import load_train_config
 
-    project = Project(args.project_dir)
     train_cfg = load_train_config(args.config, args.overrides)
+    if args.dry_run:
+        return cmd_train_dry_run(args, train_cfg)
+    missing = [flag for flag, value in (("--project-dir", args.project_dir), ("--exp-dir", args.exp_dir)) if not value]
+    if missing:
+        raise RetroRayError(f"train needs {' and '.join(missing)} (or --dry-run, which trains nothing).")
+    project = Project(args.project_dir)
     project.read_config()  # a clear "not a retro-ray project" before the stage check
     project.require("query", "train")
     _, meta = load_neighbors(project, "train")  # also checks the neighbours still match the project
@@ -274,6 +286,37 @@ def cmd_train(args) -> int:
     model_data = trainer.project_model_data(project, int(meta["num_neighbors_save"]))
     report = trainer.run(train_cfg, factory, model_data, args.exp_dir, resume=args.resume, address=args.address)
     print(report.format(), flush=True)
+    return 0
+
+
+def cmd_train_dry_run(args, train_cfg) -> int:
+    """Size a training config without starting anything (retro_ray.train.plan)."""
+    import dataclasses
+
+    from retro_ray.train.config import resolve_model_config
+    from retro_ray.train.plan import format_plan, plan
+
+    m = train_cfg.model
+    if args.project_dir:
+        project = Project(args.project_dir)
+        cfg = project.read_config()
+        seq, chunk, vocab = cfg.seq_length, cfg.chunk_length, int(project.derived().get("vocab_size", 50257))
+    else:
+        seq, chunk, vocab = m.seq_length or 2048, m.chunk_length or 64, m.vocab_size or 50257
+    if m.init_from:
+        from retro_ray.train.config import decoder_from_base
+        from retro_ray.train.export import read_base
+
+        base = read_base(m.init_from, weights=False, seq_length=seq, chunk_length=chunk)[0]
+        train_cfg = decoder_from_base(train_cfg, base, m.init_from)
+        vocab = base.vocab_size
+    model_cfg = resolve_model_config(dataclasses.replace(train_cfg, model=dataclasses.replace(
+        train_cfg.model, seq_length=None, chunk_length=None)), seq, chunk, vocab)
+    t = train_cfg.trainer
+    p = plan(model_cfg, num_gpus=t.num_workers, zero_stage=t.zero_stage, precision=t.precision,
+             micro_batch_size=train_cfg.model.micro_batch_size, global_batch_size=train_cfg.model.global_batch_size,
+             activation_checkpointing=t.activation_checkpointing, freeze_decoder=model_cfg.retro.freeze_decoder)
+    print(format_plan(p, model_cfg, args.gpu_memory_gib), flush=True)
     return 0
 
 

@@ -1205,6 +1205,9 @@ class RetroModel(nn.Module):
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.encoder = RetroEncoder(config) if config.retro.enabled else None
+        # Training setting, not architecture (so not in the config): keep only each decoder layer's
+        # input in training forwards and recompute the rest in backward (trainer.activation_checkpointing).
+        self.activation_checkpointing = False
         self._init_weights()
 
     @classmethod
@@ -1262,7 +1265,10 @@ class RetroModel(nn.Module):
             cos, sin = rope_cos_sin(self.config, torch.arange(n, device=tokens.device), x.dtype)  # [n, dh/2]
             retrieval = self._retrieval(neighbor_tokens, neighbor_mask, B, n)
             for layer in self.layers:
-                x = layer(x, cos, sin, retrieval)
+                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                    x = self._checkpointed(layer, x, cos, sin, retrieval)
+                else:
+                    x = layer(x, cos, sin, retrieval)
         else:
             if neighbor_tokens is not None or positions is None or cache.batch_size != B:
                 raise ValueError(f"with a cache, give positions, a cache of B={B} rows (got {cache.batch_size}), "
@@ -1291,6 +1297,26 @@ class RetroModel(nn.Module):
             )
             loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
         return RetroOutput(logits, loss)
+
+    @staticmethod
+    def _checkpointed(layer: "DecoderLayer", x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      retrieval: _Retrieval | None) -> torch.Tensor:
+        """One decoder layer under activation checkpointing: only its input is kept, and backward runs
+        its forward again. torch's non-reentrant checkpoint replays the ops in order (and the RNG, so
+        dropout draws the same masks), so the replay must not depend on state the first run changed:
+        the layer that encodes the neighbours gets a fresh _Retrieval each time, and hands the encoded
+        neighbours out as an output for the later CCA layers."""
+        from torch.utils.checkpoint import checkpoint
+
+        if retrieval is None or layer.cca is None or retrieval.encoded is not None:
+            return checkpoint(layer, x, cos, sin, retrieval, use_reentrant=False)
+
+        def encoding_layer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            fresh = _Retrieval(retrieval.encoder, retrieval.embedded, retrieval.mask)
+            return layer(x, cos, sin, fresh), fresh.encoded
+
+        x, retrieval.encoded = checkpoint(encoding_layer, x, use_reentrant=False)
+        return x
 
     def _retrieval(
         self, neighbor_tokens: torch.Tensor | None, neighbor_mask: torch.Tensor | None, B: int, n: int

@@ -105,7 +105,16 @@ class TrainerSettings:
     )
     zero_stage: int = field(
         default=0,
-        metadata=_help("DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state), 2 (+ gradients)."),
+        metadata=_help("DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state), 2 (+ gradients), "
+                       "3 (+ the weights themselves, gathered layer by layer as they are used)."),
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata=_help(
+            "Keep only each decoder layer's input during the forward pass and recompute the layer in "
+            "backward: activation memory falls from every layer's intermediates to one layer's, for about "
+            "one more forward pass of compute. Results are the same bit for bit (dropout included)."
+        ),
     )
     peak_flops: float | None = field(
         default=None,
@@ -325,11 +334,8 @@ class TrainConfig:
             raise RetroRayError(
                 f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}; use bf16 on GPUs, 32 on CPUs."
             )
-        if t.zero_stage not in (0, 1, 2):
-            raise RetroRayError(
-                f"trainer.zero_stage={t.zero_stage} is not supported; use 0, 1 or 2 (stage 3 shards the "
-                "weights, which a RETRO model of this size does not need)."
-            )
+        if t.zero_stage not in (0, 1, 2, 3):
+            raise RetroRayError(f"trainer.zero_stage={t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
         if t.limit_val_batches is not None and t.limit_val_batches < 0:
             raise RetroRayError(f"trainer.limit_val_batches={t.limit_val_batches} must be >= 0, or empty for all.")
         if t.gradient_clip_val < 0:

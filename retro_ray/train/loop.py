@@ -231,6 +231,7 @@ def build_engine(cfg: TrainConfig, model_cfg: RetroConfig, world_size: int, on_g
     t0 = time.perf_counter()
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (DeepSpeed also broadcasts)
     model = RetroModel(model_cfg)
+    model.activation_checkpointing = cfg.trainer.activation_checkpointing
     if cfg.model.init_from:  # RETRO-fitting: the decoder from the base, CCA outputs at zero, maybe frozen
         from retro_ray.model.retrofit import retrofit
         from retro_ray.train.export import read_base

@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import threading
+import time
 
 import faiss
 import numpy as np
@@ -123,6 +124,19 @@ def test_coarse_lists_assigned_once_equal_merged(ray_cluster, data, index_str, s
         sharded.shutdown()
 
 
+def _kill_once_busy(pid: int, cpu_s: float = 0.05, timeout_s: float = 60.0) -> None:
+    """kill -9 ``pid`` once it has used ``cpu_s`` seconds of CPU from now: an idle shard uses none, so
+    it is then in the middle of the search."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    start = sum(proc.cpu_times()[:2])
+    deadline = time.monotonic() + timeout_s
+    while sum(proc.cpu_times()[:2]) - start < cpu_s and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_killed_shard_restarts_from_saved_file(ray_cluster, data, tmp_path):
     vectors, queries = data
     empty = ix.train_index("Flat", vectors[:10])
@@ -142,12 +156,12 @@ def test_killed_shard_restarts_from_saved_file(ray_cluster, data, tmp_path):
         assert ray.get(sharded.shards[1].info.remote())["pid"] != pid
 
         # kill -9 while a long search is running on the shard
-        many = np.repeat(queries, 2000, axis=0)  # 100k queries: each shard is busy for ~1 s
+        many = np.repeat(queries, 10000, axis=0)  # 500k queries: each shard computes 16-32 GFLOP
         want_many = ix.search(merged_reference(empty, vectors), many, K)[1]
         victim = sharded.shards[0]
         pid = ray.get(victim.info.remote())["pid"]
-        killer = threading.Timer(0.3, os.kill, (pid, signal.SIGKILL))
-        killer.start()
+        killer = threading.Thread(target=_kill_once_busy, args=(pid,))  # not a fixed delay: on a loaded
+        killer.start()  # machine the search may start late, or end before a timer fires
         _, I_many = sharded.search(many, K)
         killer.join()
         np.testing.assert_array_equal(I_many, want_many)

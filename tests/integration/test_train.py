@@ -237,6 +237,38 @@ def test_gpt_baseline_worker_crash_resumes_from_latest_checkpoint(ray_cluster, t
     assert model.encoder is None and not model.retro_layers
 
 
+def test_zero3_resumes_after_a_crash_and_exports_what_zero2_trains(ray_cluster, tmp_path):
+    """ZeRO-3 (the weights themselves sharded over the 2 workers) with activation checkpointing: rank 1
+    dies during step 12, the run resumes from checkpoint 8 (each rank's shard of weights and optimizer
+    state) and ends at step 16. Its export (the fp32 weights gathered from the shards) gives the logits
+    of an uninterrupted ZeRO-2 run without checkpointing, exactly: sharding changes where tensors live
+    and checkpointing when they are computed, not the math."""
+    settings = TWO_WORKERS + ["trainer.max_steps=16", "trainer.checkpoint_interval=8", "trainer.val_check_interval=16",
+                              "trainer.log_every_n_steps=2", "trainer.max_failures=1"]
+    marker = tmp_path / "crashed"
+    factory = CrashOnceFactory(FACTORY, str(marker), rank=1, after_items=11 * 4)
+    z3 = trainer.run(load_train_config("tiny", settings + ["trainer.zero_stage=3", "trainer.activation_checkpointing=true"]),
+                     factory, FACTORY.model_data(), tmp_path / "z3")
+    assert marker.is_file(), "the injected crash did not happen"
+    assert z3.final_step == 16 and z3.restarts == 1
+    records = history(tmp_path / "z3")
+    assert [(r["event"], r["step"]) for r in records if r["kind"] == "event"] == [("start", 0), ("resume", 8)]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(2, 17, 2))
+    assert train_losses(records)[-1] < train_losses(records)[0] - 0.5
+    ckpt = Path(z3.final_checkpoint)
+    assert len(list((ckpt / "global_step16").glob("*optim_states.pt"))) == 2
+    z2 = trainer.run(load_train_config("tiny", settings + ["trainer.zero_stage=2"]), FACTORY, FACTORY.model_data(),
+                     tmp_path / "z2")
+    batch = sample_batch(FACTORY.model_data())
+    logits = {}
+    for name, exp in (("z3", tmp_path / "z3"), ("z2", tmp_path / "z2")):
+        model = load_exported(export(exp, tmp_path / f"{name}.pt"))
+        with torch.no_grad():
+            logits[name] = model(batch["tokens"], batch["neighbor_tokens"], batch["neighbor_mask"]).logits
+    assert z2.final_step == 16 and z2.restarts == 0
+    assert torch.equal(logits["z3"], logits["z2"])
+
+
 def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path):
     cfg = load_train_config("tiny", ["trainer.num_workers=8", "trainer.use_gpu=false", "model.global_batch_size=32"])
     with pytest.raises(RetroRayError, match=r"need 8 CPUs but the Ray cluster has 2 CPUs and 0 GPUs; set "
