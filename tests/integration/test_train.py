@@ -401,8 +401,9 @@ def _gpt_export(path: Path, model_data: dict, seed: int = 7) -> Path:
     return path
 
 
-def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path, monkeypatch):
-    """model.init_from + freeze_decoder under ZeRO-2 with 2 workers: the decoder leaves training bit for bit
+@pytest.mark.parametrize("zero", [2, 3])
+def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path, monkeypatch, zero):
+    """model.init_from + freeze_decoder under ZeRO-2 and ZeRO-3 with 2 workers: the decoder leaves training bit for bit
     the base's, the retrieval part learns, and the export equals the base exactly where it should. The
     base is named by a relative path, as a user types it (the workers run in other directories)."""
     from retro_ray.model.retrofit import is_retrieval_parameter
@@ -412,7 +413,7 @@ def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path, m
     monkeypatch.chdir(tmp_path)
     cfg = load_train_config("retrofit", TWO_WORKERS + [
         "model.init_from=gpt.pt", "trainer.max_steps=12", "trainer.checkpoint_interval=12",
-        "trainer.val_check_interval=12", "trainer.log_every_n_steps=2", "trainer.zero_stage=2",
+        "trainer.val_check_interval=12", "trainer.log_every_n_steps=2", f"trainer.zero_stage={zero}",
         "model.retro.retro_layers=[2,4]", "model.optim.lr=3e-3", "model.optim.sched.warmup_steps=2",
         "model.hidden_dropout=0", "model.attention_dropout=0", "model.ffn_dropout=0"])
     report = trainer.run(cfg, FACTORY, data, tmp_path / "exp")
@@ -428,7 +429,7 @@ def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path, m
     assert all(fit["state_dict"][k].abs().max() > 0 for k in fit["state_dict"] if ".cca.attn.out_proj.weight" in k)
     losses = train_losses(history(tmp_path / "exp"))
     assert losses[-1] < losses[0]  # retrieval of the synthetic data's copies pays at once
-    # resumed for 4 more steps (ZeRO-2 partitions of the trainable part only): still the base's decoder
+    # resumed for 4 more steps (ZeRO partitions of the trainable part only): still the base's decoder
     longer = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=16))
     assert trainer.run(longer, FACTORY, data, tmp_path / "exp", resume=True).final_step == 16
     resumed = read_export(export(tmp_path / "exp", tmp_path / "fit16.pt"))["state_dict"]
