@@ -87,8 +87,10 @@ class Demo:
         if not os.environ.get("RAY_ADDRESS"):
             import ray
 
-            # One cluster for every step (each would otherwise start and stop its own).
-            ray.init(include_dashboard=False, logging_level="WARNING")
+            from retro_ray.runtime import connect
+
+            # One cluster for every step (each would otherwise start and stop its own), on loopback.
+            connect(None, progress=self.progress)
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
             print(f"== local Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
         no_progress = [] if self.progress else ["--no-progress"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,14 @@ def connect(address: str | None = None, progress: bool = True) -> None:
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
+        # "local": a new cluster of this process, even where `ray start` left its address on the machine
+        # (ray.init() with no address would connect to that one). "auto" asks for that one explicitly.
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         if loopback and _ray_reads_every_interface():
             log.warning("ray was imported before %s=0 was set, so this local cluster listens on every interface; "
                         "set it before importing ray to keep the cluster on loopback", LOOPBACK_ONLY_ENV)
         ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-        log.info("connected to Ray at %s", address or "a new local cluster")
+        log.info("connected to Ray at %s", "a new local cluster" if address == "local" else address)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     # One line per operator is enough for a person to follow; the per-task log noise is not.
@@ -80,18 +83,31 @@ def connect(address: str | None = None, progress: bool = True) -> None:
     _SHOW_PROGRESS["on"] = progress
 
 
+def current_node() -> str:
+    """The Ray node id of the calling process (a task, an actor or the driver)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def count_by_node(node_ids) -> dict[str, int]:
+    """How many blocks (or shards) each node ran, for a stage's report: {node id: count}."""
+    return dict(sorted(Counter(node_ids).items()))
+
+
 def _run_block(fn, item: dict, serial_tokenizers: bool) -> dict:
-    """One block task. A task that reserves one CPU runs HF tokenizers on one thread.
+    """One block task; its result gains the ``node_id`` it ran on. A task that reserves one CPU runs HF
+    tokenizers on one thread.
 
     Without that, each of the tasks running side by side would start a rayon thread per core of the
     machine, and they would take turns on the same cores.
     """
     if not serial_tokenizers:
-        return fn(item)
+        return {**fn(item), "node_id": current_node()}
     before = os.environ.get(_TOKENIZERS_PARALLELISM)
     os.environ[_TOKENIZERS_PARALLELISM] = "false"
     try:
-        return fn(item)
+        return {**fn(item), "node_id": current_node()}
     finally:
         if before is None:
             os.environ.pop(_TOKENIZERS_PARALLELISM, None)
@@ -100,7 +116,8 @@ def _run_block(fn, item: dict, serial_tokenizers: bool) -> dict:
 
 
 def run_block_tasks(fn, items: list[dict], num_cpus: float, desc: str) -> list[dict]:
-    """Run ``fn(item) -> dict`` over ``items`` as Ray tasks, one task per item; results in item order.
+    """Run ``fn(item) -> dict`` over ``items`` as Ray tasks, one task per item; results in item order,
+    each with the ``node_id`` of the node that ran it.
 
     Every item is submitted at once (an autoscaling cluster sees the whole backlog) and Ray runs as
     many side by side as the cluster's CPUs allow. The tasks write their own outputs (atomically), so

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,14 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Every test cluster listens on loopback only, as the CLI's local clusters do (retro_ray.runtime).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray's files of this test session in a directory of its own (short: Ray's socket paths must fit 107
+# bytes). Ray's ray.init() without an address connects to the cluster named in <temp>/ray/
+# ray_current_cluster, which `ray start` or another process's test cluster on this machine may have
+# written; here only this session's clusters are found, and this session's are found by no one else.
+_RAY_TMPDIR = None
+if "RAY_TMPDIR" not in os.environ:
+    _RAY_TMPDIR = tempfile.mkdtemp(prefix="rrt-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = _RAY_TMPDIR
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +85,8 @@ def pytest_unconfigure(config):
     have crashed that shutdown with SIGSEGV after the summary was printed, turning a passing run into
     a failing exit status. By now all hooks have run (summary, cache); only finalisation is skipped.
     """
+    if _RAY_TMPDIR is not None:
+        shutil.rmtree(_RAY_TMPDIR, ignore_errors=True)
     if _exit_status is not None:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -43,7 +44,7 @@ from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, tmp_path_for
-from retro_ray.runtime import connect, run_block_tasks
+from retro_ray.runtime import connect, count_by_node, run_block_tasks
 from retro_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -336,7 +337,7 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
     for split in DB_SPLITS:
         project.remove_stale_temporaries(project.db_blocks_dir(split))
     timings: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, Any] = {}
 
     t0 = time.perf_counter()
     plans: dict[str, list[tuple[dict, Path]]] = {}
@@ -358,7 +359,8 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
         connect(address, progress)
         # Fail here, once, with a clear message, rather than in every task.
         load_wordpiece_tokenizer(cfg.embedder.model_dir)
-        run_block_tasks(chunk_block, todo, run_cfg.cpus_per_task, "chunk")
+        counts["blocks_by_node"] = count_by_node(
+            r["node_id"] for r in run_block_tasks(chunk_block, todo, run_cfg.cpus_per_task, "chunk"))
     timings["chunk"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, atomic_write_json
-from retro_ray.runtime import connect
+from retro_ray.runtime import connect, count_by_node, current_node
 
 log = logging.getLogger(__name__)
 STAGE = "embed"
@@ -61,7 +61,7 @@ class EmbedChunks:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from retro_ray.retrieval.chunks import decode_chunks
 
-        out: dict[str, list] = {"block_key": [], "chunks": [], "seconds": [], "precision": []}
+        out: dict[str, list] = {"block_key": [], "chunks": [], "seconds": [], "precision": [], "node_id": []}
         g = self.group
         for key, split, start, end, path in zip(batch["block_key"], batch["split"], batch["start"],
                                                 batch["end"], batch["out"]):
@@ -84,6 +84,7 @@ class EmbedChunks:
             out["chunks"].append(len(rows))
             out["seconds"].append(time.perf_counter() - t0)
             out["precision"].append(self.embedder.precision)
+            out["node_id"].append(current_node())
         return out
 
 
@@ -228,6 +229,7 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
     todo = [it for it in items if not Path(it["out"]).is_file()]
     t0 = time.perf_counter()
     precision = (layout or {}).get("precision")
+    by_node: dict[str, int] = {}
     if todo:
         connect(address, progress)
         pool = actor_pool(run_cfg.num_actors, run_cfg.cpus_per_actor, run_cfg.use_gpu)
@@ -251,6 +253,7 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
             num_gpus=pool["num_gpus"],
         )
         rows = ds.take_all()
+        by_node = count_by_node(r["node_id"] for r in rows)
         got = {r["precision"] for r in rows}
         if got != {precision}:
             raise RetroRayError(f"embed actors ran in {', '.join(sorted(got))} instead of {precision}: a bug, please report it")
@@ -268,6 +271,7 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
         "precision": precision or project.derived().get("embed_precision", "unknown"),
         "batch_size": group,
         "chunks_per_s": round(n_done / seconds, 1) if n_done and seconds > 0 else 0,
+        "blocks_by_node": by_node,
     }
     project.update_derived(embed_dim=dim, embed_precision=counts["precision"])
     report = Report(stage=STAGE, counts=counts, timings={"embed": seconds},

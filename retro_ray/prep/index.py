@@ -30,7 +30,7 @@ from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report
-from retro_ray.runtime import connect
+from retro_ray.runtime import connect, count_by_node
 
 log = logging.getLogger(__name__)
 TRAIN_STAGE, ADD_STAGE = "index-train", "index-add"
@@ -197,6 +197,7 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
     files = shard_paths(project)
     todo = [i for i in range(num_shards) if not files[i].is_file()]
     t0 = time.perf_counter()
+    shards_by_node: dict[str, int] = {}
     if todo:
         connect(address, progress)
         empty_ref = ray.put(_bytes_of(paths["empty"]))
@@ -231,6 +232,7 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
                 t_prev = now
             doing = "saving the shards"
             ray.get([shards[i].save.remote(str(files[i])) for i in todo])
+            shards_by_node = count_by_node(info["node_id"] for info in ray.get([s.info.remote() for s in shards.values()]))
         except ray.exceptions.RayActorError as e:
             raise RetroRayError(
                 f"an IndexShard actor died while {doing} ({str(e).splitlines()[0]}); nothing was marked done: "
@@ -250,7 +252,8 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
         )
     save_index(merged, paths["added"])
     stage_metrics("index").seconds(time.perf_counter() - t_start, step="run")
-    report = Report(stage=ADD_STAGE, counts={"vectors": int(merged.ntotal), "shards": num_shards},
+    report = Report(stage=ADD_STAGE, counts={"vectors": int(merged.ntotal), "shards": num_shards,
+                                             "shards_by_node": shards_by_node},
                     timings={"add": t_add, "merge": time.perf_counter() - t0},
                     outputs=[str(paths["added"]), str(paths["shards"])])
     project.mark_done(report)

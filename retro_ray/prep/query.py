@@ -34,7 +34,7 @@ from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, atomic_write_json
-from retro_ray.runtime import connect
+from retro_ray.runtime import connect, count_by_node, current_node
 
 log = logging.getLogger(__name__)
 STAGE = "query"
@@ -105,7 +105,7 @@ class QueryNeighbors:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from retro_ray.prep.embed import save_npy_atomic
 
-        out: dict[str, list] = {"block_key": [], "chunks": [], "found": []}
+        out: dict[str, list] = {"block_key": [], "chunks": [], "found": [], "node_id": []}
         m = self.cfg.chunk_length
         k_query, k_save = self.cfg.query.num_neighbors_query, self.cfg.query.num_neighbors_save
         for key, split, start, end, path in zip(batch["block_key"], batch["split"], batch["start"],
@@ -143,6 +143,7 @@ class QueryNeighbors:
             out["block_key"].append(str(key))
             out["chunks"].append(len(found_ids))
             out["found"].append(int((neighbors >= 0).sum()))
+            out["node_id"].append(current_node())
         return out
 
 
@@ -235,7 +236,8 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
                 batch_size=1, compute=ActorPoolStrategy(size=size),
                 num_cpus=1 if gpu else run_cfg.cpus_per_actor, num_gpus=1 if gpu else 0,
             )
-            ds.take_all()
+            counts["blocks_by_node"] = count_by_node(r["node_id"] for r in ds.take_all())
+            counts["shards_by_node"] = count_by_node(index.node_ids())
         finally:
             index.shutdown()
     seconds = time.perf_counter() - t0

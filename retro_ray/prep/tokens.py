@@ -29,7 +29,7 @@ from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset, IndexedDatasetWriter
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import SPLITS, Project, Report, atomic_write_json, tmp_path_for
-from retro_ray.runtime import connect, run_block_tasks
+from retro_ray.runtime import connect, count_by_node, run_block_tasks
 from retro_ray.tokenizer import load_tokenizer, load_user_tokenizer, resolve_eod_token, token_dtype, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,8 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
     if todo:
         project.prep_blocks_dir.mkdir(parents=True, exist_ok=True)
         connect(address, progress)
-        run_block_tasks(tokenize_block, todo, run_cfg.cpus_per_task, "tokenize")
+        counts["blocks_by_node"] = count_by_node(
+            r["node_id"] for r in run_block_tasks(tokenize_block, todo, run_cfg.cpus_per_task, "tokenize"))
     timings["tokenize"] = time.perf_counter() - t0
 
     # 5. merge blocks into one token dataset per split

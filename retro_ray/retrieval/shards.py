@@ -216,7 +216,7 @@ class IndexShard:
         return int(self.index.ntotal)
 
     def info(self) -> dict:
-        """Shard number, vector count, dimension, metric, saved path and process id."""
+        """Shard number, vector count, dimension, metric, saved path, process id and Ray node id."""
         return {
             "shard": self.shard,
             "ntotal": int(self.index.ntotal),
@@ -224,6 +224,7 @@ class IndexShard:
             "metric": ix.metric_name(self.index),
             "path": self.path,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
 
@@ -246,7 +247,8 @@ def start_shard(
     Ray never restarts these actors by itself (``max_restarts=0``): a restarted actor would come back
     empty; ``ShardedIndex`` restarts from saved files instead.
     """
-    opts = {"num_cpus": num_cpus, "max_restarts": 0}
+    # SPREAD: on a cluster of several nodes the shards (and the memory they hold) go to different nodes.
+    opts = {"num_cpus": num_cpus, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
     opts.update(actor_options)
     return RemoteIndexShard.options(**opts).remote(
         shard, index_bytes=index_bytes, path=None if path is None else str(path), mmap=mmap
@@ -504,6 +506,10 @@ class ShardedIndex:
                         ) from None
         D, I = ix.merge_topk([r[0] for r in results], [r[1] for r in results], k, metric=self.metric)
         return D, I
+
+    def node_ids(self) -> list[str]:
+        """The Ray node each shard actor runs on, in shard order."""
+        return [info["node_id"] for info in self._get_all([s.info.remote() for s in self.shards], "reading shard info")]
 
     def shutdown(self) -> None:
         """Kill every shard actor."""

@@ -429,8 +429,12 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         # follows the configured one (they differ when a run is resumed with new settings).
         for group in engine.optimizer.param_groups:
             group["lr"] = schedule_lr(start_step, **schedule_params(cfg))
+    from retro_ray.runtime import current_node
+
+    worker_nodes: list = [None] * world  # the Ray node of each rank, in rank order
+    torch.distributed.all_gather_object(worker_nodes, current_node())
     init_record = {"kind": "event", "event": "resume" if checkpoint is not None else "start", "step": start_step,
-                   "world_size": world, "compiled": engine.is_compiled,
+                   "world_size": world, "worker_nodes": worker_nodes, "compiled": engine.is_compiled,
                    "cpu_keeps_freed_memory": keeps_freed_memory, **init_timings,
                    "worker_setup_s": round(time.perf_counter() - t_start, 3), "time": time.time()}
     history.append(init_record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import ray
@@ -129,9 +130,18 @@ def test_a_local_cluster_listens_on_loopback_only(setting):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     if setting is not None:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = setting
-    out = subprocess.run([sys.executable, "-c", _LISTENERS], env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-2000:]
-    ips = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    # Its own session, so that a timeout takes the cluster it started down with it.
+    proc = subprocess.Popen([sys.executable, "-c", _LISTENERS], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, stderr[-2000:]
+    ips = set(json.loads(stdout.strip().splitlines()[-1]))
     loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
     assert len(ips) >= 1
     if setting is None:
