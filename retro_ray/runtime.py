@@ -1,6 +1,6 @@
 """Connecting to Ray, the same way for every stage, and running a stage's blocks as Ray tasks.
 
-``ray.init()`` starts a local cluster when no address is given; ``--address`` or RAY_ADDRESS connects
+With no address, ``ray.init(address="local")`` starts a local cluster; ``--address`` or RAY_ADDRESS connects
 to a running one. A stage never assumes it started Ray: tests and notebooks may have already. A local
 cluster listens on loopback only (``local_cluster_on_loopback``).
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+
+from retro_ray.errors import RetroRayError
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +160,37 @@ def run_block_tasks(fn, items: list[dict], num_cpus: float, desc: str) -> list[d
         raise
     log.info("%s: %d blocks done", desc, len(rows))
     return rows  # type: ignore[return-value]
+
+
+def find_user_error(e: BaseException) -> RetroRayError | None:
+    """A RetroRayError raised in a task, an actor or a Train worker, wherever Ray wrapped it."""
+    seen: set[int] = set()
+    todo: list = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, RetroRayError):
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+        todo += list(getattr(x, "worker_failures", {}).values())
+        todo.append(getattr(x, "controller_failure", None))
+    return None
+
+
+def take_all_or_rerun(ds, stage: str) -> list[dict]:
+    """``ds.take_all()`` for a stage whose blocks are written atomically, one by one: a user error raised
+    in an actor comes back as itself, one line; anything else that ends the run (a node died and Ray ran
+    out of retries, say) becomes one line that says to rerun the stage, which does the missing blocks."""
+    try:
+        return ds.take_all()
+    except Exception as e:  # noqa: BLE001 - every failure gets one line; the blocks written are kept
+        user = find_user_error(e)
+        if user is not None:
+            raise RetroRayError(str(user)) from None
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RetroRayError(
+            f"{stage} stopped: {type(e).__name__}: {first[:300]}; nothing was marked done: rerun "
+            f"`retro-ray {stage}` to finish the missing blocks (the finished ones are kept)"
+        ) from None

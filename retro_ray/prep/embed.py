@@ -32,7 +32,7 @@ from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, atomic_write_json
-from retro_ray.runtime import connect, count_by_node, current_node
+from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun
 
 log = logging.getLogger(__name__)
 STAGE = "embed"
@@ -252,7 +252,7 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
             num_cpus=pool["num_cpus"],
             num_gpus=pool["num_gpus"],
         )
-        rows = ds.take_all()
+        rows = take_all_or_rerun(ds, STAGE)
         by_node = count_by_node(r["node_id"] for r in rows)
         got = {r["precision"] for r in rows}
         if got != {precision}:

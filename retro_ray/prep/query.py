@@ -34,7 +34,7 @@ from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report, atomic_write_json
-from retro_ray.runtime import connect, count_by_node, current_node
+from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun
 
 log = logging.getLogger(__name__)
 STAGE = "query"
@@ -236,7 +236,7 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
                 batch_size=1, compute=ActorPoolStrategy(size=size),
                 num_cpus=1 if gpu else run_cfg.cpus_per_actor, num_gpus=1 if gpu else 0,
             )
-            counts["blocks_by_node"] = count_by_node(r["node_id"] for r in ds.take_all())
+            counts["blocks_by_node"] = count_by_node(r["node_id"] for r in take_all_or_rerun(ds, STAGE))
             counts["shards_by_node"] = count_by_node(index.node_ids())
         finally:
             index.shutdown()

@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ __all__ = ["DEFAULT_SHARD_NUM_CPUS", "IndexShard", "RemoteIndexShard", "ShardedI
            "start_shard"]
 
 DEFAULT_SHARD_NUM_CPUS = 0.25
+# How long a shard that died is tried again when its replacement dies while starting (a dying node).
+RESTART_WINDOW_S = 60.0
 KILL_AFTER_ADDS_ENV = "RETRO_RAY_INDEX_SHARD_KILL_AFTER_ADDS"
 
 PathLike = str | os.PathLike
@@ -280,15 +283,66 @@ class ShardedIndex:
         self._lock = threading.Lock()
         self._coarse_lock = threading.Lock()
         self.timeout_s = timeout_s
-        infos = self._get_all([s.info.remote() for s in self.shards], "reading shard info")
         given = list(paths) if paths is not None else [None] * len(self.shards)
         if len(given) != len(self.shards):
             raise RetroRayError(
                 f"ShardedIndex got {len(self.shards)} shards but {len(given)} paths; pass one path per shard"
             )
+        infos = self._infos_restarting_dead(given)
         self.paths = [str(p) if p is not None else info["path"] for p, info in zip(given, infos)]
         self._record(infos)
         self._coarse = self._shared_coarse()
+
+    def _infos_restarting_dead(self, given: list) -> list[dict]:
+        """Each shard's info; a shard found dead (its node died, say) is restarted from its saved file."""
+        if not any(p is not None and Path(p).is_file() for p in given):
+            return self._get_all([s.info.remote() for s in self.shards], "reading shard info")
+        infos = []
+        for i, shard in enumerate(self.shards):
+            try:
+                infos.append(ray.get(shard.info.remote(), timeout=self.timeout_s))
+                continue
+            except RayTaskError as e:
+                _reraise_user_error(e)
+            except RayActorError as e:
+                if given[i] is None or not Path(given[i]).is_file() or getattr(e, "actor_init_failed", False):
+                    raise RetroRayError(
+                        f"index shard {i} died while reading shard info ({_death_reason(e)}); restart it from its "
+                        "saved file (ShardedIndex.from_paths) or rebuild that shard"
+                    ) from None
+                logger.warning("index shard %d was dead (%s); restarting it from %s", i, _death_reason(e), given[i])
+            except GetTimeoutError:
+                raise RetroRayError(
+                    f"shard {i} did not answer within {self.timeout_s}s while reading shard info; check the actors "
+                    "with `ray status` / `ray list actors` or raise timeout_s"
+                ) from None
+            self.shards[i], _ = self._start_from_file(i, str(given[i]))
+            infos.append(ray.get(self.shards[i].info.remote(), timeout=self.timeout_s))
+        return infos
+
+    def _start_from_file(self, i: int, path: str) -> tuple[Any, int]:
+        """A new actor for shard ``i`` loaded from ``path``, and its vector count.
+
+        When a node dies, Ray takes some seconds to declare it dead and may place the new actor there
+        meanwhile; such an actor dies at once. Try again for a while: a constructor that fails (a
+        corrupt file) fails the same way every time and ends the loop at once.
+        """
+        deadline = time.monotonic() + RESTART_WINDOW_S
+        while True:
+            actor = start_shard(i, path=path, num_cpus=self.num_cpus, mmap=self.mmap)
+            try:
+                return actor, ray.get(actor.ntotal.remote(), timeout=self.timeout_s)
+            except (RayActorError, GetTimeoutError, RayTaskError) as e:
+                init_failed = getattr(e, "actor_init_failed", False) or not isinstance(e, RayActorError)
+                if not init_failed and time.monotonic() < deadline:
+                    logger.warning("index shard %d died again while starting (%s); retrying", i, _death_reason(e))
+                    time.sleep(2.0)
+                    continue
+                why = _death_reason(e) if isinstance(e, RayActorError) else type(e).__name__
+                raise RetroRayError(
+                    f"index shard {i} died and could not be restarted from {path} ({why}); "
+                    "check that file (rebuild the shard if it is corrupt) and the Ray cluster's memory"
+                ) from None
 
     def _shared_coarse(self) -> dict | None:
         """The coarse quantizer every shard has (see the module doc), or ``None`` to search in full."""
@@ -425,15 +479,7 @@ class ShardedIndex:
                 "to restart from; save the shards (ShardedIndex.save) and start again, or rebuild the index"
             )
         logger.warning("index shard %d died (%s); restarting it from %s", i, _death_reason(cause), path)
-        actor = start_shard(i, path=path, num_cpus=self.num_cpus, mmap=self.mmap)
-        try:
-            n = ray.get(actor.ntotal.remote(), timeout=self.timeout_s)
-        except (RayActorError, GetTimeoutError, RayTaskError) as e:
-            why = _death_reason(e) if isinstance(e, RayActorError) else type(e).__name__
-            raise RetroRayError(
-                f"index shard {i} died and could not be restarted from {path} ({why}); "
-                "check that file (rebuild the shard if it is corrupt) and the Ray cluster's memory"
-            ) from None
+        actor, n = self._start_from_file(i, path)
         if n != self.shard_ntotal[i]:
             ray.kill(actor, no_restart=True)
             raise RetroRayError(
@@ -508,8 +554,14 @@ class ShardedIndex:
         return D, I
 
     def node_ids(self) -> list[str]:
-        """The Ray node each shard actor runs on, in shard order."""
-        return [info["node_id"] for info in self._get_all([s.info.remote() for s in self.shards], "reading shard info")]
+        """The Ray node each shard actor runs on, in shard order ("lost" for an actor that died)."""
+        out = []
+        for s in self.shards:
+            try:
+                out.append(ray.get(s.info.remote(), timeout=self.timeout_s)["node_id"])
+            except RayActorError:
+                out.append("lost")
+        return out
 
     def shutdown(self) -> None:
         """Kill every shard actor."""

@@ -358,7 +358,7 @@ def run(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from retro_ray.runtime import connect
+    from retro_ray.runtime import connect, find_user_error
     from retro_ray.train.loop import train_loop_per_worker
 
     connect(address, progress=False)
@@ -393,7 +393,7 @@ def run(
     try:
         result = trainer.fit()
     except Exception as e:
-        user_error = _find_user_error(e)
+        user_error = find_user_error(e)
         if user_error is not None:
             raise RetroRayError(str(user_error)) from e
         raise
@@ -406,25 +406,6 @@ def run(
         raise RuntimeError(f"training finished but no checkpoint was found in {run_dir}")
     return finish(exp_dir, run_dir, ckpt, record, t.max_steps, wall_s=time.perf_counter() - t_start,
                   timings={"fit_s": round(fit_s, 3)})
-
-
-def _find_user_error(e: BaseException) -> BaseException | None:
-    """A RetroRayError raised in a worker, wherever Ray wrapped it."""
-    seen: set[int] = set()
-    todo = [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, RetroRayError):
-            return x
-        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
-        todo += list(getattr(x, "worker_failures", {}).values())
-        controller = getattr(x, "controller_failure", None)
-        if controller is not None:
-            todo.append(controller)
-    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
