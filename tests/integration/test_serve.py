@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -376,6 +377,116 @@ def test_openai_client(app, http):
 
 
 # --------------------------------------------------------------------------------------------------
+# The OpenAI completion fields clients send: stop, seed, user (supported); echo, logprobs,
+# presence_penalty, frequency_penalty (refused by name unless neutral)
+# --------------------------------------------------------------------------------------------------
+
+SAMPLED = {"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 1.3, "seed": 7}
+
+
+def _complete(http, url: str, **body) -> dict:
+    r = http.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stop_string(text: str) -> str:
+    """A word of the text, not at its start, that a stop test can end the text at."""
+    words = [m.group() for m in re.finditer(r"[A-Za-z]{3,}", text) if m.start() > 0]
+    assert words, f"no word to stop at in {text!r}"
+    return words[len(words) // 2]
+
+
+def test_completions_stop_ends_the_text_before_the_stop_string(app, http):
+    full = _complete(http, app, **SAMPLED)["choices"][0]
+    assert full["finish_reason"] == "length"
+    stop = _stop_string(full["text"])
+    want = full["text"][: full["text"].find(stop)]
+    for given in (stop, [stop], ["no such text anywhere", stop]):
+        out = _complete(http, app, **SAMPLED, stop=given)
+        (choice,) = out["choices"]
+        assert choice["text"] == want and stop not in choice["text"]
+        assert choice["finish_reason"] == "stop"
+        assert out["usage"]["completion_tokens"] < SAMPLED["max_tokens"]
+    # A stop string the text never holds changes nothing.
+    assert _complete(http, app, **SAMPLED, stop=["no such text anywhere"])["choices"][0] == full
+
+
+def test_completions_stop_streamed_never_sends_the_stop_string(app, http):
+    full = _complete(http, app, **SAMPLED)["choices"][0]["text"]
+    stop = _stop_string(full)
+    with http.post(f"{app}/v1/completions", stream=True, timeout=120,
+                   json={**SAMPLED, "stop": stop, "stream": True}) as r:
+        assert r.status_code == 200, r.text
+        events = _sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full[: full.find(stop)]
+    assert all(stop not in c["choices"][0]["text"] for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_seed_makes_sampling_reproducible(app, http):
+    a = _complete(http, app, **SAMPLED)["choices"][0]["text"]
+    assert _complete(http, app, **SAMPLED)["choices"][0]["text"] == a
+    assert _complete(http, app, **{**SAMPLED, "seed": 8})["choices"][0]["text"] != a
+    with http.post(f"{app}/v1/completions", stream=True, timeout=120, json={**SAMPLED, "stream": True}) as r:
+        assert "".join(c["choices"][0]["text"] for c in _sse_events(r)[:-1]) == a  # streamed: the same text
+    two = _complete(http, app, **{**SAMPLED, "prompt": [PROMPT, PROMPT]})["choices"]
+    assert [c["text"] for c in two] == [a, a]  # the seed is each prompt's
+
+
+def test_completions_user_is_accepted_and_not_used(app, http):
+    for body in (SAMPLED, {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}):
+        want = _complete(http, app, **body)["choices"]
+        assert _complete(http, app, **body, user="end-user-1234")["choices"] == want
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("echo", True, "echo=true is not supported"),
+    ("logprobs", 0, "logprobs are not supported"),
+    ("logprobs", 5, "logprobs are not supported"),
+    ("presence_penalty", 0.5, r"presence_penalty=0\.5 is not supported; leave it at 0"),
+    ("frequency_penalty", -1.0, r"frequency_penalty=-1\.0 is not supported; leave it at 0"),
+])
+def test_unimplemented_openai_fields_are_refused_by_name(app, http, field, value, message):
+    for stream in (False, True):
+        r = http.post(f"{app}/v1/completions", json={"model": MODEL, "prompt": PROMPT, field: value, "stream": stream},
+                      timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert re.search(message, err["message"]) and err["param"] == field
+        assert err["type"] == "invalid_request_error" and err["code"] == "unsupported_parameter"
+
+
+def test_openai_fields_at_their_neutral_values_are_accepted(app, http):
+    want = _complete(http, app, **SAMPLED)["choices"]
+    neutral = {"echo": False, "logprobs": None, "presence_penalty": 0, "frequency_penalty": 0.0, "user": None,
+               "stop": None, "n": 1, "best_of": 1}
+    assert _complete(http, app, **SAMPLED, **neutral)["choices"] == want
+
+
+def test_openai_client_sends_stop_seed_and_user(app, http):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app}/v1", api_key=TOKEN, max_retries=0)
+    args = {k: v for k, v in SAMPLED.items() if k != "model"}
+    full = client.completions.create(model=MODEL, **args)
+    assert full.choices[0].text == _complete(http, app, **SAMPLED)["choices"][0]["text"]
+    assert client.completions.create(model=MODEL, **args, user="end-user-1234").choices[0].text == full.choices[0].text
+    stop = _stop_string(full.choices[0].text)
+    cut = client.completions.create(model=MODEL, **args, stop=[stop])
+    assert cut.choices[0].text == full.choices[0].text[: full.choices[0].text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, **args, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    for field, value in (("echo", True), ("logprobs", 1), ("presence_penalty", 0.5), ("frequency_penalty", 0.5)):
+        with pytest.raises(openai.BadRequestError, match=f"{field}.* not supported") as e:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **{field: value})
+        assert e.value.param == field
+
+
+# --------------------------------------------------------------------------------------------------
 # Bad input: a 4xx with a message, never a 500, never a dead replica
 # --------------------------------------------------------------------------------------------------
 
@@ -425,6 +536,16 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs are not supported"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": 7}, 400, "stop must be a list of strings"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, r"top_p=0\.0: must be in \(0, 1\]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, r"temperature=-0\.5: must be ≥ 0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ""}, 400, "stop holds an empty string"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", ""]}, 400, "stop holds an empty string"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**64}, 400, f"seed={2**64} is out of range"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 1.5}, 400, "seed: Input should be a valid integer"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "user": 7}, 400, "user: Input should be a valid string"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo=true is not supported"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 2.0}, 400, "presence_penalty=2.0 is not supported"),
+    ("/generate", {"prompt": "x", "end_strings": ["a", ""]}, 400, "end_strings holds an empty string"),
+    ("/generate", {"prompt": "x", "seed": -(2**63) - 1}, 400, "is out of range; give a whole number from -2\\*\\*63"),
     ("/documents", {"documents": []}, 400, "documents is empty"),
     ("/documents", {"documents": [{"title": "t"}]}, 400, "'documents.0.text' is required"),
     ("/documents", {"documents": [{"text": "  "}]}, 400, "a document's text is empty"),
@@ -447,6 +568,17 @@ def test_bad_input_is_a_4xx_with_a_message(app, http, path, body, status, messag
     assert re.search(message, err["message"]), err["message"]
     assert "\n" not in err["message"] and "Traceback" not in err["message"]
     assert err["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_an_error_raised_in_the_generator_replica_keeps_its_fields(app, http):
+    # Refused inside the RetroGenerator deployment (it counts tokens), so it crossed a deployment.
+    for body, message in (({"prompt": "word " * 200}, r"^the prompt is \d+ tokens"),
+                          ({"prompts": ["fine", "word " * 200]}, r"^prompt 1: the prompt is \d+ tokens")):
+        r = http.post(f"{app}/generate", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert re.search(message, err["message"]), err["message"]
+        assert (err["type"], err["code"], err["param"]) == ("invalid_request_error", "context_length_exceeded", "prompt")
 
 
 def test_unknown_route_and_method(app, http):
