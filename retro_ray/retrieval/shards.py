@@ -305,6 +305,8 @@ class ShardedIndex:
             except RayTaskError as e:
                 _reraise_user_error(e)
             except RayActorError as e:
+                if getattr(e, "actor_init_failed", False) and "RetroRayError" in str(e):
+                    raise RetroRayError(f"index shard {i} could not start: {_death_reason(e)}") from None
                 if given[i] is None or not Path(given[i]).is_file() or getattr(e, "actor_init_failed", False):
                     raise RetroRayError(
                         f"index shard {i} died while reading shard info ({_death_reason(e)}); restart it from its "
