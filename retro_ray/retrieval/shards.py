@@ -36,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,39 +288,19 @@ class ShardedIndex:
             raise RetroRayError(
                 f"ShardedIndex got {len(self.shards)} shards but {len(given)} paths; pass one path per shard"
             )
-        infos = self._infos_restarting_dead(given)
+        infos = self._get_all([s.info.remote() for s in self.shards], "reading shard info",
+                              recover=lambda i: self._info_of_restarted(i, given[i]))
         self.paths = [str(p) if p is not None else info["path"] for p, info in zip(given, infos)]
         self._record(infos)
         self._coarse = self._shared_coarse()
 
-    def _infos_restarting_dead(self, given: list) -> list[dict]:
-        """Each shard's info; a shard found dead (its node died, say) is restarted from its saved file."""
-        if not any(p is not None and Path(p).is_file() for p in given):
-            return self._get_all([s.info.remote() for s in self.shards], "reading shard info")
-        infos = []
-        for i, shard in enumerate(self.shards):
-            try:
-                infos.append(ray.get(shard.info.remote(), timeout=self.timeout_s))
-                continue
-            except RayTaskError as e:
-                _reraise_user_error(e)
-            except RayActorError as e:
-                if getattr(e, "actor_init_failed", False) and "RetroRayError" in str(e):
-                    raise RetroRayError(f"index shard {i} could not start: {_death_reason(e)}") from None
-                if given[i] is None or not Path(given[i]).is_file() or getattr(e, "actor_init_failed", False):
-                    raise RetroRayError(
-                        f"index shard {i} died while reading shard info ({_death_reason(e)}); restart it from its "
-                        "saved file (ShardedIndex.from_paths) or rebuild that shard"
-                    ) from None
-                logger.warning("index shard %d was dead (%s); restarting it from %s", i, _death_reason(e), given[i])
-            except GetTimeoutError:
-                raise RetroRayError(
-                    f"shard {i} did not answer within {self.timeout_s}s while reading shard info; check the actors "
-                    "with `ray status` / `ray list actors` or raise timeout_s"
-                ) from None
-            self.shards[i], _ = self._start_from_file(i, str(given[i]))
-            infos.append(ray.get(self.shards[i].info.remote(), timeout=self.timeout_s))
-        return infos
+    def _info_of_restarted(self, i: int, path: PathLike | None) -> dict | None:
+        """Shard ``i`` found dead (its node died, say): restarted from ``path``, its info; None without a file."""
+        if path is None or not Path(path).is_file():
+            return None
+        logger.warning("index shard %d was dead; restarting it from %s", i, path)
+        self.shards[i], _ = self._start_from_file(i, str(path))
+        return ray.get(self.shards[i].info.remote(), timeout=self.timeout_s)
 
     def _start_from_file(self, i: int, path: str) -> tuple[Any, int]:
         """A new actor for shard ``i`` loaded from ``path``, and its vector count.
@@ -399,7 +379,9 @@ class ShardedIndex:
         self.metric = metrics.pop()
         self.shard_ntotal = [int(i["ntotal"]) for i in infos]
 
-    def _get_all(self, refs: list, what: str) -> list:
+    def _get_all(self, refs: list, what: str, recover: Callable[[int], Any] | None = None) -> list:
+        """Every result, or one clear error; ``recover(i)``, where given, replaces the result of shard ``i``
+        whose actor died (not one whose constructor failed) unless it returns None."""
         try:
             return ray.get(refs, timeout=self.timeout_s)
         except GetTimeoutError:
@@ -419,6 +401,11 @@ class ShardedIndex:
                 reason = _death_reason(e)
                 if getattr(e, "actor_init_failed", False) and "RetroRayError" in str(e):
                     raise RetroRayError(f"index shard {i} could not start: {reason}") from None
+                if recover is not None and not getattr(e, "actor_init_failed", False):
+                    value = recover(i)
+                    if value is not None:
+                        out.append(value)
+                        continue
                 raise RetroRayError(
                     f"index shard {i} died while {what} ({reason}); restart it from its saved file "
                     "(ShardedIndex.from_paths) or rebuild that shard"
