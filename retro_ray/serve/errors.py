@@ -21,6 +21,8 @@ log = logging.getLogger("retro_ray.serve")
 
 UNAVAILABLE = "the generator is unavailable right now; retry shortly"
 FAILED = "generation failed; see the server log"
+REPLICA_DIED = "the generator replica serving this request died; retry"
+REPLICA_DIED_CODE = "replica_died"
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -56,10 +58,13 @@ def from_deployment_failure(exc: BaseException) -> RequestError:
     """What a failed call to another deployment means for the client.
 
     A ``RequestError`` raised in the replica (wrapped by Ray in ``RayTaskError``) comes back as
-    itself. Any other exception raised there is a bug in the replica: 500. A replica that died or
-    cannot be reached: 503, and the ingress lives on.
+    itself. Any other exception raised there is a bug in the replica: 500. A replica that died under
+    the call (its process killed, its node lost; Serve starts a replacement): 503 with code
+    ``replica_died``, which the ingress retries once where that is safe. Any other failure to reach
+    the generator: 503 ``unavailable``. The ingress lives on in every case.
     """
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError
+    from ray.serve.exceptions import ReplicaUnavailableError
 
     cause = exc
     while isinstance(cause, RayTaskError) and cause.cause is not None and cause.cause is not cause:
@@ -69,5 +74,8 @@ def from_deployment_failure(exc: BaseException) -> RequestError:
     if isinstance(exc, RayTaskError):
         log.error("generator call failed: %s", str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
         return RequestError(FAILED, 500)
+    if isinstance(exc, (RayActorError, ReplicaUnavailableError)):
+        log.warning("generator replica died under a call: %s", type(exc).__name__)
+        return RequestError(REPLICA_DIED, 503, code=REPLICA_DIED_CODE)
     log.warning("generator call failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return RequestError(UNAVAILABLE, 503, code="unavailable")

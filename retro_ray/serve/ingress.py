@@ -11,7 +11,8 @@ late-bound ingress), so the auth middleware reads the token from the app it guar
 (``app.state.auth``), not from a module global.
 
 Errors: anything refused raises ``RequestError`` (errors.py), here or in the generator replica.
-``_ask`` is where a failed generator call becomes one (``from_deployment_failure``), and
+``_ask`` is where a failed generator call becomes one (``from_deployment_failure``; a call whose
+generator replica died under it is made once more where that is safe, else it is a 503), and
 ``error_response`` is the one place a RequestError becomes an HTTP answer: the RequestError
 exception handler calls it; the handlers for FastAPI's own exceptions (validation, unknown route,
 a bug) only turn those into a RequestError first.
@@ -39,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retro_ray import config as C
 from retro_ray.serve.config import ServeConfig
-from retro_ray.serve.errors import RequestError, error_body, from_deployment_failure
+from retro_ray.serve.errors import REPLICA_DIED_CODE, RequestError, error_body, from_deployment_failure
 from retro_ray.serve.generator import RowFailed
 from retro_ray.serve.schemas import (
     CompletionRequest,
@@ -195,22 +196,43 @@ class RetroIngress:
         self.auth = AuthState(token_digest or hash_token(os.environ.get(env)), env)
         self._model: str | None = None
         self._created = int(time.time())
+        # Generator calls whose replica died under them: made again (and answered), or still failed after that.
+        self.stats = {"replica_died_retried": 0, "replica_died_failed": 0}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self)
 
     # ---- helpers ------------------------------------------------------------------------------------
 
-    async def _ask(self, response):
-        """The result of a generator call; its failure as the RequestError it means for the client."""
+    async def _ask(self, response, again=None):
+        """The result of a generator call; its failure as the RequestError it means for the client.
+
+        ``again`` (a function that makes the same call anew) is called once when the replica serving
+        the call died under it (killed, its node lost): the callers pass it only for calls that are safe
+        to repeat (a generation has no side effect; adding documents is idempotent, prep/add_docs.py).
+        The handle's router drops a replica that failed a call this way, so the repeat goes to a live one. A
+        call that fails again, or has no ``again``, is a 503 ``replica_died`` the client may retry.
+        """
         try:
             return await response
         except Exception as e:  # noqa: BLE001 -- every failure has a meaning for the client (errors.py)
-            raise from_deployment_failure(e) from None
+            err = from_deployment_failure(e)
+        if err.code == REPLICA_DIED_CODE and again is not None:
+            log.warning("a generator replica died under a call; making it once more")
+            try:
+                result = await again()
+            except Exception as e:  # noqa: BLE001 -- as above
+                err = from_deployment_failure(e)
+            else:
+                self.stats["replica_died_retried"] += 1
+                return result
+        if err.code == REPLICA_DIED_CODE:
+            self.stats["replica_died_failed"] += 1
+        raise err
 
     async def _model_name(self) -> str:
         if self._model is None:
-            self._model = (await self._ask(self.generator.info.remote()))["model"]
+            self._model = (await self._ask(self.generator.info.remote(), self.generator.info.remote))["model"]
         return self._model
 
     def _check_limits(self, body: GenerateRequest | CompletionRequest) -> None:
@@ -244,11 +266,12 @@ class RetroIngress:
             info = await asyncio.wait_for(self.generator.info.remote(), HEALTH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 -- any failure to answer is "not healthy"
             raise RequestError("the generator did not answer", 503, "unavailable") from None
-        return {"status": "ok", "model": info["model"], "generator": info}
+        return {"status": "ok", "model": info["model"], "generator": info, "ingress": dict(self.stats)}
 
     async def generate(self, body: GenerateRequest) -> dict:
         self._check_limits(body)
-        return await self._ask(self.generator.generate.remote(self._specs(body)))
+        specs = self._specs(body)
+        return await self._ask(self.generator.generate.remote(specs), lambda: self.generator.generate.remote(specs))
 
     async def models(self) -> dict:
         return {"object": "list", "data": [ModelCard(id=await self._model_name(), created=self._created).model_dump()]}
@@ -270,7 +293,8 @@ class RetroIngress:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await self._stream_completion(specs, cid, created, name, include_usage)
-        gens = (await self._ask(self.generator.generate.remote(specs)))["generations"]
+        gens = (await self._ask(self.generator.generate.remote(specs),
+                                lambda: self.generator.generate.remote(specs)))["generations"]
         usage = {"prompt_tokens": sum(g["prompt_tokens"] for g in gens), "completion_tokens": sum(len(g["tokens"]) for g in gens)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {"id": cid, "object": "text_completion", "created": created, "model": name, "usage": usage,
@@ -306,6 +330,8 @@ class RetroIngress:
                                 "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
                 finished = True
+            except Exception as e:  # noqa: BLE001 -- the generator failed mid-stream (its replica died): the last event says so
+                yield _sse(from_deployment_failure(e).body())
             finally:
                 if not finished:  # the client disconnected: stop the decode rows it held
                     stream.cancel()
@@ -314,7 +340,9 @@ class RetroIngress:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def documents(self, body: DocumentsRequest) -> dict:
-        return await self._ask(self.generator.add_documents.remote([d.model_dump() for d in body.documents]))
+        records = [d.model_dump() for d in body.documents]
+        return await self._ask(self.generator.add_documents.remote(records),
+                               lambda: self.generator.add_documents.remote(records))
 
 
 # --------------------------------------------------------------------------------------------------

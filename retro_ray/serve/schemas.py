@@ -454,3 +454,5 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
     model: str
     generator: dict = Field(description="The answering generator replica's counters.")
+    ingress: dict = Field(default_factory=dict, description="The ingress replica's counters: generator calls whose "
+                          "replica died under them, made again (replica_died_retried) or answered 503 (replica_died_failed).")

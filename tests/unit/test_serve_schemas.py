@@ -83,3 +83,14 @@ def test_request_error_keeps_its_fields_through_pickle_and_ray():
     bug = RayTaskError("generate", "Traceback ...\nZeroDivisionError: division by zero", ZeroDivisionError("x"))
     assert (from_deployment_failure(bug).status, from_deployment_failure(bug).type) == (500, "server_error")
     assert from_deployment_failure(ConnectionError("actor died")).status == 503
+    # The replica itself died under the call (SIGKILL, node lost): a 503 the ingress may retry once.
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    for died in (ActorDiedError(), ReplicaUnavailableError("r1")):
+        got = from_deployment_failure(died)
+        assert (got.status, got.code, got.type) == (503, "replica_died", "server_error")
+        assert got.message == "the generator replica serving this request died; retry"
+    # ... but a replica whose own call to another actor failed that way is a 500, not a death of its own.
+    inner = RayTaskError("generate", "Traceback ...", ActorDiedError())
+    assert from_deployment_failure(inner.as_instanceof_cause()).status == 500
