@@ -7,9 +7,8 @@ Shapes:
 Why: the logits are the largest tensor of a training step. At batch 8 x 512 tokens and V = 50,304
 they are 4,096 x 50,304 float32 = 824 MB, and the unfused path (F.linear, then F.cross_entropy)
 writes and reads tensors of that size five or more times (logits, log-softmax, its gradient, the
-gradient of the logits), so on a CPU the product runs memory-bound, at about half the speed of a
-plain matmul. Here the rows of the hidden states go through in blocks of R: a block's logits
-[R, V] are made, turned into the block's loss and, in the same pass, its gradients, and dropped.
+gradient of the logits). Here the rows of the hidden states go through in blocks of R: a block's
+logits [R, V] are made, turned into the block's loss and, in the same pass, its gradients, and dropped.
 Backward then only scales the stored gradients by grad_output. The matmuls are the unfused path's
 (2NdV FLOPs forward, twice that for the two gradients), so RetroModel.flops_per_token is unchanged.
 
@@ -47,14 +46,17 @@ import torch
 
 IGNORE_INDEX = -100  # a label that takes no part in the loss (the data pipeline's padding)
 
-# Rows per block. CPU: measured at V = 50,304 on this project's 2-core machine
-# (benchmarks/bench_loss.py --sweep-blocks; benchmarks/README.md): forward + backward of the output
-# layer took within a few % of its best from 128 to 512 rows at d = 256 and d = 768, and got slower
-# from 1,024 rows on, where a block's logits and softmax (2 x 200 KB a row) no longer stay in the
-# caches between the softmax and the two gradient matmuls. 256 keeps a block at 2 x 51 MB.
+# Rows per block. CPU: measured at N = 4,096 rows, V = 50,304, 2 threads, on this project's 2-core
+# machine (AVX-512; 2026-12-05, bench_loss.py --sweep-blocks, benchmarks/README.md): forward +
+# backward of the output layer at d = 256 took 1.23 s unfused, 1.23 / 1.19 / 1.11 / 1.07 s fused in
+# blocks of 128 / 256 / 1,024 / 4,096 rows; at d = 768 2.64 s unfused, 3.37 / 2.93 / 2.66 / 2.58 s.
+# Small blocks make the three matmuls thin (and d_weight is read and written once a block); no
+# block of logits fits a cache at this V anyway (200 KB a row). 1,024 rows is as fast as the unfused
+# path at both widths and keeps a block's logits and softmax at 2 x 206 MB (the unfused path: 824 MB
+# tensors, several at once).
 # CUDA: larger blocks keep the GPU busy; 4,096 rows at V = 50,304 is 0.4 GB of bf16 logits and
 # 0.8 GB of float32 softmax. Not measured (no GPU in this project's test runs).
-BLOCK_ROWS = {"cpu": 256, "cuda": 4096}
+BLOCK_ROWS = {"cpu": 1024, "cuda": 4096}
 DEFAULT_BLOCK_ROWS = 1024  # other devices
 
 _fused = True
