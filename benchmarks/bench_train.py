@@ -19,6 +19,16 @@ What is measured (one run of this script)
                    an encoder half the decoder's width (model.retro.retro_encoder_hidden_size), and
                    a fourth the RETRO-fit of the same model (model.retro.freeze_decoder: only the
                    encoder and CCA train), whose step time is compared with RETRO's.
+    fused loss     (``--compare-unfused``) two more interleaved loops, RETRO and GPT with the output
+                   layer and cross-entropy unfused (``retro_ray.model.loss.fused_loss(False)``: the
+                   whole [B, n, V] logits, then F.cross_entropy, as before issue 19): tokens/s of the
+                   fused loss (the default) over the unfused one, the same model code otherwise.
+    MFU            every loop's achieved FLOP/s (``RetroModel.flops_per_token`` x tokens/s) and its
+                   fraction of the peak. CPU: the peak is measured at the start of the same run, the
+                   best of 20 ``torch.mm`` of two 2048 x 2048 fp32 matrices at the loop's thread count
+                   (``benchlib.matmul_peak_flops``; 1 thread for the interleaved loops and for each
+                   Ray worker, which gets ``trainer.peak_flops`` so the workers log their MFU too).
+                   CUDA: the bf16 dense peak from the table in ``retro_ray.train.loop``.
     dropout masks  (CPU) the plain loop with this project's CPU dropout masks (numpy SFC64,
                    ``retro_ray.model.dropout``) against the same loop drawing them with torch's
                    ``bernoulli_`` (``torch_masks()``), steps interleaved; the demo model's dropouts
@@ -39,8 +49,14 @@ demo config (micro 32, global 64) and the 125M config (12 layers, d=768, seq 204
 copies) and the plain loop (bf16 autocast, fp32 weights), and RETRO vs GPT step time. Both sides
 are torch.compiled there (trainer.compile=auto; the plain loop compiles its model in place).
 
+``--configs cpu50k`` (CPU): issue 19's shape, the demo decoder (6 x 256, FFN 1024, CCA in layers 3
+and 6, K = 2 neighbours of 128 tokens) with 4 heads, sequence 512, vocabulary 50,304 and no dropout.
+One forward of 8 sequences a step, as issue 19 measured it, with the fused / unfused A/B:
+      .venv/bin/python benchmarks/bench_train.py --configs cpu50k --retro-vs-gpt-only --compare-unfused \
+          --micro-batch-size 8 --global-batch-size 8 --warmup 1 --steps 3
+
 Run:  .venv/bin/python benchmarks/bench_train.py [--device cpu|cuda] [--steps 20] [--warmup 5]
-      [--configs demo,125m] [--work-dir DIR] [--retro-vs-gpt-only]
+      [--configs demo,125m,cpu50k] [--work-dir DIR] [--retro-vs-gpt-only] [--compare-unfused]
 The RETRO / GPT ratio at the 125M shape on a CPU (two sequences of 2048 tokens a step; without
 dropout, as gpu_model_bench.py, so that CPU attention takes SDPA's memory-light path: ~8 GB):
       .venv/bin/python benchmarks/bench_train.py --configs 125m --retro-vs-gpt-only --micro-batch-size 1 \
@@ -70,9 +86,11 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import matmul_peak_flops
 
 from retro_ray.allocator import keep_freed_memory
 from retro_ray.model.dropout import torch_masks
+from retro_ray.model.loss import fused_loss
 from retro_ray.model.retro import RetroConfig, RetroModel
 from retro_ray.model.retrofit import freeze_decoder, zero_cca_outputs
 from retro_ray.train import trainer
@@ -83,21 +101,31 @@ from retro_ray.train.synthetic import SyntheticDatasetFactory
 DATA = {  # seq_length, chunk_length, tokenizer vocabulary
     "demo": (256, 64, 8192),
     "125m": (2048, 64, 50257),
+    "cpu50k": (512, 64, 50257),  # vocabulary padded to 50,304
+}
+# Configs that are a shipped YAML plus settings: name -> (YAML, overrides).
+PRESETS = {
+    "cpu50k": ("demo", ["model.num_attention_heads=4", "model.hidden_dropout=0", "model.attention_dropout=0",
+                        "model.ffn_dropout=0", "model.retro.retro_encoder_hidden_dropout=0",
+                        "model.retro.retro_encoder_attention_dropout=0"]),
 }
 # (micro, global) batch sizes on one GPU, unless given on the command line; on CPU the YAML's.
 CUDA_BATCH = {"demo": (32, 64), "125m": (8, 64)}
 
 
 def make_config(name: str, device: str, steps: int, micro: int | None, global_batch: int | None,
-                retro: bool = True, extra: list[str] | None = None) -> TrainConfig:
-    overrides = [
+                retro: bool = True, extra: list[str] | None = None, workers: int = 2) -> TrainConfig:
+    """workers: CPU Ray workers (1 where no Ray run follows, so that one micro-batch can be the
+    whole global batch)."""
+    yaml, preset = PRESETS.get(name, (name, []))
+    overrides = preset + [
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", f"trainer.checkpoint_interval={steps}",
         "trainer.limit_val_batches=0", f"model.optim.sched.warmup_steps={max(1, steps // 10)}",
         f"exp_manager.name=bench_{name}_{'retro' if retro else 'gpt'}",
         "exp_manager.create_tensorboard_logger=false",
     ]
     if device == "cpu":
-        overrides += ["trainer.num_workers=2", "trainer.use_gpu=false", "trainer.precision=32", "trainer.zero_stage=0"]
+        overrides += [f"trainer.num_workers={workers}", "trainer.use_gpu=false", "trainer.precision=32", "trainer.zero_stage=0"]
     else:  # the YAML's ZeRO stage (125m: 1)
         overrides += ["trainer.num_workers=1", "trainer.use_gpu=true", "trainer.precision=bf16"]
         micro = micro or CUDA_BATCH[name][0]
@@ -108,7 +136,7 @@ def make_config(name: str, device: str, steps: int, micro: int | None, global_ba
         overrides.append(f"model.global_batch_size={global_batch}")
     if not retro:
         overrides.append("model.retro.enabled=false")
-    return load_train_config(name, overrides + list(extra or []))
+    return load_train_config(yaml, overrides + list(extra or []))
 
 
 def factory_for(name: str, n_train: int) -> SyntheticDatasetFactory:
@@ -120,7 +148,8 @@ def factory_for(name: str, n_train: int) -> SyntheticDatasetFactory:
 # ------------------------------------------------------------------------------------------------
 # Ray Train + DeepSpeed
 # ------------------------------------------------------------------------------------------------
-def run_ray(cfg: TrainConfig, factory: SyntheticDatasetFactory, warmup: int, work_dir: Path) -> dict:
+def run_ray(cfg: TrainConfig, factory: SyntheticDatasetFactory, warmup: int, work_dir: Path,
+            flops_per_token: float) -> dict:
     exp_dir = Path(tempfile.mkdtemp(prefix="bench_train_", dir=work_dir))
     t0 = time.perf_counter()
     trainer.run(cfg, factory, factory.model_data(), exp_dir)
@@ -129,9 +158,11 @@ def run_ray(cfg: TrainConfig, factory: SyntheticDatasetFactory, warmup: int, wor
     steps = [r for r in records if r["kind"] == "train" and r["step"] > warmup]
     # log_every_n_steps=1 and no validation / checkpoint inside the timed steps: one record per step,
     # each timed by the workers themselves (rank 0's clock, after the step's gradient all-reduce).
-    out = summarize([r["step_time_s"] for r in steps], cfg.model.global_batch_size * factory.seq_length, None, None)
+    peak = cfg.trainer.peak_flops * cfg.trainer.num_workers if cfg.trainer.peak_flops else None  # all workers
+    out = summarize([r["step_time_s"] for r in steps], cfg.model.global_batch_size * factory.seq_length,
+                    flops_per_token, peak)
     mfu = [r["mfu"] for r in steps if r.get("mfu")]
-    out["mfu"] = statistics.median(mfu) if mfu else None
+    out["mfu_logged_by_workers"] = statistics.median(mfu) if mfu else None
     event = next(r for r in records if r["kind"] == "event")
     out.update(wall_s_including_startup=wall, worker_init={k: v for k, v in event.items() if k.endswith("_s")},
                final_loss=steps[-1]["train_loss"])
@@ -189,16 +220,26 @@ def summarize(step_times: list[float], tokens_per_step: int, flops_per_token: fl
     """Median-based (robust to a busy machine's spikes) and mean-based rates over the timed steps."""
     med, mean = statistics.median(step_times), statistics.fmean(step_times)
     tps = tokens_per_step / med
+    achieved = flops_per_token * tps if flops_per_token else None
     return {"tokens_per_s": tps, "tokens_per_s_mean_based": tokens_per_step / mean, "step_time_s": med,
-            "step_time_s_mean": mean, "timed_steps": len(step_times),
-            "mfu": flops_per_token * tps / peak if (peak and flops_per_token) else None}
+            "step_time_s_mean": mean, "timed_steps": len(step_times), "flops_per_token": flops_per_token,
+            "achieved_flops_per_s": achieved, "peak_flops_per_s": peak,
+            "mfu": achieved / peak if (peak and achieved) else None}
+
+
+def peak_for(device: str, cpu_peaks: dict[int, float], threads: int | None = None) -> float | None:
+    """The MFU denominator: CPU, the matmul peak measured at ``threads`` (default: the current count)
+    in this run; CUDA, the GPU's bf16 dense peak from the table."""
+    if device == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name())
+    return cpu_peaks.get(threads or torch.get_num_threads())
 
 
 def run_plain(cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, warmup: int,
-              device: str) -> dict:
+              device: str, cpu_peaks: dict[int, float]) -> dict:
     loop = PlainLoop(cfg, model_cfg, factory, device)
     times = [loop.step(s) for s in range(cfg.trainer.max_steps)][warmup:]
-    peak = gpu_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
+    peak = peak_for(device, cpu_peaks)
     out = summarize(times, cfg.model.global_batch_size * model_cfg.seq_length, loop.model.flops_per_token(), peak)
     return {**out, "final_loss": loop.loss, "threads": torch.get_num_threads()}
 
@@ -222,31 +263,45 @@ def narrow_encoder(model_cfg: RetroConfig) -> RetroConfig:
 
 
 def run_retro_vs_gpt(cfg: TrainConfig, model_cfg: RetroConfig, gpt_cfg: TrainConfig, gpt_model_cfg: RetroConfig,
-                     factory: SyntheticDatasetFactory, warmup: int, device: str) -> dict:
-    """Three plain loops, their steps interleaved (RETRO step i, RETRO with an encoder of width d/2
-    step i, GPT step i, ...), so that all see the same machine load; the ratios of their median step
-    times to GPT's (CPU: one thread)."""
+                     factory: SyntheticDatasetFactory, warmup: int, device: str, cpu_peaks: dict[int, float],
+                     compare_unfused: bool = False) -> dict:
+    """Four plain loops, their steps interleaved (RETRO step i, RETRO with an encoder of width d/2
+    step i, GPT step i, RETRO-fit step i), so that all see the same machine load; the ratios of their
+    median step times to GPT's (CPU: one thread). compare_unfused: two more, RETRO and GPT with the
+    unfused output layer and loss (fused_loss(False)), and the fused / unfused tokens/s ratios."""
     retro = PlainLoop(cfg, model_cfg, factory, device)
     narrow = PlainLoop(cfg, narrow_encoder(model_cfg), factory, device)
     gpt = PlainLoop(gpt_cfg, gpt_model_cfg, factory, device)
     fit = PlainLoop(cfg, dataclasses.replace(model_cfg, retro=dataclasses.replace(model_cfg.retro, freeze_decoder=True)),
                     factory, device)
+    loops = [retro, narrow, gpt, fit]
+    contexts: list = [contextlib.nullcontext] * 4
+    if compare_unfused:
+        loops += [PlainLoop(cfg, model_cfg, factory, device), PlainLoop(gpt_cfg, gpt_model_cfg, factory, device)]
+        contexts += [lambda: fused_loss(False)] * 2
     threads = torch.get_num_threads()
     if device == "cpu":
         # One intra-op thread, as in each Ray worker: a ratio does not need both cores, and a single
         # thread does not stall on OpenMP barriers when the machine is shared.
         torch.set_num_threads(1)
     try:
-        rt, nt, gt, ft = interleaved([retro, narrow, gpt, fit], cfg.trainer.max_steps)
+        rt, nt, gt, ft, *unfused = interleaved(loops, cfg.trainer.max_steps, contexts)
+        peak = peak_for(device, cpu_peaks)
     finally:
         torch.set_num_threads(threads)
     tokens = cfg.model.global_batch_size * model_cfg.seq_length
-    peak = gpu_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
-    return {"retro": summarize(rt[warmup:], tokens, retro.model.flops_per_token(), peak),
-            "retro_narrow_encoder": summarize(nt[warmup:], tokens, narrow.model.flops_per_token(), peak),
-            "narrow_encoder_hidden_size": narrow.model.config.encoder_hidden_size,
-            "gpt": summarize(gt[warmup:], tokens, gpt.model.flops_per_token(), peak),
-            "retrofit": summarize(ft[warmup:], tokens, None, peak)}
+    out = {"retro": summarize(rt[warmup:], tokens, retro.model.flops_per_token(), peak),
+           "retro_narrow_encoder": summarize(nt[warmup:], tokens, narrow.model.flops_per_token(), peak),
+           "narrow_encoder_hidden_size": narrow.model.config.encoder_hidden_size,
+           "gpt": summarize(gt[warmup:], tokens, gpt.model.flops_per_token(), peak),
+           "retrofit": summarize(ft[warmup:], tokens, None, peak)}
+    if compare_unfused:
+        out["retro_unfused_loss"] = summarize(unfused[0][warmup:], tokens, retro.model.flops_per_token(), peak)
+        out["gpt_unfused_loss"] = summarize(unfused[1][warmup:], tokens, gpt.model.flops_per_token(), peak)
+        for m in ("retro", "gpt"):
+            out[f"{m}_fused_vs_unfused_tokens_per_s"] = (out[m]["tokens_per_s"]
+                                                         / out[f"{m}_unfused_loss"]["tokens_per_s"])
+    return out
 
 
 def run_dropout_masks(cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, warmup: int) -> dict:
@@ -269,7 +324,8 @@ def flops_ratio(model_cfg: RetroConfig) -> float:
 
 # ------------------------------------------------------------------------------------------------
 def line(label: str, r: dict) -> None:
-    mfu = f", MFU {r['mfu']:.3f}" if r.get("mfu") else ""
+    mfu = f", {r['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s" if r.get("achieved_flops_per_s") else ""
+    mfu += f", MFU {r['mfu']:.3f}" if r.get("mfu") else ""
     print(f"  {label:<26} {r['tokens_per_s']:10,.0f} tokens/s  (median step {r['step_time_s'] * 1e3:,.0f} ms, "
           f"mean {r['step_time_s_mean'] * 1e3:,.0f} ms{mfu})", flush=True)
 
@@ -277,14 +333,17 @@ def line(label: str, r: dict) -> None:
 def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
     steps = args.warmup + args.steps
     seq, chunk, vocab = DATA[name]
-    cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size, extra=args.override)
+    workers = 1 if args.retro_vs_gpt_only else 2  # CPU: no Ray run, so one micro-batch may be the whole batch
+    cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size, extra=args.override,
+                      workers=workers)
     gpt_cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size, retro=False,
-                          extra=args.override)
+                          extra=args.override, workers=workers)
     factory = factory_for(name, n_train=max(256, steps * cfg.model.global_batch_size))
     model_cfg = resolve_model_config(cfg, seq, chunk, vocab)
     gpt_model_cfg = resolve_model_config(gpt_cfg, seq, chunk, vocab)
     with torch.device("meta"):
-        n_params = RetroModel(model_cfg).num_parameters()
+        meta = RetroModel(model_cfg)
+        n_params, flops_per_token = meta.num_parameters(), meta.flops_per_token()
     print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, seq {seq}, chunk {chunk}, vocab {model_cfg.vocab_size}, "
           f"global batch {cfg.model.global_batch_size}, micro {cfg.model.micro_batch_size}, "
           f"{cfg.trainer.num_workers} worker(s), {cfg.trainer.precision}; {args.warmup} warm-up + {args.steps} timed steps",
@@ -296,19 +355,27 @@ def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
     if not args.retro_vs_gpt_only:
         # plain, then Ray + DeepSpeed, then plain again: the two plain runs bracket the Ray run in
         # time, so a change in the machine's load shows up as a difference between them.
-        out["plain_before"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device)
+        out["plain_before"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device, args.cpu_peaks)
         line("plain pytorch (before)", out["plain_before"])
-        out["ray_deepspeed"] = run_ray(cfg, factory, args.warmup, work_dir)
+        ray_cfg = cfg
+        if args.device == "cpu" and not cfg.trainer.peak_flops:  # each worker runs one intra-op thread
+            ray_cfg = make_config(name, args.device, steps, args.micro_batch_size, args.global_batch_size,
+                                  extra=[*args.override, f"trainer.peak_flops={args.cpu_peaks[1]}"])
+        out["ray_deepspeed"] = run_ray(ray_cfg, factory, args.warmup, work_dir, flops_per_token)
         line("ray + deepspeed", out["ray_deepspeed"])
-        out["plain_after"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device)
+        out["plain_after"] = run_plain(cfg, model_cfg, factory, args.warmup, args.device, args.cpu_peaks)
         line("plain pytorch (after)", out["plain_after"])
         plain_tps = statistics.fmean([out["plain_before"]["tokens_per_s"], out["plain_after"]["tokens_per_s"]])
         out["ray_vs_plain"] = out["ray_deepspeed"]["tokens_per_s"] / plain_tps
-    out["retro_vs_gpt"] = run_retro_vs_gpt(cfg, model_cfg, gpt_cfg, gpt_model_cfg, factory, args.warmup, args.device)
+    out["retro_vs_gpt"] = run_retro_vs_gpt(cfg, model_cfg, gpt_cfg, gpt_model_cfg, factory, args.warmup, args.device,
+                                           args.cpu_peaks, args.compare_unfused)
     line("plain RETRO (interleaved)", out["retro_vs_gpt"]["retro"])
     line(f"  encoder width {out['retro_vs_gpt']['narrow_encoder_hidden_size']}", out["retro_vs_gpt"]["retro_narrow_encoder"])
     line("plain GPT (interleaved)", out["retro_vs_gpt"]["gpt"])
     line("plain RETRO-fit, frozen decoder", out["retro_vs_gpt"]["retrofit"])
+    if args.compare_unfused:
+        line("plain RETRO, unfused loss", out["retro_vs_gpt"]["retro_unfused_loss"])
+        line("plain GPT, unfused loss", out["retro_vs_gpt"]["gpt_unfused_loss"])
     out["retrofit_vs_retro_step_time"] = (out["retro_vs_gpt"]["retrofit"]["step_time_s"]
                                           / out["retro_vs_gpt"]["retro"]["step_time_s"])
     gpt_step = out["retro_vs_gpt"]["gpt"]["step_time_s"]
@@ -331,6 +398,10 @@ def bench_config(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
           f"{out['retro_vs_gpt']['narrow_encoder_hidden_size']})")
     print(f"  ratio RETRO-fit / RETRO step time:    {out['retrofit_vs_retro_step_time']:.2f}x  (goal <= 0.6x at 125M; "
           "frozen decoder: no weight gradients below CCA, no optimizer state for it)")
+    if args.compare_unfused:
+        r = out["retro_vs_gpt"]
+        print(f"  fused / unfused loss, tokens/s:       RETRO {r['retro_fused_vs_unfused_tokens_per_s']:.2f}x, "
+              f"GPT {r['gpt_fused_vs_unfused_tokens_per_s']:.2f}x  (issue 19: >= 1.15x at the cpu50k shape)")
     if "dropout_masks" in out:
         print(f"  speed-up of fast CPU dropout masks:   {out['dropout_masks']['speedup']:.2f}x  (same loop, masks drawn "
               "with torch's bernoulli_ as the baseline)")
@@ -356,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU: leave glibc's allocator as it is, in this process and in the Ray workers "
                          "(trainer.cpu_keep_freed_memory=false); by default both keep freed memory, as the "
                          "workers of retro-ray train do (bench_cpu_allocator.py measures the difference)")
+    ap.add_argument("--compare-unfused", action="store_true",
+                    help="also interleave RETRO and GPT loops with the unfused output layer + loss "
+                         "(retro_ray.model.loss.fused_loss(False)) and print fused / unfused tokens/s")
     ap.add_argument("--retro-vs-gpt-only", action="store_true",
                     help="only the interleaved RETRO / narrow-encoder RETRO / GPT loops (no Ray); e.g. the 125M "
                          "shape on a CPU: --configs 125m --micro-batch-size 1 --global-batch-size 2")
@@ -372,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the plain loops get what the Ray workers get
             keeps_freed_memory = keep_freed_memory()
     configs = (args.configs or ("demo,125m" if args.device == "cuda" else "demo")).split(",")
+    args.cpu_peaks = {}
+    if args.device == "cpu":  # the MFU denominators, measured now: 1 thread (interleaved loops, Ray workers), all
+        for threads in sorted({1, torch.get_num_threads()}):
+            args.cpu_peaks[threads] = matmul_peak_flops(threads)
+            print(f"fp32 matmul peak, {threads} thread(s) (best of 20 torch.mm 2048^3): "
+                  f"{args.cpu_peaks[threads] / 1e9:.1f} GFLOP/s", flush=True)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_train_"))
     work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -387,12 +467,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray.init: {time.perf_counter() - t0:.1f} s (not timed); {ray.cluster_resources()}")
     results = {"device": args.device, "host_cpus": os.cpu_count(),
                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-               "torch": torch.__version__, "keeps_freed_memory": keeps_freed_memory, "runs": []}
+               "torch": torch.__version__, "keeps_freed_memory": keeps_freed_memory,
+               "matmul_peak_flops_by_threads": args.cpu_peaks, "runs": []}
     try:
         for name in configs:
             results["runs"].append(bench_config(name.strip(), args, work_dir))
     finally:
         ray.shutdown()  # a no-op when no cluster was started
+    if args.device == "cpu":  # other work on the machine lowers a measured peak (and so raises the MFU)
+        results["matmul_peak_flops_by_threads_after"] = {t: matmul_peak_flops(t) for t in args.cpu_peaks}
+        print("fp32 matmul peak again at the end: " + ", ".join(
+            f"{t} thread(s) {f / 1e9:.1f} GFLOP/s" for t, f in results["matmul_peak_flops_by_threads_after"].items())
+            + " (the MFUs above use the peaks of the start)")
     path = work_dir / "bench_train.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {path}")

@@ -92,3 +92,27 @@ class BlockWatcher(threading.Thread):
                 if k not in self.seen:
                     self.seen[k] = time.perf_counter() - self.t0
             self.stop.wait(0.05)
+
+
+def matmul_peak_flops(threads: int | None = None, n: int = 2048, repeats: int = 20, dtype=None) -> float:
+    """The machine's matmul FLOP/s as torch reaches it: the best of ``repeats`` torch.mm of two n x n
+    matrices (float32 unless ``dtype``), with ``threads`` intra-op threads (default: the current
+    setting), after one untimed product. The denominator of a CPU MFU, measured in the same run."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n, dtype=dtype or torch.float32)
+        b = torch.randn(n, n, dtype=dtype or torch.float32)
+        out = torch.empty(n, n, dtype=a.dtype)
+        torch.mm(a, b, out=out)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - t0)
+        return 2.0 * n**3 / best
+    finally:
+        torch.set_num_threads(before)

@@ -51,6 +51,10 @@ Design choices:
     * Labels are the next-token targets already aligned with tokens: labels[:, i] is the target for
       logits[:, i] (the data pipeline cuts a (n+1)-token sample into tokens=x[:-1], labels=x[1:]).
       Positions whose label is IGNORE_INDEX (-100) are left out of the mean loss.
+    * With labels, the output layer and the loss are one fused step (model/loss.py) that walks the
+      rows in blocks and never holds the [B, n, V] logits (824 MB at 8 x 512 tokens, V = 50,304):
+      forward(..., labels=) returns the loss and no logits. token_nll() gives per-token losses the
+      same way, for evaluation.
     * Decoder families (config.family), so that pretrained GPT-2 / Llama / Qwen2 weights can be mapped
       in (model/hf.py maps the parameter names; the math matches transformers' modeling code):
         retro  the layout above: LayerNorm, erf GELU, RoPE theta^(-2i/dh), biases everywhere, tied.
@@ -83,8 +87,8 @@ from torch import nn
 
 from retro_ray.errors import RetroRayError
 from retro_ray.model.dropout import Dropout, attention
+from retro_ray.model.loss import IGNORE_INDEX, fused_loss_enabled, linear_cross_entropy
 
-IGNORE_INDEX = -100
 ROPE_BASE = 10000.0
 FAMILIES = ("retro", "gpt2", "llama", "qwen2")
 ROPE_SCALING_KEYS = {
@@ -1179,7 +1183,9 @@ class _LayerSlot(NamedTuple):
 
 
 class RetroOutput(NamedTuple):
-    logits: torch.Tensor  # [B, n, V]
+    # [B, n, V]; None when labels were given: the fused loss never forms the logits whole (call
+    # again without labels for them).
+    logits: torch.Tensor | None
     loss: torch.Tensor | None  # scalar float32 mean cross-entropy, None without labels
 
 
@@ -1245,7 +1251,11 @@ class RetroModel(nn.Module):
         positions: int | torch.Tensor | None = None,  # with a cache: [B] (or one int) position of tokens[:, 0]
         logits_to_keep: int = 0,  # > 0: logits of the last logits_to_keep positions only (0 = all)
     ) -> RetroOutput:
-        """Logits for every position, and the mean loss over labelled positions if labels are given.
+        """Logits for every position; with labels, the mean loss over labelled positions instead.
+
+        With labels the output is RetroOutput(logits=None, loss): the output layer and the
+        cross-entropy run fused, in blocks of rows (model/loss.py), so the [B, n, V] logits are never
+        made. Their gradients are computed in the same pass; the FLOPs are those of the unfused path.
 
         n may be any length; only complete chunks have neighbours (C = n // m), so a trailing
         partial chunk is fine. Neighbours are ignored when retro is disabled, and CCA is skipped when
@@ -1258,6 +1268,55 @@ class RetroModel(nn.Module):
         and then feeding one (or a few) at a time gives the logits of one forward over the whole
         sequence, up to rounding (tests/unit/test_model.py).
         """
+        if logits_to_keep and labels is not None:
+            raise ValueError("labels need every position's logits; leave logits_to_keep at 0")
+        x = self._final_states(tokens, neighbor_tokens, neighbor_mask, cache, positions, logits_to_keep)  # [B, n, d]
+        weight = self._output_weight()  # [V, d]
+        if labels is None:
+            return RetroOutput(F.linear(x, weight), None)  # [B, n, V]
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        if fused_loss_enabled():
+            total = linear_cross_entropy(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1))
+            return RetroOutput(None, total / count)
+        # The unfused reference (loss.fused_loss(False), for A/B runs): the whole logits, then the loss.
+        # Sum / count rather than a plain mean so a batch with no labelled position gives 0, not NaN.
+        logits = F.linear(x, weight)  # [B, n, V]
+        total = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )
+        return RetroOutput(logits, total / count)
+
+    def token_nll(
+        self,
+        tokens: torch.Tensor,  # [B, n] int64
+        labels: torch.Tensor,  # [B, n] int64 next-token targets, IGNORE_INDEX = not scored
+        neighbor_tokens: torch.Tensor | None = None,  # [B, n // m, K, r] int64
+        neighbor_mask: torch.Tensor | None = None,  # [B, n // m, K] bool
+    ) -> torch.Tensor:  # [B, n] float32
+        """Each label's negative log-likelihood (nats), 0 where the label is IGNORE_INDEX; no gradient.
+
+        The loss of forward(..., labels=) token by token, for evaluation: the output layer runs in
+        blocks of rows as there (model/loss.py), so the [B, n, V] logits are never made.
+        """
+        x = self._final_states(tokens, neighbor_tokens, neighbor_mask)  # [B, n, d]
+        nll = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self._output_weight(), labels.reshape(-1),
+                                   reduction="none")  # [B*n]
+        return nll.reshape(labels.shape)
+
+    def _output_weight(self) -> torch.Tensor:  # [V, d]
+        return self.token_embedding.weight if self.lm_head is None else self.lm_head.weight  # tied or lm_head
+
+    def _final_states(
+        self,
+        tokens: torch.Tensor,
+        neighbor_tokens: torch.Tensor | None,
+        neighbor_mask: torch.Tensor | None,
+        cache: RetroCache | None = None,
+        positions: int | torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:  # [B, n, d] (the last logits_to_keep positions if > 0), after the final norm
+        """The decoder up to the output layer: what forward multiplies by the output embedding."""
         B, n = tokens.shape
         if cache is None:
             self._check_positions(n)
@@ -1279,24 +1338,8 @@ class RetroModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x, step.cos, step.sin, cache=step.layer(i))
         if logits_to_keep:
-            if labels is not None:
-                raise ValueError("labels need every position's logits; leave logits_to_keep at 0")
             x = x[:, -logits_to_keep:]
-        x = self.ln_f(x)
-        if self.lm_head is None:
-            logits = F.linear(x, self.token_embedding.weight)  # [B, n, V], tied output embedding
-        else:
-            logits = self.lm_head(x)
-
-        loss = None
-        if labels is not None:
-            # Sum / count rather than a plain mean so a batch with no labelled position gives 0, not NaN.
-            total = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum",
-            )
-            loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return RetroOutput(logits, loss)
+        return self.ln_f(x)
 
     @staticmethod
     def _checkpointed(layer: "DecoderLayer", x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
