@@ -36,6 +36,12 @@ RUN = C.IndexRunConfig(num_shards=SHARDS, cpus_per_shard=0.5, use_gpu="false")
 K, NPROBE = 10, 4
 
 
+def assert_added_everything(rep) -> None:
+    """An index-add report: every vector, every shard; the shards this run filled on this one-node cluster."""
+    assert rep.counts == {"vectors": N, "shards": SHARDS, "shards_by_node": rep.counts["shards_by_node"]}
+    assert len(rep.counts["shards_by_node"]) == 1 and 1 <= sum(rep.counts["shards_by_node"].values()) <= SHARDS
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -79,7 +85,7 @@ def clean(trained, tmp_path_factory) -> Path:
     """The merged index file of an uninterrupted index-add of the same project."""
     p = copy_of(trained, tmp_path_factory.mktemp("clean"))
     rep = index.run_add(p, RUN, progress=False)
-    assert rep.counts == {"vectors": N, "shards": SHARDS}
+    assert_added_everything(rep)
     return index_paths(p)["added"]
 
 
@@ -129,7 +135,8 @@ def test_kill_9_of_a_shard_mid_add_fails_loudly_and_rerun_completes(trained, cle
 
     # the rerun (no crash point) redoes the missing shards and finishes with the clean build's index
     rep = index.run_add(p, RUN, progress=False)
-    assert not rep.skipped and rep.counts == {"vectors": N, "shards": SHARDS}
+    assert not rep.skipped
+    assert_added_everything(rep)
     assert all(f.is_file() for f in files)
     for f, (lo, hi) in zip(files, shard_ranges(N, SHARDS)):
         assert ix.load_index(f).ntotal == hi - lo
@@ -176,7 +183,7 @@ def test_half_written_shard_is_never_taken_as_complete(trained, clean, vectors, 
     before = files[0].stat()
 
     rep = index.run_add(p, RUN, progress=False)
-    assert rep.counts == {"vectors": N, "shards": SHARDS}
+    assert_added_everything(rep)
     after = files[0].stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # shard 0 was not redone
     assert temporaries(paths["shards"]) == []  # the killed run's temporaries are gone
