@@ -241,8 +241,11 @@ def test_zero3_resumes_after_a_crash_and_exports_what_zero2_trains(ray_cluster, 
     """ZeRO-3 (the weights themselves sharded over the 2 workers) with activation checkpointing: rank 1
     dies during step 12, the run resumes from checkpoint 8 (each rank's shard of weights and optimizer
     state) and ends at step 16. Its export (the fp32 weights gathered from the shards) gives the logits
-    of an uninterrupted ZeRO-2 run without checkpointing, exactly: sharding changes where tensors live
-    and checkpointing when they are computed, not the math."""
+    of an uninterrupted ZeRO-3 run without checkpointing, exactly: a resume and checkpointing change
+    when tensors are computed, not the math. Against ZeRO-2 the logits agree to fp32 rounding only:
+    since the fused output layer + loss (model/loss.py), ZeRO-3's gradient reduction rounds the last
+    bits differently (measured: max |diff| 3e-7 after 4 steps; ZeRO-1, ZeRO-2 and ZeRO-2 with
+    checkpointing give identical bits)."""
     settings = TWO_WORKERS + ["trainer.max_steps=16", "trainer.checkpoint_interval=8", "trainer.val_check_interval=16",
                               "trainer.log_every_n_steps=2", "trainer.max_failures=1"]
     marker = tmp_path / "crashed"
@@ -257,16 +260,19 @@ def test_zero3_resumes_after_a_crash_and_exports_what_zero2_trains(ray_cluster, 
     assert train_losses(records)[-1] < train_losses(records)[0] - 0.5
     ckpt = Path(z3.final_checkpoint)
     assert len(list((ckpt / "global_step16").glob("*optim_states.pt"))) == 2
+    clean = trainer.run(load_train_config("tiny", settings + ["trainer.zero_stage=3"]), FACTORY,
+                        FACTORY.model_data(), tmp_path / "z3-clean")
     z2 = trainer.run(load_train_config("tiny", settings + ["trainer.zero_stage=2"]), FACTORY, FACTORY.model_data(),
                      tmp_path / "z2")
     batch = sample_batch(FACTORY.model_data())
     logits = {}
-    for name, exp in (("z3", tmp_path / "z3"), ("z2", tmp_path / "z2")):
-        model = load_exported(export(exp, tmp_path / f"{name}.pt"))
+    for name in ("z3", "z3-clean", "z2"):
+        model = load_exported(export(tmp_path / name, tmp_path / f"{name}.pt"))
         with torch.no_grad():
             logits[name] = model(batch["tokens"], batch["neighbor_tokens"], batch["neighbor_mask"]).logits
-    assert z2.final_step == 16 and z2.restarts == 0
-    assert torch.equal(logits["z3"], logits["z2"])
+    assert clean.final_step == z2.final_step == 16 and clean.restarts == z2.restarts == 0
+    assert torch.equal(logits["z3"], logits["z3-clean"])
+    torch.testing.assert_close(logits["z3"], logits["z2"], rtol=0, atol=2e-6)
 
 
 def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path):
