@@ -156,6 +156,17 @@ class RetroSettings(BaseModel):
     def _check_min_tokens(cls, v):
         return _at_least("min_tokens_to_generate", v, 0, "")
 
+    # Both requests have top_p and seed (with their own defaults); the ranges are checked once, here.
+    @field_validator("top_p", check_fields=False)
+    @classmethod
+    def _check_top_p(cls, v):
+        return _top_p(v)
+
+    @field_validator("seed", check_fields=False)
+    @classmethod
+    def _check_seed(cls, v):
+        return _seed(v)
+
     def retro_settings(self) -> dict:
         return {k: getattr(self, k) for k in ("top_k", "min_tokens_to_generate", "add_BOS", *RETRO_KEYS)}
 
@@ -194,15 +205,6 @@ class GenerateRequest(RetroSettings):
             raise refuse(f"temperature={v!r}: must be > 0 (use greedy=true for argmax decoding)")
         return v
 
-    @field_validator("top_p")
-    @classmethod
-    def _check_top_p(cls, v):
-        return _top_p(v)
-
-    @field_validator("seed")
-    @classmethod
-    def _check_seed(cls, v):
-        return _seed(v)
 
     @model_validator(mode="after")
     def _one_kind_of_prompt(self):
@@ -337,15 +339,6 @@ class CompletionRequest(RetroSettings):
             raise refuse(f"temperature={v!r}: must be ≥ 0 (0 = greedy decoding)")
         return v
 
-    @field_validator("top_p")
-    @classmethod
-    def _check_top_p(cls, v):
-        return _top_p(v)
-
-    @field_validator("seed")
-    @classmethod
-    def _check_seed(cls, v):
-        return _seed(v)
 
     @field_validator(*UNSUPPORTED)
     @classmethod

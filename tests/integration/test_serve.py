@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import requests
 import yaml
 from ray import serve
@@ -77,16 +76,8 @@ def _wait_healthy(url: str, timeout_s: float = 240.0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def project(cluster, wiki_docs, tmp_path_factory) -> Project:
-    return build_small_project(tmp_path_factory.mktemp("serve"), wiki_docs[:150], cluster)
+def project(serve_cluster, wiki_docs, tmp_path_factory) -> Project:
+    return build_small_project(tmp_path_factory.mktemp("serve"), wiki_docs[:150], serve_cluster)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +86,7 @@ def model(project) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(cluster, project, model, tmp_path_factory) -> str:
+def app(serve_cluster, project, model, tmp_path_factory) -> str:
     """The shipped serve_config.yaml pointed at the test project, with a token, run by `serve run`."""
     cfg = yaml.safe_load(SERVE_CONFIG.read_text())
     port = _free_port()
@@ -107,7 +98,7 @@ def app(cluster, project, model, tmp_path_factory) -> str:
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RETRO_RAY_API_TOKEN"}
     r = subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "--non-blocking", str(path)],
-                       capture_output=True, text=True, env={**env, "RAY_ADDRESS": cluster}, timeout=180)
+                       capture_output=True, text=True, env={**env, "RAY_ADDRESS": serve_cluster}, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(url)

@@ -23,7 +23,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import ray
 import requests
 from ray import serve
 
@@ -47,20 +46,12 @@ CFG = {"app_name": APP, "min_replicas": REPLICAS, "max_replicas": REPLICAS, "max
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    serve.shutdown()
-    ray.shutdown()
+def project(serve_cluster, wiki_docs, tmp_path_factory) -> Project:
+    return build_small_project(tmp_path_factory.mktemp("serve_faults"), wiki_docs[:150], serve_cluster)
 
 
 @pytest.fixture(scope="module")
-def project(cluster, wiki_docs, tmp_path_factory) -> Project:
-    return build_small_project(tmp_path_factory.mktemp("serve_faults"), wiki_docs[:150], cluster)
-
-
-@pytest.fixture(scope="module")
-def url(cluster, project) -> str:
+def url(serve_cluster, project) -> str:
     model = write_random_export(project.root.parent / "model.pt", project)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
