@@ -169,6 +169,18 @@ def load_added(project: Project, state: dict | None = None, attempts: int = 5) -
 # ------------------------------------------------------------------------------------------------
 # Reading chunks
 # ------------------------------------------------------------------------------------------------
+def map_h5_dataset(path: Path, name: str) -> np.ndarray:
+    """Dataset ``name`` of an hdf5 file as a read-only memory map (h5py's contiguous, uncompressed
+    layout, which ``db`` writes), or read whole when it is stored otherwise (chunked or empty)."""
+    with h5py.File(path, "r") as f:
+        dset = f[name]
+        offset = dset.id.get_offset()
+        if offset is None or dset.chunks is not None or dset.compression is not None:
+            return dset[:]
+        shape, dtype = dset.shape, dset.dtype
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
 class _Part:
     """Chunk rows and the tokens they point into: the train database, or the added documents."""
 
@@ -208,11 +220,11 @@ class ChunkDatabase:
         derived = project.derived()
         self.chunk_length = cfg.chunk_length
         self.eod_id = int(derived["eod_id"])
-        with h5py.File(project.merged_db_path(split), "r") as f:
-            self.chunks = f["chunks"][:]                       # uint32 [n, 5]
-            self.doc_offsets = f["doc_offsets"][:]             # uint64 [n_docs, 3]
+        # Mapped, not read: every query actor and generator replica holds a database, and at 2 T tokens
+        # the chunk table alone is 625 GB (20 B a chunk); mapped pages are shared and evictable.
+        self.chunks = map_h5_dataset(project.merged_db_path(split), "chunks")  # uint32 [n, 5]
         self.ds = IndexedDataset(project.token_prefix(split))
-        self.doc_ids = np.load(project.doc_ids_path(split))  # split-local doc → docs.parquet row
+        self.doc_ids = np.load(project.doc_ids_path(split), mmap_mode="r")  # split-local doc → docs.parquet row
         self._train = _Part(self.chunks, self.ds, self.doc_ids, self.eod_id)
         self.n_train = len(self.chunks)
         self.include_added = include_added and split == "train"
