@@ -120,6 +120,12 @@ class Project:
         """Megatron-style prefix of a token dataset: ``<prefix>.bin`` and ``<prefix>.idx``."""
         return self.data_dir / split
 
+    @property
+    def samples_dir(self) -> Path:
+        """Cached sample orders (:class:`retro_ray.samples.GptSamples`), mapped by the query actors and
+        the training workers."""
+        return self.data_dir / "samples"
+
     def doc_ids_path(self, split: str) -> Path:
         """int64 [n_docs_in_split]: the global document id (row of docs.parquet) of each doc."""
         return self.data_dir / f"{split}_doc_ids.npy"

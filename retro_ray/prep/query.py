@@ -76,7 +76,8 @@ def make_samples(project: Project, split: str):
 
     cfg = project.read_config()
     n = cfg.query.train_samples if split == "train" else cfg.query.valid_samples
-    return GptSamples(IndexedDataset(project.token_prefix(split)), cfg.seq_length, n, cfg.seed, split=split)
+    return GptSamples(IndexedDataset(project.token_prefix(split)), cfg.seq_length, n, cfg.seed, split=split,
+                      cache_dir=project.samples_dir)
 
 
 class QueryNeighbors:
@@ -97,7 +98,7 @@ class QueryNeighbors:
         self.retriever = Retriever(self.project, ShardedIndex(shard_handles, shard_files), device=device)
         self.group = samples_per_group(cfg)
         self.samples = {s: make_samples(self.project, s) for s in QUERY_SPLITS}
-        self.doc_ids = {s: np.load(self.project.doc_ids_path(s)) for s in QUERY_SPLITS}
+        self.doc_ids = {s: np.load(self.project.doc_ids_path(s), mmap_mode="r") for s in QUERY_SPLITS}
         self.n_train = self.retriever.db.n_train
         log.info("query actor ready: %.1f s in __init__, %.1f s since its process started", time.perf_counter() - t0,
                  time.time() - _process_start())
@@ -194,8 +195,9 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
     if run_cfg.samples_per_block <= 0:
         raise RetroRayError(f"query.samples_per_block={run_cfg.samples_per_block} must be positive.")
     items, dirs, counts = [], {}, {}
+    project.remove_stale_temporaries(project.samples_dir)
     for split in QUERY_SPLITS:
-        samples = make_samples(project, split)
+        samples = make_samples(project, split)  # writes the sample order the actors then map
         d = neighbor_dir(project, split)
         dirs[split] = str(d.relative_to(project.root))
         d.mkdir(parents=True, exist_ok=True)

@@ -185,21 +185,32 @@ class _Part:
     """Chunk rows and the tokens they point into: the train database, or the added documents."""
 
     def __init__(self, chunks: np.ndarray, ds, doc_ids: np.ndarray, eod_id: int) -> None:
-        from retro_ray.prep.db import text_lengths
-
         self.chunks = chunks
         self.ds = ds
         self.doc_ids = doc_ids
-        self.token0 = (ds.sequence_pointers // ds.dtype.itemsize).astype(np.int64)
-        self.text_len = text_lengths(ds, 0, len(ds), eod_id)
+        self.eod_id = eod_id
+
+    def _doc_tokens(self, doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first token, text length without the trailing end-of-document) of each document in ``doc``.
+
+        Looked up per call rather than kept for every document: a query actor or a generator replica
+        would otherwise hold 16 B a document (32 GB for 2 B documents)."""
+        ds = self.ds
+        token0 = (ds.sequence_pointers[doc] // ds.dtype.itemsize).astype(np.int64)
+        lengths = ds.sequence_lengths[doc].astype(np.int64)
+        if len(ds.bin) == 0 or len(doc) == 0:
+            return token0, lengths
+        last = ds.bin[np.maximum(token0 + lengths - 1, 0)]
+        return token0, lengths - ((lengths > 0) & (last == self.eod_id)).astype(np.int64)
 
     def neighbor_tokens(self, local_ids: np.ndarray, r: int, eod_id: int) -> np.ndarray:
         rows = self.chunks[local_ids].astype(np.int64)
         doc, start = rows[:, 1], rows[:, 2]
-        avail = np.minimum(self.text_len[doc] - start, r)
+        token0, text_len = self._doc_tokens(doc)
+        avail = np.minimum(text_len - start, r)
         pos = np.arange(r, dtype=np.int64)[None, :]
         keep = pos < avail[:, None]
-        idx = np.where(keep, (self.token0[doc] + start)[:, None] + pos, 0)
+        idx = np.where(keep, (token0 + start)[:, None] + pos, 0)
         tokens = self.ds.bin[idx] if len(self.ds.bin) else np.zeros(idx.shape, np.int64)
         return np.where(keep, tokens, eod_id).astype(np.int64)
 
