@@ -65,3 +65,49 @@ def test_too_many_samples_and_too_little_data(ds, tmp_path):
     w.finalize()
     with pytest.raises(RetroRayError, match="fewer than one sample"):
         GptSamples(IndexedDataset(tmp_path / "tiny"), 16, None, seed=1)
+
+
+def _expected_docs(order, lengths, start, end):
+    """The ordered documents whose stream range [s, e) meets [start, end), computed the slow way."""
+    out, s = [], 0
+    for d in order:
+        e = s + int(lengths[d])
+        if s < end and e > start:
+            out.append(int(d))
+        s = e
+    return out
+
+
+@pytest.mark.parametrize("num_samples", [None, 100])  # one epoch, and several
+def test_cached_order_is_mapped_and_gives_the_same_samples(ds, tmp_path, num_samples):
+    dataset, docs = ds
+    lengths = [len(d) for d in docs]
+    plain = GptSamples(dataset, 16, num_samples, seed=3)
+    first = GptSamples(dataset, 16, num_samples, seed=3, cache_dir=tmp_path / "samples")
+    files = list((tmp_path / "samples").iterdir())
+    assert [f.name for f in files] == [f"train_seed3_seq16_epochs{plain.epochs}_docs25_tokens{sum(lengths)}.npy"]
+    again = GptSamples(dataset, 16, num_samples, seed=3, cache_dir=tmp_path / "samples")
+    assert isinstance(again.doc_order, np.memmap)  # read from the file, not recomputed
+    for i in range(len(plain)):
+        a, b, c = plain.span(i), first.span(i), again.span(i)
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.tokens, c.tokens)
+        want = _expected_docs(plain.doc_order, lengths, i * 16, i * 16 + 17)
+        assert a.docs.tolist() == b.docs.tolist() == c.docs.tolist() == want
+
+
+def test_a_cache_of_other_data_is_recomputed_and_an_unwritable_one_skipped(ds, tmp_path, caplog):
+    dataset, _ = ds
+    plain = GptSamples(dataset, 16, None, seed=3)
+    cache = tmp_path / "samples"
+    GptSamples(dataset, 16, None, seed=3, cache_dir=cache)
+    (path,) = cache.iterdir()
+    np.save(path, np.zeros((2, 25), np.int64))  # same name, wrong content (ends at 0 tokens)
+    s = GptSamples(dataset, 16, None, seed=3, cache_dir=cache)
+    assert "does not match the dataset" in caplog.text
+    assert all(np.array_equal(s.tokens(i), plain.tokens(i)) for i in range(len(s)))
+    assert np.load(path)[1, -1] == dataset.num_tokens  # rewritten
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    s = GptSamples(dataset, 16, None, seed=3, cache_dir=blocked / "samples")
+    assert "could not write the sample order cache" in caplog.text
+    assert all(np.array_equal(s.tokens(i), plain.tokens(i)) for i in range(len(s)))
