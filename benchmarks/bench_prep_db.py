@@ -72,8 +72,9 @@ BASELINE_BATCH = 2000  # documents per encode_batch call in the baseline
 # ------------------------------------------------------------------------------------------------
 # corpus and tokenizer
 # ------------------------------------------------------------------------------------------------
-def build_corpus(path: Path, target_mb: float) -> dict:
-    """Write the default corpus, repeated until it holds ``target_mb`` MB of text, as JSONL.
+def build_corpus(path: Path, target_mb: float, copies: int | None = None) -> dict:
+    """Write the default corpus, repeated until it holds ``target_mb`` MB of text (or ``copies``
+    times), as JSONL.
 
     Copy 0 is the corpus as shipped; copy k > 0 prefixes every document with "Copy k." so that no
     document of one copy is an exact duplicate of a document of another.
@@ -81,11 +82,12 @@ def build_corpus(path: Path, target_mb: float) -> dict:
     meta_path = path.with_suffix(".meta.json")
     if path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("target_mb") == target_mb and meta.get("file_bytes") == path.stat().st_size:
+        if (meta.get("target_mb") == target_mb and meta.get("file_bytes") == path.stat().st_size
+                and copies in (None, meta.get("copies"))):
             return meta
     docs = list(iter_raw_documents(C.CorpusConfig(), IngestStats()))
     copy_bytes = sum(len(t.encode("utf-8")) for _, t in docs)
-    copies = max(1, math.ceil(target_mb * MB / copy_bytes))
+    copies = copies or max(1, math.ceil(target_mb * MB / copy_bytes))
     text_bytes = n_docs = 0
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
