@@ -1,5 +1,5 @@
 """Benchmark of trainer.cpu_keep_freed_memory: a CPU training step with glibc's default allocator
-against the same step with freed memory kept in the process (``retro_ray.allocator``).
+against the same step with freed memory kept in the process (``retro_ray.train.cpu_tuning``).
 
 What is measured (one run of this script)
     The plain training loop of bench_train.py (same model, synthetic data, AdamW, clipping), one
@@ -37,7 +37,7 @@ MODES = ("default", "keep")
 
 def child(args: argparse.Namespace) -> None:
     """One side of one round, in a fresh process: prints a JSON line."""
-    from retro_ray.allocator import keep_freed_memory
+    from retro_ray.train.cpu_tuning import keep_freed_memory
 
     kept = keep_freed_memory() if args.child == "keep" else False  # before any tensor exists
     import torch

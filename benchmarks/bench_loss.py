@@ -30,7 +30,7 @@ What one run measures, in this order:
                /proc/self/clear_refs after set-up) and the resident set just before the steps: the
                peak includes the weights, the optimizer's state, torch's own ~0.3 GB; peak - before is
                what the steps added. Like bench_train.py's loops and retro-ray train's CPU workers,
-               every process keeps freed memory in its heap (retro_ray.allocator), so the peak is the
+               every process keeps freed memory in its heap (retro_ray.train.cpu_tuning), so the peak is the
                most the step held at once plus what the heap could not reuse.
   profile      (--profile) torch.profiler over one RETRO step of each path: the ops with the most
                self CPU time.
@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from benchlib import matmul_peak_flops
 
-from retro_ray.allocator import keep_freed_memory
 from retro_ray.model.loss import BLOCK_ROWS, IGNORE_INDEX, fused_loss, linear_cross_entropy
 from retro_ray.model.retro import RetroConfig, RetroModel, RetroSettings
+from retro_ray.train.cpu_tuning import keep_freed_memory
 from retro_ray.train.loop import param_groups
 
 V, SEQ, BATCH, CHUNK, K = 50304, 512, 8, 64, 2

@@ -21,8 +21,9 @@ Part 2: RetroDataset vs the demo model's step (CPU)
     ``RetroDataset(project, "train", num_neighbors=2)`` indexed at random (items/s, and the time to
     fetch + collate one micro-batch of 4), against a forward + backward + grad-clip + AdamW step of
     ``RetroModel`` built from retro_ray/conf/train_demo.yaml with the project's seq/chunk length and
-    vocabulary (padded to a multiple of 64), micro batch 4, dropout on, with torch on 2 threads and
-    on 1 thread (the demo's workers have one CPU each). Goal: data time per step < 5% of the step.
+    vocabulary (padded to a multiple of 64), micro batch 4, dropout on (with the CPU workers' fast
+    masks, cpu_tuning.tune_model), with torch on 2 threads and on 1 thread (the demo's workers have
+    one CPU each). Goal: data time per step < 5% of the step.
 
 Run:  .venv/bin/python benchmarks/bench_query.py [--project runs/demo] [--train-samples 1000]
       [--work-dir /tmp/bench_query]
@@ -248,6 +249,7 @@ def dataset_and_step(project, n_items: int, steps: int, seed: int) -> dict:
 
     from retro_ray.model.retro import RetroModel
     from retro_ray.train.config import load_train_config, resolve_model_config
+    from retro_ray.train.cpu_tuning import tune_model
     from retro_ray.train.dataset import RetroDataset
     from retro_ray.train.loop import collate, param_groups
 
@@ -278,7 +280,7 @@ def dataset_and_step(project, n_items: int, steps: int, seed: int) -> dict:
     for threads in (NUM_CPUS, 1):
         torch.manual_seed(0)
         torch.set_num_threads(threads)
-        model = RetroModel(mcfg).train()
+        model = tune_model(RetroModel(mcfg)).train()  # as retro-ray train's CPU workers
         opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         times = []
         for s in range(steps + 2):

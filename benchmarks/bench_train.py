@@ -30,9 +30,9 @@ What is measured (one run of this script)
                    Ray worker, which gets ``trainer.peak_flops`` so the workers log their MFU too).
                    CUDA: the bf16 dense peak from the table in ``retro_ray.train.loop``.
     dropout masks  (CPU) the plain loop with this project's CPU dropout masks (numpy SFC64,
-                   ``retro_ray.model.dropout``) against the same loop drawing them with torch's
-                   ``bernoulli_`` (``torch_masks()``), steps interleaved; the demo model's dropouts
-                   are the reference's 0.1.
+                   ``retro_ray.train.cpu_tuning.tune_model``, as the trainer's CPU workers) against
+                   the same loop with the model left untuned, drawing them with torch's
+                   ``bernoulli_``, steps interleaved; the demo model's dropouts are the reference's 0.1.
 
 CPU (default): the model of ``train_demo.yaml`` (6 layers, d=256, 8 heads, CCA in layers 3 and 6,
 2 neighbours) at seq_length 256, chunk_length 64, vocabulary 8192, fp32, global batch 8 (micro 4).
@@ -64,7 +64,7 @@ dropout, as gpu_model_bench.py, so that CPU attention takes SDPA's memory-light 
           --override model.attention_dropout=0 --override model.ffn_dropout=0 \
           --override model.retro.retro_encoder_hidden_dropout=0 --override model.retro.retro_encoder_attention_dropout=0
 On CPU both the plain loops (this process) and the Ray workers keep freed memory in the process, as
-``retro-ray train``'s CPU workers do (trainer.cpu_keep_freed_memory; ``retro_ray.allocator``):
+``retro-ray train``'s CPU workers do (trainer.cpu_keep_freed_memory; ``retro_ray.train.cpu_tuning``):
 with glibc's default allocator large freed tensors go back to the system and are faulted in again at
 every step, which at the 125M shape weighs on RETRO more than on GPT (benchmarks/README.md: 1.31-1.42x
 against 1.20x kept). --default-allocator turns that off on both sides.
@@ -88,12 +88,10 @@ from pathlib import Path
 import torch
 from benchlib import matmul_peak_flops
 
-from retro_ray.allocator import keep_freed_memory
-from retro_ray.model.dropout import torch_masks
 from retro_ray.model.loss import fused_loss
 from retro_ray.model.retro import RetroConfig, RetroModel
 from retro_ray.model.retrofit import freeze_decoder, zero_cca_outputs
-from retro_ray.train import trainer
+from retro_ray.train import cpu_tuning, trainer
 from retro_ray.train.config import TrainConfig, load_train_config, lr_at, resolve_model_config
 from retro_ray.train.loop import collate, gpu_peak_flops, param_groups
 from retro_ray.train.synthetic import SyntheticDatasetFactory
@@ -173,9 +171,12 @@ def run_ray(cfg: TrainConfig, factory: SyntheticDatasetFactory, warmup: int, wor
 # The plain single-process loop
 # ------------------------------------------------------------------------------------------------
 class PlainLoop:
-    """One process, no Ray, no DeepSpeed; ``step(i)`` makes optimizer step i and returns its seconds."""
+    """One process, no Ray, no DeepSpeed; ``step(i)`` makes optimizer step i and returns its seconds.
+    On CPU the model gets the CPU workers' fast dropout masks (cpu_tuning.tune_model) unless
+    ``cpu_tuned`` is false (it then draws them with torch's bernoulli_)."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, device: str):
+    def __init__(self, cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, device: str,
+                 cpu_tuned: bool = True):
         self.cfg, self.model_cfg, self.device = cfg, model_cfg, device
         self.dev = torch.device(device)
         torch.manual_seed(cfg.trainer.seed)
@@ -183,6 +184,8 @@ class PlainLoop:
         if model_cfg.retro.enabled and model_cfg.retro.freeze_decoder:  # a RETRO-fit, as model.init_from makes it
             zero_cca_outputs(self.model)
             freeze_decoder(self.model)
+        if device == "cpu" and cpu_tuned:  # as retro-ray train's CPU workers
+            cpu_tuning.tune_model(self.model)
         if device == "cuda":
             self.model.compile()  # in place, as the trainer's trainer.compile=auto does on GPU workers
         o = cfg.model.optim
@@ -307,8 +310,8 @@ def run_retro_vs_gpt(cfg: TrainConfig, model_cfg: RetroConfig, gpt_cfg: TrainCon
 def run_dropout_masks(cfg: TrainConfig, model_cfg: RetroConfig, factory: SyntheticDatasetFactory, warmup: int) -> dict:
     """CPU: two identical plain loops, one drawing dropout masks with torch's bernoulli_, steps
     interleaved so both see the same machine load; the ratio of their median step times."""
-    fast, slow = PlainLoop(cfg, model_cfg, factory, "cpu"), PlainLoop(cfg, model_cfg, factory, "cpu")
-    ft, st = interleaved([fast, slow], cfg.trainer.max_steps, [contextlib.nullcontext, torch_masks])
+    fast, slow = PlainLoop(cfg, model_cfg, factory, "cpu"), PlainLoop(cfg, model_cfg, factory, "cpu", cpu_tuned=False)
+    ft, st = interleaved([fast, slow], cfg.trainer.max_steps)
     tokens = cfg.model.global_batch_size * model_cfg.seq_length
     out = {"fast_masks": summarize(ft[warmup:], tokens, None, None),
            "torch_masks": summarize(st[warmup:], tokens, None, None)}
@@ -444,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.default_allocator:
             args.override.append("trainer.cpu_keep_freed_memory=false")
         else:  # the plain loops get what the Ray workers get
-            keeps_freed_memory = keep_freed_memory()
+            keeps_freed_memory = cpu_tuning.keep_freed_memory()
     configs = (args.configs or ("demo,125m" if args.device == "cuda" else "demo")).split(",")
     args.cpu_peaks = {}
     if args.device == "cpu":  # the MFU denominators, measured now: 1 thread (interleaved loops, Ray workers), all

@@ -288,9 +288,10 @@ class IndexRunConfig:
     use_gpu: str = field(default="auto", metadata=_help("auto | true | false: train the index (k-means) on GPUs."))
     kmeans: str = field(
         default="auto",
+        # Measurements: benchmarks/README.md, section "index-train k-means".
         metadata=_help("auto | faiss | torch: the k-means that trains IVF lists. auto = Faiss's own on GPUs "
-                       "when faiss-gpu is installed, else torch (on a GPU when there is one; on CPUs torch ran "
-                       "1.7-2.5x faster than Faiss, same objective)."),
+                       "when faiss-gpu is installed, else torch (on a GPU when there is one; on CPUs too, where "
+                       "torch's reached the same objective faster than Faiss's)."),
     )
 
 

@@ -23,7 +23,7 @@ class EvalConfig:
     max_samples: int | None = field(
         default=128,
         metadata=_help("Validation samples scored (the first ones of the valid split, seq_length tokens each); "
-                       "empty = all. 128 keeps a ~10M-parameter model at seq 256 near a minute on 2 CPUs."),
+                       "empty = all. The default keeps the evaluation of a small model on CPUs short."),
     )
     batch_size: int = field(default=8, metadata=_help("Samples per forward pass."))
     ks: tuple[int, ...] = field(

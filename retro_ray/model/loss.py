@@ -47,7 +47,7 @@ import torch
 IGNORE_INDEX = -100  # a label that takes no part in the loss (the data pipeline's padding)
 
 # Rows per block. CPU: measured at N = 4,096 rows, V = 50,304, 2 threads, on this project's 2-core
-# machine (AVX-512; 2026-12-05, bench_loss.py --sweep-blocks, benchmarks/README.md): forward +
+# machine (AVX-512; bench_loss.py --sweep-blocks; benchmarks/README.md, "fused output layer"): forward +
 # backward of the output layer at d = 256 took 1.23 s unfused, 1.23 / 1.19 / 1.11 / 1.07 s fused in
 # blocks of 128 / 256 / 1,024 / 4,096 rows; at d = 768 2.64 s unfused, 3.37 / 2.93 / 2.66 / 2.58 s.
 # Small blocks make the three matmuls thin (and d_weight is read and written once a block); no

@@ -71,9 +71,11 @@ Design choices:
       attention keeps all heads (no GQA), as their keys/values are computed once per neighbour set,
       not cached per token. Parameter names stay ours in every family, and the default family's
       are unchanged (no fc_gate, position_embedding or lm_head).
-    * Dropout and attention go through retro_ray/model/dropout.py: on the CPU it draws dropout masks
-      ~10x faster than torch's bernoulli_ (a third of a CPU training step before); elsewhere it is
-      exactly F.dropout and F.scaled_dot_product_attention.
+    * Dropout is nn.Dropout (Dropout below) and every attention calls its module's attention_fn,
+      which is F.scaled_dot_product_attention (sdpa below): the model has torch's own semantics on
+      every device. A trainer may swap in other implementations of the same two (the training loop
+      does on CPU workers, retro_ray/train/cpu_tuning.py: dropout masks drawn with numpy, ~10x faster
+      than torch's bernoulli_, which was a third of a CPU training step).
 """
 
 import dataclasses
@@ -86,7 +88,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from retro_ray.errors import RetroRayError
-from retro_ray.model.dropout import Dropout, attention
 from retro_ray.model.loss import IGNORE_INDEX, fused_loss_enabled, linear_cross_entropy
 
 ROPE_BASE = 10000.0
@@ -621,6 +622,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout (F.dropout); no parameters or buffers, so state dicts are unchanged."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # In eval mode this is the identity: return at once rather than through nn.Module's call
+        # machinery, which an incremental decode step pays ~20 times (~1% of a small model's step).
+        if not self.training:
+            return x
+        return super().__call__(x)
+
+
+def sdpa(
+    q: torch.Tensor,  # [N, h, T, dh]
+    k: torch.Tensor,  # [N, h, S, dh]
+    v: torch.Tensor,  # [N, h, S, dh]
+    mask: torch.Tensor | None = None,  # bool, broadcast to [N, h, T, S]; True = may attend
+    is_causal: bool = False,  # query i sees keys 0..i (T == S)
+    dropout_p: float = 0.0,  # attention dropout, already 0 outside training
+) -> torch.Tensor:  # [N, h, T, dh]
+    """F.scaled_dot_product_attention: the attention_fn of every attention module unless a trainer
+    swaps in another implementation with these semantics (retro_ray/train/cpu_tuning.py)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with RoPE; causal in the decoder, bidirectional in the encoder.
 
@@ -636,6 +661,7 @@ class SelfAttention(nn.Module):
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
         self.dropout = dropout
         self.causal = causal
+        self.attention_fn = sdpa  # (q, k, v, mask, is_causal, dropout_p) -> [N, h, T, dh]; see sdpa
         # q, k, v fused in one projection: rows [h*dh | hk*dh | hk*dh] (HF's q_proj, k_proj, v_proj stacked).
         self.qkv = nn.Linear(hidden_size, (num_heads + 2 * self.kv_heads) * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
@@ -656,7 +682,7 @@ class SelfAttention(nn.Module):
         if self.kv_heads != self.num_heads:  # query head j reads key/value head j // (h / hk)
             k = k.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
-        y = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # [N, h, T, dh]
+        y = self.attention_fn(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # [N, h, T, dh]
         return self.out_proj(y.transpose(1, 2).reshape(N, T, self.num_heads * self.head_dim))
 
     def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -688,6 +714,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
+        self.attention_fn = sdpa  # (q, k, v, mask, is_causal, dropout_p) -> [N, h, T, dh]; see sdpa
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
         inner = num_heads * self.head_dim
         self.q = nn.Linear(hidden_size, inner, bias=qkv_bias)
@@ -722,7 +749,7 @@ class CrossAttention(nn.Module):
             has_keys = key_mask.any(dim=-1)  # [N]
             # Let empty rows see every key (finite softmax), then zero their output below.
             mask = (key_mask | ~has_keys[:, None])[:, None, None, :]  # [N, 1, 1, Tk]
-        y = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
+        y = self.attention_fn(q, k, v, mask, False, self.dropout if self.training else 0.0)
         y = self.out_proj(y.transpose(1, 2).reshape(N, Tq, self.num_heads * self.head_dim))
         if has_keys is not None:
             y = y * has_keys[:, None, None].to(y.dtype)

@@ -55,13 +55,14 @@ class TrainerSettings:
         default="auto",
         metadata=_help("true | false | auto. auto = use GPUs when the Ray cluster has any."),
     )
+    # Measurements behind both defaults: benchmarks/README.md, section "train" (and its "Keeping
+    # freed memory on CPU workers"); the current figures are in README.md, "Performance".
     compile: bool | str = field(
         default="auto",
         metadata=_help(
             "true | false | auto. torch.compile the model inside the DeepSpeed engine (engine.compile; "
-            "weights and checkpoints unchanged). auto = on GPU workers only: on an H100 it took the 125M "
-            "model from 22.5 % to 32.5 % MFU at batch 8; on this project's 2-core CPU it made the demo "
-            "model's step 1.6x slower, after 90 s of compiling."
+            "weights and checkpoints unchanged). auto = on GPU workers only: there it raises MFU, while "
+            "on CPUs inductor's code ran slower than eager, after a long compile."
         ),
     )
     cpu_keep_freed_memory: bool = field(
@@ -69,8 +70,8 @@ class TrainerSettings:
         metadata=_help(
             "CPU workers on Linux (glibc): keep freed memory in the process for the next step instead of "
             "returning large tensors to the system after each use (mallopt mmap/trim thresholds). Saves "
-            "the page faults of mapping them afresh every step; the worker keeps its peak footprint. At the "
-            "125M shape on one CPU thread: steps 1.18x faster for 1.06x the peak memory. No effect on GPU workers."
+            "the page faults of mapping them afresh every step; the worker keeps its peak footprint. The "
+            "larger the model's tensors, the more it saves. No effect on GPU workers."
         ),
     )
     cpus_per_worker: float = field(
@@ -93,7 +94,7 @@ class TrainerSettings:
         default=500,
         metadata=_help(
             "Save a DeepSpeed checkpoint (and report to Ray Train) every this many steps, and after the "
-            "last step. A report costs ~1.5 s, so keep this well above 1."
+            "last step. Each one pauses training to write and report it, so keep this well above 1."
         ),
     )
     log_every_n_steps: int = field(

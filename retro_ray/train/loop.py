@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from retro_ray.allocator import keep_freed_memory
 from retro_ray.errors import RetroRayError
 from retro_ray.model.retro import IGNORE_INDEX, RetroConfig, RetroModel
+from retro_ray.train import cpu_tuning
 from retro_ray.train.config import TrainConfig, schedule_lr, schedule_params
 
 log = logging.getLogger(__name__)
@@ -195,25 +195,6 @@ def peak_flops_per_worker(cfg: TrainConfig, on_gpu: bool) -> float | None:
     return None
 
 
-def disable_deepspeed_cpu_compiles() -> None:
-    """Keep DeepSpeed 0.19 from compiling C++ ops on CPU (minutes on a small machine, measured).
-
-    1. Shared-memory all-reduce op: ``deepspeed.comm``'s TorchBackend builds it with g++ when it wraps
-       the process group (the CPU accelerator's comm backend is gloo unless oneCCL is installed). It
-       only serves DeepSpeed's *inference* all-reduce; training collectives go through
-       torch.distributed (gloo) either way. DeepSpeed builds it only if
-       ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` is true; that dict is probed once
-       per process and edits to it persist, so we mark the op unavailable before
-       ``deepspeed.initialize``. (There is no environment switch for it.)
-    2. FusedAdam: built when the DeepSpeed config names optimizer "AdamW" without ``torch_adam``.
-       We pass a ``torch.optim.AdamW`` instance instead (see :func:`build_engine`), so no config
-       optimizer exists.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def build_engine(cfg: TrainConfig, model_cfg: RetroConfig, world_size: int, on_gpu: bool):
     """RetroModel + torch AdamW + WarmupCosineLR wrapped by ``deepspeed.initialize``; returns
     (engine, timings in seconds: import_deepspeed_s, disable_compiles_s, model_optimizer_s (the first
@@ -226,7 +207,7 @@ def build_engine(cfg: TrainConfig, model_cfg: RetroConfig, world_size: int, on_g
     timings["import_deepspeed_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if not on_gpu:
-        disable_deepspeed_cpu_compiles()
+        cpu_tuning.disable_deepspeed_cpu_compiles()
     timings["disable_compiles_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (DeepSpeed also broadcasts)
@@ -240,6 +221,8 @@ def build_engine(cfg: TrainConfig, model_cfg: RetroConfig, world_size: int, on_g
                                 source=cfg.model.init_from))
     if on_gpu:  # where DeepSpeed will put it; the optimizer is built on the moved parameters
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    else:  # CPU workers: dropout masks drawn with numpy, much faster than torch's bernoulli_ there
+        cpu_tuning.tune_model(model)
     o = cfg.model.optim
     optimizer = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -396,7 +379,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     on_gpu = bool(spec["use_gpu"])
     # Before the model exists, so that every large tensor of training comes from the tuned heap.
-    keeps_freed_memory = not on_gpu and cfg.trainer.cpu_keep_freed_memory and keep_freed_memory()
+    keeps_freed_memory = not on_gpu and cfg.trainer.cpu_keep_freed_memory and cpu_tuning.keep_freed_memory()
     # Must be set before DeepSpeed first looks for an accelerator (deepspeed is imported below).
     os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
     engine, init_timings = build_engine(cfg, model_cfg, world, on_gpu)

@@ -1,6 +1,7 @@
 """Activation checkpointing (trainer.activation_checkpointing) recomputes each decoder layer in backward:
 the loss and every gradient must be those of the plain forward, bit for bit, with dropout on (the
-replay draws the same masks), the encoder run inside the first CCA layer, and a frozen decoder."""
+replay draws the same masks), the encoder run inside the first CCA layer, and a frozen decoder; with the
+fast CPU dropout masks of a CPU training worker (cpu_tuning.tune_model) and with torch's own."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ import torch
 
 from retro_ray.model.retro import RetroConfig, RetroModel
 from retro_ray.model.retrofit import freeze_decoder
+from retro_ray.train.cpu_tuning import tune_model
 
 DROPOUTS = {"hidden_dropout": 0.1, "attention_dropout": 0.1, "ffn_dropout": 0.1}
 
 
-def _model(family: str, retro: bool) -> RetroModel:
+def _model(family: str, retro: bool, tuned: bool = True) -> RetroModel:
     d = RetroConfig.tiny(vocab_size=256, seq_length=128, chunk_length=32).to_dict()
     d.update(DROPOUTS, family=family)
     d["retro"] = {**d["retro"], "enabled": retro, "retro_encoder_hidden_dropout": 0.1,
                   "retro_encoder_attention_dropout": 0.1}
     torch.manual_seed(0)
-    return RetroModel(RetroConfig.from_dict(d)).train()
+    model = RetroModel(RetroConfig.from_dict(d))
+    return (tune_model(model) if tuned else model).train()
 
 
 def _step(model: RetroModel, checkpointing: bool, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -31,10 +34,11 @@ def _step(model: RetroModel, checkpointing: bool, batch) -> tuple[torch.Tensor, 
     return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family,retro,frozen", [("retro", True, False), ("llama", True, False), ("gpt2", False, False),
-                                                 ("retro", True, True)])
-def test_checkpointed_training_step_equals_the_plain_one(family, retro, frozen):
-    model = _model(family, retro)
+@pytest.mark.parametrize("family,retro,frozen,tuned", [("retro", True, False, True), ("llama", True, False, True),
+                                                       ("gpt2", False, False, True), ("retro", True, True, True),
+                                                       ("retro", True, False, False)])
+def test_checkpointed_training_step_equals_the_plain_one(family, retro, frozen, tuned):
+    model = _model(family, retro, tuned)
     if frozen:
         freeze_decoder(model)
     g = torch.Generator().manual_seed(1)

@@ -21,6 +21,7 @@ from retro_ray.model.retro import (
     _Retrieval,
     default_retro_layers,
 )
+from retro_ray.train.cpu_tuning import tune_model
 
 M = 16  # tiny config chunk_length
 N = 64  # tiny config seq_length
@@ -467,9 +468,9 @@ def test_gpt2_small_size_and_flops():
 def test_flops_per_token_is_every_matmul_of_a_training_step(retro):
     """flops_per_token() against torch's own count of one forward + backward pass.
 
-    Train mode with dropout sends CPU attention through dropout.attention's written-out matmuls,
-    which the counter sees (it does not count CPU SDPA kernels); like flops_per_token(), they
-    compute the causal scores in full.
+    Train mode with dropout, tuned as on a CPU training worker (cpu_tuning.tune_model), sends CPU
+    attention through cpu_tuning.attention's written-out matmuls, which the counter sees (it does not
+    count CPU SDPA kernels); like flops_per_token(), they compute the causal scores in full.
     """
     assert_flops_per_token_counts_every_matmul(retro)
 
@@ -494,7 +495,7 @@ def assert_flops_per_token_counts_every_matmul(retro: RetroSettings, **family) -
     torch.manual_seed(0)
     config = RetroConfig(vocab_size=512, num_layers=6, hidden_size=256, ffn_hidden_size=1024,
                          num_attention_heads=4, seq_length=256, chunk_length=32, retro=retro, **family)
-    model = RetroModel(config).train()
+    model = tune_model(RetroModel(config)).train()
     K = retro.retro_num_neighbors
     tokens = torch.randint(0, 512, (2, 256))
     neighbors = torch.randint(0, 512, (2, 256 // 32, K, 64))
