@@ -76,7 +76,7 @@ def rebuild(project: Project, records: list[dict], work: Path) -> tuple[float, d
     import pyarrow.parquet as pq
 
     from retro_ray.cli import run_stage
-    from tests.conftest import write_jsonl
+    from tests.support import write_jsonl
 
     table = pq.read_table(project.docs_path, columns=["title", "text"]).to_pydict()
     corpus = [{"title": a, "text": b} for a, b in zip(table["title"], table["text"])] + records

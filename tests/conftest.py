@@ -1,13 +1,12 @@
-"""Shared fixtures. Integration test modules each start their own local Ray cluster (module scope)."""
+"""Fixtures shared by every test. Integration modules each get a local Ray cluster of their own (module
+scope) from tests/integration/conftest.py; helpers that test modules import live in tests/support.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -48,14 +47,6 @@ def wiki_docs() -> list[tuple[str, str]]:
         if len(docs) == 400:
             break
     return docs
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,55 +1,113 @@
-"""Builders shared by integration tests: a small real project (the whole data pipeline through the
-CLI) and an exported model with random weights that fits it. Real files, a real Ray cluster."""
+"""Helpers shared by test modules and benchmarks (a plain module: test modules import from here, never
+from one another or from a conftest): a small real project (the whole data pipeline through the CLI),
+an exported model with random weights that fits it, JSON-lines files, and the Grafana dashboard's
+metric names. Real files, a real Ray cluster."""
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
 from retro_ray.project import Project
-from tests.conftest import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL_PIPELINE = ["tokenizer.vocab_size=1024", "split=90,10,0", "seq_length=256", "chunk_length=64",
                   "query.num_neighbors_query=20", "query.num_neighbors_save=4", "query.train_samples=60",
                   "index.num_shards=2"]
+SMALL_DOCS = 150  # the small project's corpus: the first 150 documents of the bundled default corpus
 
 
-_built: dict[str, Path] = {}  # (docs, settings) digest -> a finished project, built once per test session
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
 
 
-def build_small_project(root: Path, docs: list[tuple[str, str]], ray_address: str, *extra: str) -> Project:
-    """`retro-ray pipeline` on (title, text) docs into root/proj; returns the finished Project.
+# The Grafana dashboard (tests/unit/test_dashboards.py; tests/integration/test_jobs.py scrapes the same names)
+DASHBOARD = REPO / "dashboards" / "retro_ray.json"
 
-    The first call for given docs and settings runs the pipeline (into a session-wide directory);
-    later calls copy that project (seconds instead of a minute), so modules that change their
-    project (add-docs, serving) still each get their own.
+# PromQL words that are not metric names
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
+             "unless", "inf", "nan"}
+_IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names an expression selects (identifiers that are not functions, keywords or labels)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values)
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range / subquery durations
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana variables
+    names = set()
+    for m in _IDENT.finditer(expr):
+        word = m.group(0)
+        rest = expr[m.end():].lstrip()
+        if rest.startswith("("):  # a function call
+            continue
+        if word.lower() in _KEYWORDS or re.fullmatch(r"\d+(\.\d+)?", word):
+            continue
+        names.add(word)
+    return names
+
+
+def dashboard_panels(dash: dict) -> list[dict]:
+    out = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))  # panels inside collapsed rows
+    return out
+
+
+def dashboard_metric_names(path: Path = DASHBOARD) -> set[str]:
+    """Every metric name any panel of the dashboard queries."""
+    dash = json.loads(path.read_text())
+    names = set()
+    for p in dashboard_panels(dash):
+        for t in p.get("targets", []):
+            names |= promql_metric_names(t["expr"])
+    return names
+
+
+def build_small_project(root: Path, docs: list[tuple[str, str]], ray_address: str | None, *extra: str) -> Project:
+    """`retro-ray pipeline` (SMALL_PIPELINE, then ``extra``) on (title, text) docs into root/proj, the
+    corpus in root/corpus.jsonl; returns the finished Project.
+
+    On the Ray cluster at ``ray_address``; with None the CLI starts a local cluster of its own for the
+    run (as it does for a user who gives no address). The session's shared build is the
+    ``small_project`` fixture (tests/integration/conftest.py); a module that uses it copies it first
+    (copy_project).
     """
-    key = hashlib.sha256(json.dumps([docs, list(extra)]).encode()).hexdigest()[:16]
-    if key not in _built:
-        base = Path(tempfile.mkdtemp(prefix=f"retro-ray-test-project-{key}-"))
-        corpus = write_jsonl(base / "corpus.jsonl", [{"title": t, "text": x} for t, x in docs])
-        cmd = [sys.executable, "-m", "retro_ray.cli", "pipeline", "--project-dir", str(base / "proj"), "--no-progress",
-               f"corpus.path={corpus}", *SMALL_PIPELINE, *extra]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ray_address})
-        assert r.returncode == 0, r.stderr[-3000:]
-        atexit.register(shutil.rmtree, base, ignore_errors=True)
-        _built[key] = base
-    shutil.copytree(_built[key] / "proj", root / "proj")
+    corpus = write_jsonl(root / "corpus.jsonl", [{"title": t, "text": x} for t, x in docs])
+    cmd = [sys.executable, "-m", "retro_ray.cli", "pipeline", "--project-dir", str(root / "proj"), "--no-progress",
+           f"corpus.path={corpus}", *SMALL_PIPELINE, *extra]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return Project(root / "proj")
+
+
+def copy_project(project: Project, root: Path) -> Project:
+    """A copy of a finished project in root/proj, for a module to use (and change) as its own."""
+    shutil.copytree(project.root, root / "proj")
     return Project(root / "proj")
 
 
 def write_random_export(path: Path, project: Project, *, retro: bool = True, seed: int = 0, **model) -> Path:
     """A model.pt (the `retro-ray export` format) with random weights, sized for the project."""
+    import torch
+
     from retro_ray.model.retro import RetroConfig, RetroModel
     from retro_ray.train.export import EXPORT_FORMAT, EXPORT_VERSION
     from retro_ray.train.trainer import project_model_data

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from retro_ray.corpus import normalize_text
 from retro_ray.errors import RetroRayError
@@ -26,19 +25,11 @@ from retro_ray.project import Project
 from retro_ray.retrieval.chunks import added_dir, read_added_state
 from retro_ray.retrieval.index import load_index
 from retro_ray.retrieval.retriever import Retriever
-from tests.conftest import write_jsonl
-from tests.support import build_small_project
+from tests.support import SMALL_DOCS, copy_project, write_jsonl
 
-N_CORPUS = 150
+N_CORPUS = SMALL_DOCS  # the small project's documents: the first SMALL_DOCS of wiki_docs
 # Old chunks' search results must not change: queries whose answers are train chunks.
 OLD_QUERIES = ["a painting by a French artist", "the history of mathematics", "a river in Africa"]
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def _digest(path: Path) -> str:
@@ -54,8 +45,9 @@ def _training_files(project: Project) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def project(ray_address, wiki_docs, tmp_path_factory) -> Project:
-    return build_small_project(tmp_path_factory.mktemp("add_docs"), wiki_docs[:N_CORPUS], ray_address)
+def project(ray_address, small_project, tmp_path_factory) -> Project:
+    """A copy of the session's small project (N_CORPUS documents), for this module to add documents to."""
+    return copy_project(small_project, tmp_path_factory.mktemp("add_docs"))
 
 
 @pytest.fixture(scope="module")

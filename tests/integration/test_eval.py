@@ -12,13 +12,11 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from retro_ray.errors import RetroRayError
@@ -39,21 +37,8 @@ SMALL = EvalConfig(max_samples=6, batch_size=4, ks=(1, 2, 4, 8))
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"  # the Train controller notices the end sooner
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
-
-
-@pytest.fixture(scope="module")
-def project(ray_address, wiki_docs, tmp_path_factory) -> Project:
-    return build_small_project(tmp_path_factory.mktemp("eval"), wiki_docs[:N_CORPUS], ray_address, HOLDOUT)
+def project(train_ray_address, wiki_docs, tmp_path_factory) -> Project:
+    return build_small_project(tmp_path_factory.mktemp("eval"), wiki_docs[:N_CORPUS], train_ray_address, HOLDOUT)
 
 
 def evaluate(project: Project, retro, gpt, cfg: EvalConfig, out: Path, heldout=False) -> dict:
@@ -312,7 +297,7 @@ def test_retrofit_against_its_frozen_base_and_a_hugging_face_baseline(project, m
 
 
 @pytest.fixture(scope="module")
-def trained(project, ray_address, tmp_path_factory) -> Path:
+def trained(project, train_ray_address, tmp_path_factory) -> Path:
     """A real 30-step RETRO run (Ray Train + DeepSpeed, 2 workers) on the project's stage-3 data, validating
     on 8 valid samples (issue 5's real-data training test, and the eval's experiment directory)."""
     from retro_ray.train import trainer

@@ -8,24 +8,16 @@ import subprocess
 import sys
 
 import pytest
-import ray
 
 from retro_ray.serve.generate import GenerationRequest, Generator, InferenceConfig
-from tests.support import build_small_project, write_random_export
+from tests.support import copy_project, write_random_export
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def project(ray_cluster, wiki_docs, tmp_path_factory):
-    return build_small_project(tmp_path_factory.mktemp("generate"), wiki_docs[:150], ray_cluster)
+def project(ray_address, small_project, tmp_path_factory):
+    return copy_project(small_project, tmp_path_factory.mktemp("generate"))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +50,7 @@ def test_retrieval_at_every_chunk_boundary_and_cache_equals_recompute(project, m
     assert hit.retrievals[0].neighbors[0].chunk_id == 5
 
 
-def test_sharded_index_gives_the_same_generation(project, model_pt, ray_cluster):
+def test_sharded_index_gives_the_same_generation(project, model_pt, ray_address):
     cfg = InferenceConfig(tokens_to_generate=70, greedy=True)
     local = Generator.load(model_pt, project.root, index="local").generate([GenerationRequest("The Moon", inference=cfg)])
     sharded = Generator.load(model_pt, project.root, index="sharded").generate([GenerationRequest("The Moon", inference=cfg)])

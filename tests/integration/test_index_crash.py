@@ -20,7 +20,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import ray
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
@@ -43,19 +42,12 @@ def assert_added_everything(rep) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def vectors() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((N, DIM)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, vectors, tmp_path_factory) -> Path:
+def trained(ray_address, vectors, tmp_path_factory) -> Path:
     """A project that has finished embed and index-train (a real index-train run); copy it before use."""
     p = Project(tmp_path_factory.mktemp("index-crash") / "proj")
     p.write_config(C.ProjectConfig(), derived={"chunks_per_split": {"train": N, "valid": 0}, "embed_dim": DIM})

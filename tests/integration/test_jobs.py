@@ -27,8 +27,7 @@ import psutil
 import pytest
 
 from retro_ray import metrics as M
-from tests.conftest import write_jsonl
-from tests.unit.test_dashboards import DASHBOARD, dashboard_metric_names, dashboard_panels, promql_metric_names
+from tests.support import DASHBOARD, dashboard_metric_names, dashboard_panels, promql_metric_names, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = REPO / "jobs" / "submit"

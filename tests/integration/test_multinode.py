@@ -23,8 +23,7 @@ import torch
 
 from retro_ray.cli import STAGE_HELP
 from retro_ray.project import Project
-from tests.conftest import write_jsonl
-from tests.support import SMALL_PIPELINE
+from tests.support import SMALL_PIPELINE, write_jsonl
 
 N_DOCS = 120
 # The files every stage writes (not reports, logs or temporaries, which hold times, node ids and paths).

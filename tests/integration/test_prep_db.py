@@ -14,7 +14,6 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
@@ -22,16 +21,9 @@ from retro_ray.indexed import IndexedDataset
 from retro_ray.prep import db, tokens
 from retro_ray.project import Project
 from retro_ray.tokenizer import load_tokenizer
-from tests.conftest import write_jsonl
+from tests.support import write_jsonl
 
 CHUNK = 64
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def _cfg(corpus: Path, **kw) -> C.ProjectConfig:
 
 
 @pytest.fixture(scope="module")
-def built(ray_cluster, corpus, tmp_path_factory) -> Project:
+def built(ray_address, corpus, tmp_path_factory) -> Project:
     project = Project(tmp_path_factory.mktemp("proj"))
     rep = tokens.run(project, _cfg(corpus), C.PrepRunConfig(docs_per_block=64), progress=False)
     assert rep.counts["documents_kept"] == 400
@@ -144,7 +136,7 @@ def test_rerun_is_a_no_op_and_conflicts_are_refused(built, corpus):
     assert db.run(p, C.DbRunConfig(), {"chunk_length": 64}, progress=False).skipped
 
 
-def test_db_before_prep_and_bad_corpus(tmp_path, ray_cluster):
+def test_db_before_prep_and_bad_corpus(tmp_path, ray_address):
     with pytest.raises(RetroRayError, match="not a retro-ray project"):
         db.run(Project(tmp_path / "new"), progress=False)
     bad = tmp_path / "bad.jsonl"
@@ -193,10 +185,10 @@ def _kill_when_blocks_appear(cmd, blocks_dir: Path, marker: Path, env) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_kill_minus_9_then_rerun_completes_identically(ray_cluster, corpus, built, tmp_path):
+def test_kill_minus_9_then_rerun_completes_identically(ray_address, corpus, built, tmp_path):
     """prep and db killed mid-way, then rerun: outputs byte-identical to an uninterrupted run."""
     p = Project(tmp_path / "killed")
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     overrides = [f"corpus.path={corpus}", "tokenizer.vocab_size=1024", "split=90,10,0", "seq_length=256",
                  f"chunk_length={CHUNK}"]
     cli = [sys.executable, "-m", "retro_ray.cli"]

@@ -12,22 +12,14 @@ import time
 
 import numpy as np
 import pytest
-import ray
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.prep import embed, index, query
 from retro_ray.project import Project
-from tests.conftest import write_jsonl
+from tests.support import write_jsonl
 
 CHUNK, SEQ = 64, 256
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 PIPELINE_OVERRIDES = ["tokenizer.vocab_size=1024", "split=90,10,0", f"seq_length={SEQ}", f"chunk_length={CHUNK}",
@@ -41,14 +33,14 @@ PIPELINE_OVERRIDES = ["tokenizer.vocab_size=1024", "split=90,10,0", f"seq_length
 
 
 @pytest.fixture(scope="module")
-def project(ray_cluster, wiki_docs, tmp_path_factory) -> Project:
+def project(ray_address, wiki_docs, tmp_path_factory) -> Project:
     """The whole data pipeline through the CLI (`retro-ray pipeline`), on the module's Ray cluster."""
     root = tmp_path_factory.mktemp("retrieval")
     corpus = write_jsonl(root / "corpus.jsonl", [{"title": t, "text": x} for t, x in wiki_docs[:250]])
     p = Project(root / "proj")
     cmd = [sys.executable, "-m", "retro_ray.cli", "pipeline", "--project-dir", str(p.root), "--no-progress",
            f"corpus.path={corpus}", *PIPELINE_OVERRIDES]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("prep", "db", "embed", "index-train", "index-add", "query"):
@@ -106,7 +98,7 @@ def test_search_cli_prints_titles(project):
     assert len(lines) == 3 and all("[" in ln and "chunk" in ln for ln in lines)
 
 
-def test_index_before_embed_and_bad_index_string(tmp_path, project, ray_cluster):
+def test_index_before_embed_and_bad_index_string(tmp_path, project, ray_address):
     bare = Project(tmp_path / "bare")
     shutil.copytree(project.root, bare.root, ignore=shutil.ignore_patterns("embeddings", "index", "query"))
     for stage in ("embed", "index-train", "index-add", "query"):
@@ -212,13 +204,13 @@ def test_changed_setting_is_named(queried, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_query_is_deterministic_and_resumes_after_kill(queried, ray_cluster, tmp_path):
+def test_query_is_deterministic_and_resumes_after_kill(queried, ray_address, tmp_path):
     ref = {s: np.concatenate(query.load_neighbors(queried, s)[0]) for s in ("train", "valid")}
     # (the reference was computed with 40 samples a block; the rerun uses 10: ids must not depend on it)
     copy = Project(tmp_path / "again")
     shutil.copytree(queried.root, copy.root, ignore=shutil.ignore_patterns("query"))
     copy.clear_done("query")
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     proc = subprocess.Popen([sys.executable, "-m", "retro_ray.cli", "query", "--project-dir", str(copy.root),
                              "--no-progress", "query.samples_per_block=10"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -235,7 +227,7 @@ def test_query_is_deterministic_and_resumes_after_kill(queried, ray_cluster, tmp
 
 
 @pytest.mark.timeout(900)
-def test_embed_and_query_outputs_do_not_depend_on_block_size_or_actors(queried, ray_cluster, tmp_path):
+def test_embed_and_query_outputs_do_not_depend_on_block_size_or_actors(queried, ray_address, tmp_path):
     """Run settings change how a stage runs, never what it writes: embeddings from blocks of 200 (two
     actors), 77 (one actor) and 333 (two actors), and neighbours from blocks of 40 (one actor), 7 (two
     actors) and 10 (the kill test above) are the same bytes. Groups are cut across block edges here."""

@@ -6,20 +6,12 @@ import os
 import signal
 
 import pytest
-import ray
 
 from retro_ray.errors import RetroRayError
 from retro_ray.runtime import run_block_tasks
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_results_come_back_in_item_order_with_the_task_environment(ray_cluster):
+def test_results_come_back_in_item_order_with_the_task_environment(ray_address):
     def fn(item):  # defined here so that it travels by value
         import time
 
@@ -37,7 +29,7 @@ def test_results_come_back_in_item_order_with_the_task_environment(ray_cluster):
     assert run_block_tasks(fn, [], 1, "test") == []
 
 
-def test_a_user_error_in_a_task_is_raised_as_itself(ray_cluster):
+def test_a_user_error_in_a_task_is_raised_as_itself(ray_address):
     def fn(item):
         if item["block_key"] == 3:
             raise RetroRayError("block 3 is bad; fix it")
@@ -73,7 +65,7 @@ ray.shutdown()
 """
 
 
-def test_the_driver_hides_ray_trains_state_api_warning(ray_cluster):
+def test_the_driver_hides_ray_trains_state_api_warning(ray_address):
     """Ray Train 2.60's placement-group cleaner logs this once a second on a cluster without the
     State API (runtime.hide_known_ray_noise); the driver drops that line and prints the rest. A second
     process, with a cluster of its own, since the setting is read when ray is imported."""

@@ -32,7 +32,7 @@ from retro_ray.project import Project
 from retro_ray.retrieval.chunks import ChunkDatabase
 from retro_ray.serve.app import build_app, serve_main
 from retro_ray.serve.config import ServeConfig
-from tests.support import build_small_project, write_random_export
+from tests.support import copy_project, write_random_export
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "serve_config.yaml"
@@ -76,8 +76,8 @@ def _wait_healthy(url: str, timeout_s: float = 240.0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def project(serve_cluster, wiki_docs, tmp_path_factory) -> Project:
-    return build_small_project(tmp_path_factory.mktemp("serve"), wiki_docs[:150], serve_cluster)
+def project(serve_cluster, small_project, tmp_path_factory) -> Project:
+    return copy_project(small_project, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

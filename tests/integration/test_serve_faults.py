@@ -33,7 +33,7 @@ from retro_ray.retrieval.index import load_index
 from retro_ray.serve.app import serve_main
 from retro_ray.serve.config import ServeConfig
 from retro_ray.serve.errors import REPLICA_DIED
-from tests.support import build_small_project, write_random_export
+from tests.support import copy_project, write_random_export
 
 APP = "faults"
 REPLICAS = 2
@@ -46,8 +46,8 @@ CFG = {"app_name": APP, "min_replicas": REPLICAS, "max_replicas": REPLICAS, "max
 
 
 @pytest.fixture(scope="module")
-def project(serve_cluster, wiki_docs, tmp_path_factory) -> Project:
-    return build_small_project(tmp_path_factory.mktemp("serve_faults"), wiki_docs[:150], serve_cluster)
+def project(serve_cluster, small_project, tmp_path_factory) -> Project:
+    return copy_project(small_project, tmp_path_factory.mktemp("serve_faults"))
 
 
 @pytest.fixture(scope="module")

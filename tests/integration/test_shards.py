@@ -24,13 +24,6 @@ K = 10
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
     return rng.standard_normal((N, DIM)).astype(np.float32), rng.standard_normal((50, DIM)).astype(np.float32)
@@ -58,7 +51,7 @@ def test_index_shard_plain_class(data):
         IndexShard(1)
 
 
-def test_flat_sharded_equals_merged(ray_cluster, data, tmp_path):
+def test_flat_sharded_equals_merged(ray_address, data, tmp_path):
     vectors, queries = data
     empty = ix.train_index("Flat", vectors[:10])
     shards = start_and_fill(empty, vectors)
@@ -78,7 +71,7 @@ def test_flat_sharded_equals_merged(ray_cluster, data, tmp_path):
         sharded.shutdown()
 
 
-def test_ivf_nprobe_per_call(ray_cluster, data):
+def test_ivf_nprobe_per_call(ray_address, data):
     vectors, queries = data
     nlist = 16
     empty = ix.train_index(f"IVF{nlist},Flat", vectors)
@@ -106,7 +99,7 @@ def test_ivf_nprobe_per_call(ray_cluster, data):
 
 @pytest.mark.parametrize("index_str, shared", [("IVF16_HNSW32,Flat", True), ("IVF16,PQ8x4", True),
                                                ("OPQ8_32,IVF16,Flat", False)])
-def test_coarse_lists_assigned_once_equal_merged(ray_cluster, data, index_str, shared):
+def test_coarse_lists_assigned_once_equal_merged(ray_address, data, index_str, shared):
     """Plain IVF shards get their lists from the client's one quantizer search; OPQ falls back to full
     per-shard searches. Either way the results are the merged index's, at every nprobe / efSearch."""
     vectors, queries = data
@@ -137,7 +130,7 @@ def _kill_once_busy(pid: int, cpu_s: float = 0.05, timeout_s: float = 60.0) -> N
     os.kill(pid, signal.SIGKILL)
 
 
-def test_killed_shard_restarts_from_saved_file(ray_cluster, data, tmp_path):
+def test_killed_shard_restarts_from_saved_file(ray_address, data, tmp_path):
     vectors, queries = data
     empty = ix.train_index("Flat", vectors[:10])
     shards = start_and_fill(empty, vectors)
@@ -170,7 +163,7 @@ def test_killed_shard_restarts_from_saved_file(ray_cluster, data, tmp_path):
         sharded.shutdown()
 
 
-def test_from_paths_and_dead_shard_without_file(ray_cluster, data, tmp_path):
+def test_from_paths_and_dead_shard_without_file(ray_address, data, tmp_path):
     vectors, queries = data
     empty = ix.train_index("Flat", vectors[:10])
     blob = ix.index_to_bytes(empty)
@@ -202,7 +195,7 @@ def test_from_paths_and_dead_shard_without_file(ray_cluster, data, tmp_path):
         ShardedIndex.from_paths([paths[0], bad])
 
 
-def test_stale_saved_file_is_not_used(ray_cluster, data, tmp_path):
+def test_stale_saved_file_is_not_used(ray_address, data, tmp_path):
     vectors, queries = data
     empty = ix.train_index("Flat", vectors[:10])
     shard = start_shard(0, ix.index_to_bytes(empty))

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from retro_ray.errors import RetroRayError
@@ -33,20 +32,6 @@ from retro_ray.train.synthetic import CrashOnceFactory, SyntheticDatasetFactory
 
 FACTORY = SyntheticDatasetFactory(n_train=512, n_valid=32)
 TWO_WORKERS = ["trainer.num_workers=2", "trainer.use_gpu=false"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    # The Train controller polls its workers every 2 s by default; 0.5 s ends each run sooner.
-    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
 
 
 def history(exp_dir: Path) -> list[dict]:
@@ -71,7 +56,7 @@ def sample_batch(model_data: dict) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def retro_run(ray_cluster, tmp_path_factory):
+def retro_run(train_ray_address, tmp_path_factory):
     """The main run: RETRO, 2 workers, 30 steps, checkpoint + validation every 10 steps."""
     exp_dir = tmp_path_factory.mktemp("retro_exp")
     cfg = load_train_config("tiny", TWO_WORKERS)
@@ -148,7 +133,7 @@ def test_export_gives_identical_logits(retro_run, tmp_path):
         load_exported(tmp_path / "text.pt")
 
 
-def test_compiled_engine_trains_and_keeps_parameter_names(ray_cluster, tmp_path):
+def test_compiled_engine_trains_and_keeps_parameter_names(train_ray_address, tmp_path):
     """trainer.compile=true forces DeepSpeed's engine.compile on the CPU (auto would not): the model is
     compiled in place, so checkpoints keep the plain parameter names and export as usual. ~1 min of
     inductor compiling; one worker and no validation keep it to one compiled graph."""
@@ -206,7 +191,7 @@ def test_rerun_is_skipped_and_changes_need_resume(retro_run):
     assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("resume", 30)]
 
 
-def test_gpt_baseline_worker_crash_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
+def test_gpt_baseline_worker_crash_resumes_from_latest_checkpoint(train_ray_address, tmp_path):
     """The GPT baseline (retro.enabled=false) through the same code, with ZeRO-2 and a crash: rank 1
     dies (os._exit) during step 12; Ray Train restarts the workers, they load checkpoint 8 (ZeRO-2:
     each rank's optimizer partition) and train on to step 16."""
@@ -237,7 +222,7 @@ def test_gpt_baseline_worker_crash_resumes_from_latest_checkpoint(ray_cluster, t
     assert model.encoder is None and not model.retro_layers
 
 
-def test_zero3_resumes_after_a_crash_and_exports_what_zero2_trains(ray_cluster, tmp_path):
+def test_zero3_resumes_after_a_crash_and_exports_what_zero2_trains(train_ray_address, tmp_path):
     """ZeRO-3 (the weights themselves sharded over the 2 workers) with activation checkpointing: rank 1
     dies during step 12, the run resumes from checkpoint 8 (each rank's shard of weights and optimizer
     state) and ends at step 16. Its export (the fp32 weights gathered from the shards) gives the logits
@@ -275,7 +260,7 @@ def test_zero3_resumes_after_a_crash_and_exports_what_zero2_trains(ray_cluster, 
     torch.testing.assert_close(logits["z3"], logits["z2"], rtol=0, atol=2e-6)
 
 
-def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path):
+def test_more_workers_than_the_cluster_has(train_ray_address, tmp_path):
     cfg = load_train_config("tiny", ["trainer.num_workers=8", "trainer.use_gpu=false", "model.global_batch_size=32"])
     with pytest.raises(RetroRayError, match=r"need 8 CPUs but the Ray cluster has 2 CPUs and 0 GPUs; set "
                                             r"trainer\.num_workers to at most 2"):
@@ -408,7 +393,7 @@ def _gpt_export(path: Path, model_data: dict, seed: int = 7) -> Path:
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path, monkeypatch, zero):
+def test_retrofitting_a_gpt_trains_only_encoder_and_cca(train_ray_address, tmp_path, monkeypatch, zero):
     """model.init_from + freeze_decoder under ZeRO-2 and ZeRO-3 with 2 workers: the decoder leaves training bit for bit
     the base's, the retrieval part learns, and the export equals the base exactly where it should. The
     base is named by a relative path, as a user types it (the workers run in other directories)."""
@@ -443,7 +428,7 @@ def test_retrofitting_a_gpt_trains_only_encoder_and_cca(ray_cluster, tmp_path, m
     assert any(not torch.equal(v, fit["state_dict"][k]) for k, v in resumed.items() if is_retrieval_parameter(k))
 
 
-def test_retrofitting_bad_input(ray_cluster, tmp_path):
+def test_retrofitting_bad_input(train_ray_address, tmp_path):
     data = FACTORY.model_data()
     base = _gpt_export(tmp_path / "gpt.pt", data)
     wide = load_train_config("retrofit", TWO_WORKERS + [f"model.init_from={base}", "model.num_layers=6"])
@@ -480,7 +465,7 @@ def test_retrofitting_bad_input(ray_cluster, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16"])
-def test_retrofitting_a_hugging_face_llama_directory(ray_cluster, tmp_path, precision):
+def test_retrofitting_a_hugging_face_llama_directory(train_ray_address, tmp_path, precision):
     """model.init_from=<a local LlamaForCausalLM directory> (GQA, untied): imported in memory on every
     worker, trained with ZeRO-0 in fp32 and in bf16 (DeepSpeed's bf16 keeps fp32 masters only of what
     trains), its decoder leaves training as transformers saved it."""

@@ -2,64 +2,19 @@
 
 The metric table (retro_ray.metrics.METRICS) is the one list of names; Ray exports each with a
 ``ray_`` prefix (counters end in ``_total``, histograms add ``_bucket`` / ``_sum`` / ``_count``).
+The dashboard's PromQL is read by helpers in tests/support.py, which test_jobs uses as well.
 tests/integration/test_jobs.py scrapes a real Ray node and checks the same names appear there.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import pytest
 import yaml
 
 from retro_ray import metrics as M
-
-REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "dashboards" / "retro_ray.json"
-
-# PromQL words that are not metric names
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
-             "unless", "inf", "nan"}
-_IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-
-
-def promql_metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects (identifiers that are not functions, keywords or labels)."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values)
-    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range / subquery durations
-    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
-    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana variables
-    names = set()
-    for m in _IDENT.finditer(expr):
-        word = m.group(0)
-        rest = expr[m.end():].lstrip()
-        if rest.startswith("("):  # a function call
-            continue
-        if word.lower() in _KEYWORDS or re.fullmatch(r"\d+(\.\d+)?", word):
-            continue
-        names.add(word)
-    return names
-
-
-def dashboard_panels(dash: dict) -> list[dict]:
-    out = []
-    for p in dash["panels"]:
-        out.append(p)
-        out.extend(p.get("panels", []))  # panels inside collapsed rows
-    return out
-
-
-def dashboard_metric_names(path: Path = DASHBOARD) -> set[str]:
-    """Every metric name any panel of the dashboard queries."""
-    dash = json.loads(path.read_text())
-    names = set()
-    for p in dashboard_panels(dash):
-        for t in p.get("targets", []):
-            names |= promql_metric_names(t["expr"])
-    return names
+from tests.support import DASHBOARD, REPO, dashboard_panels, promql_metric_names
 
 
 @pytest.fixture(scope="module")
