@@ -11,10 +11,14 @@ the machine's CPUs. A thread samples that process tree every ``--every`` seconds
 * per process: CPU seconds (user + system), the last reading kept per pid. The stage's CPU-s is the
   sum over the whole tree (driver, Ray daemons, workers): what a cluster pays for the stage.
 
+USS is a process's private memory (what it allocated itself); PSS adds its share of pages it
+shares with others (libraries, the object store, mapped files), so a worker's PSS rises when fewer
+processes share those pages. Flatness is judged on USS.
+
 A stage's rate is its items (tokens for prep, chunks for db / embed / index-add / query, training
 vectors for index-train) per CPU-second of that tree, so it does not depend on how busy the rest of
-the machine is; the wall time is printed beside it. Memory per worker is the largest peak PSS of any
-one worker; a stage is "flat" when that moves by less than ``--flat-tolerance`` between the sizes
+the machine is; the wall time is printed beside it. Memory per worker is the largest peak USS of any
+one worker; a stage is "flat" when that grows by less than ``--flat-tolerance`` between the sizes
 (the sizes must differ by at least 4x).
 
 The index is forced to the family the auto choice gives a 2 T-token database
@@ -112,6 +116,7 @@ class TreeSampler:
             "worker_peak_uss": max((r["uss"] for r in workers), default=0),
             "worker_peak_name": top["name"] if top else "",
             "driver_peak_pss": max((r["pss"] for r in driver), default=0),
+            "driver_peak_uss": max((r["uss"] for r in driver), default=0),
             "daemons_peak_pss": sum(r["pss"] for r in by_kind("daemon")),
         }
 
@@ -243,17 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         (work / "bench_scaling.json").write_text(json.dumps(result, indent=1))
 
     small, large = (result["sizes"][f"x{k}"]["stages"] for k in (min(copies), max(copies)))
-    print(f"\nmemory per worker and rate, x{min(copies)} -> x{max(copies)} (largest worker's peak PSS; items per CPU-s)")
+    print(f"\nmemory per worker and rate, x{min(copies)} -> x{max(copies)} (largest worker's peak USS, i.e. its "
+          "private memory, and PSS; items per CPU-s)")
     for stage in stages:
         if stage not in small or stage not in large:
             continue
         a, b = small[stage], large[stage]
-        change = b["worker_peak_pss"] / max(a["worker_peak_pss"], 1) - 1
-        flat = abs(change) <= args.flat_tolerance
-        print(f"  {stage:<11} worker {a['worker_peak_pss'] / MiB:6.0f} -> {b['worker_peak_pss'] / MiB:6.0f} MiB "
-              f"({change:+.0%}, {'flat' if flat else 'GROWS'})  driver {a['driver_peak_pss'] / MiB:5.0f} -> "
-              f"{b['driver_peak_pss'] / MiB:5.0f} MiB  rate {a['per_cpu_s']:,.0f} -> {b['per_cpu_s']:,.0f} "
-              f"{b['unit']}/CPU-s (x{b['per_cpu_s'] / max(a['per_cpu_s'], 1e-9):.2f})")
+        growth = b["worker_peak_uss"] / max(a["worker_peak_uss"], 1) - 1
+        print(f"  {stage:<11} worker USS {a['worker_peak_uss'] / MiB:6.0f} -> {b['worker_peak_uss'] / MiB:6.0f} MiB "
+              f"({growth:+.0%}, {'flat' if growth <= args.flat_tolerance else 'GROWS'}), PSS "
+              f"{a['worker_peak_pss'] / MiB:.0f} -> {b['worker_peak_pss'] / MiB:.0f} MiB; driver PSS "
+              f"{a['driver_peak_pss'] / MiB:.0f} -> {b['driver_peak_pss'] / MiB:.0f} MiB; rate {a['per_cpu_s']:,.0f} -> "
+              f"{b['per_cpu_s']:,.0f} {b['unit']}/CPU-s")
     print(f"result: {work / 'bench_scaling.json'}")
     return 0
 
