@@ -123,7 +123,7 @@ def read_and_decode(project, items: list[dict], datasets: dict, gpt) -> list[lis
 
 
 def run_plain(project, embedder, items: list[dict], datasets: dict, gpt, out_dir: Path) -> dict:
-    from retro_ray.prep.embed import save_npy_atomic
+    from retro_ray.project import save_npy_atomic
     from retro_ray.retrieval.chunks import decode_chunks
 
     n = sum(it["end"] - it["start"] for it in items)

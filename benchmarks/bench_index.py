@@ -199,8 +199,8 @@ def evaluate(index, index_str: str, queries: np.ndarray, gt: np.ndarray, k: int,
 # sharded
 # ------------------------------------------------------------------------------------------------
 def build_shards(empty_bytes, db: np.ndarray, num_shards: int, out: Path) -> list[Path]:
-    from retro_ray.prep.index import shard_ranges
     from retro_ray.retrieval.index import add_range, index_from_bytes, save_index
+    from retro_ray.retrieval.shards import shard_ranges
 
     paths = []
     for i, (lo, hi) in enumerate(shard_ranges(len(db), num_shards)):

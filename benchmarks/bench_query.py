@@ -75,9 +75,9 @@ def run_stage(project, train_samples: int) -> tuple[dict, dict]:
     from retro_ray.prep import query
 
     project.clear_done("query")
-    shutil.rmtree(project.root / "query", ignore_errors=True)
+    shutil.rmtree(project.query_root, ignore_errors=True)
     # query/<split>_<hash>/<block>.npy -> "<split>/<block number>"
-    watcher = BlockWatcher(project.root / "query", key=lambda p: f"{p.parent.name.split('_')[0]}/{p.stem.lstrip('0') or '0'}")
+    watcher = BlockWatcher(project.query_root, key=lambda p: f"{p.parent.name.split('_')[0]}/{p.stem.lstrip('0') or '0'}")
     with Region() as r:
         watcher.t0 = r.t0
         watcher.start()
@@ -100,7 +100,6 @@ class PlainQuery:
         import faiss
 
         from retro_ray.embedder import Embedder, EmbedderConfig
-        from retro_ray.prep.index import index_paths
         from retro_ray.prep.query import QUERY_SPLITS, make_samples
         from retro_ray.retrieval.chunks import ChunkDatabase
         from retro_ray.retrieval.index import load_index
@@ -112,7 +111,7 @@ class PlainQuery:
         self.embedder = Embedder(EmbedderConfig(model_dir=cfg.embedder.model_dir,
                                                 max_chunk_length=cfg.embedder.max_chunk_length,
                                                 batch_size=batch_size, precision=precision, device="cpu"))
-        self.index = load_index(index_paths(project)["added"])
+        self.index = load_index(project.added_index_path)
         self.db = ChunkDatabase(project, "train")
         self.gpt = self.db.tokenizer
         self.samples = {s: make_samples(project, s) for s in QUERY_SPLITS}
@@ -180,7 +179,6 @@ def diagnostics(project, batch_size: int) -> dict:
     (as the stage does, 0.25-CPU actors) vs the merged index in this process, same embeddings."""
     import faiss
 
-    from retro_ray.prep.index import index_paths, shard_paths
     from retro_ray.prep.query import QUERY_SPLITS, make_samples
     from retro_ray.retrieval.index import load_index, search
     from retro_ray.retrieval.retriever import Retriever
@@ -189,7 +187,7 @@ def diagnostics(project, batch_size: int) -> dict:
     out = {}
     cfg = project.read_config()
     t = time.perf_counter()
-    sharded = ShardedIndex.from_paths(shard_paths(project))
+    sharded = ShardedIndex.from_paths(project.shard_paths())
     out["shard_actors_start_s"] = time.perf_counter() - t
     try:
         t = time.perf_counter()
@@ -203,7 +201,7 @@ def diagnostics(project, batch_size: int) -> dict:
         emb = retr.embedder.embed(texts[:64])
         emb = retr.embedder.embed(texts)
         k = cfg.query.num_neighbors_query
-        merged = load_index(index_paths(project)["added"])
+        merged = load_index(project.added_index_path)
         for threads in (1, NUM_CPUS):
             faiss.omp_set_num_threads(threads)
             t = time.perf_counter()
@@ -216,7 +214,7 @@ def diagnostics(project, batch_size: int) -> dict:
         out["block_chunks"] = len(emb)
     finally:
         sharded.shutdown()
-    say(f"diagnostics: {len(shard_paths(project))} shard actors start in {out['shard_actors_start_s']:.1f} s; "
+    say(f"diagnostics: {len(project.shard_paths())} shard actors start in {out['shard_actors_start_s']:.1f} s; "
         f"a query actor's state (Embedder, ChunkDatabase, samples) {out['query_actor_state_s']:.1f} s in-process; "
         f"search of one block ({out['block_chunks']} chunks, k={k}): shard actors {out['search_sharded_s']:.2f} s, "
         f"merged index in-process {out['search_merged_1thr_s']:.2f} s (1 thread) / "

@@ -80,8 +80,6 @@ from retro_ray.project import Project, Report, atomic_write_json
 from retro_ray.retrieval.chunks import (
     ADDED_FORMAT,
     AddedChunks,
-    added_dir,
-    added_state_path,
     load_added,
     read_added_state,
 )
@@ -90,7 +88,6 @@ log = logging.getLogger(__name__)
 STAGE = "add-docs"
 KILL_AT_ENV = "RETRO_RAY_ADD_DOCS_KILL_AT"
 KILL_POINTS = ("before-db-commit", "db-committed", "index-partial")
-INDEX_MARKER = "added_docs.json"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
@@ -207,10 +204,6 @@ def _iter_records(records: Sequence[Any], text_field: str, title_field: str) -> 
 # ------------------------------------------------------------------------------------------------
 # The store: paths, lock, recovery
 # ------------------------------------------------------------------------------------------------
-def _vdir_name(version: int) -> str:
-    return f"v{version:06d}"
-
-
 def _maybe_kill(point: str) -> None:
     if os.environ.get(KILL_AT_ENV) == point:
         log.warning("add-docs: %s=%s: killing this process (crash test)", KILL_AT_ENV, point)
@@ -227,10 +220,10 @@ def _fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _store_lock(root: Path) -> Iterator[None]:
+def _store_lock(project: Project) -> Iterator[None]:
     """Exclusive lock of the added-documents store (blocks until another writer is done)."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    project.added_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(project.added_lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -246,7 +239,7 @@ def _truncate(path: Path, size: int) -> None:
 def _clean_uncommitted(project: Project, state: dict | None) -> None:
     """Remove what an interrupted add left behind before its commit; keep the previous version (a reader
     may still be loading it)."""
-    root = added_dir(project)
+    root = project.added_dir
     version = int(state["version"]) if state else 0
     for p in root.iterdir():
         m = _VERSION_DIR.match(p.name)
@@ -255,18 +248,18 @@ def _clean_uncommitted(project: Project, state: dict | None) -> None:
     Project.remove_stale_temporaries(root)
     tokens = int(state["tokens"]) if state else 0
     itemsize = np.dtype(state["token_dtype"]).itemsize if state else 0
-    _truncate(root / "tokens.bin", tokens * itemsize)
-    _truncate(root / "embeddings.f32", (int(state["chunks"]) * int(state["dim"]) * 4) if state else 0)
+    _truncate(project.added_tokens_path, tokens * itemsize)
+    _truncate(project.added_embeddings_path, (int(state["chunks"]) * int(state["dim"]) * 4) if state else 0)
 
 
 def _index_targets(project: Project, n_base: int) -> list[tuple[Path, int, int | None]]:
     """(file, vectors index-add put there, shard number or None for the merged index)."""
-    from retro_ray.prep.index import index_paths, shard_paths, shard_ranges
+    from retro_ray.retrieval.shards import shard_ranges
 
-    files = shard_paths(project)
+    files = project.shard_paths()
     ranges = shard_ranges(n_base, len(files))
     targets: list[tuple[Path, int, int | None]] = [(f, hi - lo, i) for i, (f, (lo, hi)) in enumerate(zip(files, ranges))]
-    targets.append((index_paths(project)["added"], n_base, None))
+    targets.append((project.added_index_path, n_base, None))
     return targets
 
 
@@ -274,16 +267,14 @@ def _complete_index(project: Project, store: AddedChunks | None) -> int:
     """Bring every index file up to the committed store; returns the vectors added. Idempotent."""
     import faiss
 
-    from retro_ray.prep.index import index_paths
     from retro_ray.retrieval.index import load_index
     from retro_ray.retrieval.shards import add_ids, added_chunk_ids
 
-    paths = index_paths(project)
-    Project.remove_stale_temporaries(paths["dir"])
-    Project.remove_stale_temporaries(paths["shards"])
+    Project.remove_stale_temporaries(project.index_dir)
+    Project.remove_stale_temporaries(project.index_shards_dir)
     if store is None:
         return 0
-    marker = paths["dir"] / INDEX_MARKER
+    marker = project.index_added_docs_path
     n_base, n_added = store.n_base_chunks, len(store)
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -303,7 +294,7 @@ def _complete_index(project: Project, store: AddedChunks | None) -> int:
                 raise RetroRayError(
                     f"{path} holds {index.ntotal} vectors; index-add put {base} there and the added documents explain "
                     f"up to {len(ids)} more; the index and db/added disagree: rebuild the index "
-                    f"(remove {paths['dir']} and the index-train / index-add markers, run `retro-ray index`), then add again"
+                    f"(remove {project.index_dir} and the index-train / index-add markers, run `retro-ray index`), then add again"
                 )
             todo = ids[have:]
             if len(todo):
@@ -335,8 +326,8 @@ def _corpus_keys(project: Project) -> np.ndarray:
     """Sorted uint64 keys of the digests of every corpus document (cached in db/added/)."""
     import pyarrow.parquet as pq
 
-    cache = added_dir(project) / "corpus_digests.npy"
-    meta = added_dir(project) / "corpus_digests.json"
+    cache = project.corpus_digests_path
+    meta = project.corpus_digests_meta_path
     pf = pq.ParquetFile(project.docs_path)
     n_docs = int(pf.metadata.num_rows)
     if cache.is_file() and meta.is_file() and json.loads(meta.read_text()).get("docs") == n_docs:
@@ -405,8 +396,8 @@ def _project_embedder(project: Project, cfg: AddDocsConfig):
 # ------------------------------------------------------------------------------------------------
 def _tokenize_and_chunk(project: Project, docs: list[NewDocument]) -> dict:
     """Tokens (+ EOD per document), chunk rows (doc index local to ``docs``) and chunk texts, as the db stage."""
+    from retro_ray.chunking import chunk_bounds
     from retro_ray.embedder import load_wordpiece_tokenizer, wordpiece_lengths
-    from retro_ray.prep.db import chunk_bounds
     from retro_ray.tokenizer import load_tokenizer
 
     pcfg = project.read_config()
@@ -463,7 +454,7 @@ def _commit_db(project: Project, state: dict | None, store: AddedChunks | None, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = added_dir(project)
+    root = project.added_dir
     derived = project.derived()
     version = (int(state["version"]) if state else 0) + 1
     old_docs = int(state["docs"]) if state else 0
@@ -471,15 +462,15 @@ def _commit_db(project: Project, state: dict | None, store: AddedChunks | None, 
     old_tokens = int(state["tokens"]) if state else 0
     n_base_docs = int(state["n_base_docs"]) if state else int(_docs_in_corpus(project))
     # (1) data first: appended past the committed end, then the version directory.
-    _append(root / "tokens.bin", chunked["tokens"].tobytes())
-    _append(root / "embeddings.f32", np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-    vdir = root / _vdir_name(version)
+    _append(project.added_tokens_path, chunked["tokens"].tobytes())
+    _append(project.added_embeddings_path, np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    vdir = project.added_version_dir(version)
     shutil.rmtree(vdir, ignore_errors=True)
     vdir.mkdir(parents=True)
     rows = chunked["rows"].copy()
     rows[:, 1] += old_docs
     all_rows = np.concatenate([store.chunks, rows]) if store is not None else rows
-    with open(vdir / "chunks.npy", "wb") as f:
+    with open(project.added_chunks_path(version), "wb") as f:
         np.save(f, all_rows)
         f.flush()
         os.fsync(f.fileno())
@@ -494,9 +485,9 @@ def _commit_db(project: Project, state: dict | None, store: AddedChunks | None, 
         "source": pa.array([d.source for d in docs], pa.string()),
     })
     if store is not None:
-        new_table = pa.concat_tables([pq.read_table(root / store.state["dir"] / "docs.parquet"), new_table])
-    pq.write_table(new_table, vdir / "docs.parquet", compression="zstd")
-    _fsync_path(vdir / "docs.parquet")
+        new_table = pa.concat_tables([pq.read_table(project.added_doc_table_path(store.state["dir"])), new_table])
+    pq.write_table(new_table, project.added_doc_table_path(version), compression="zstd")
+    _fsync_path(project.added_doc_table_path(version))
     _fsync_path(vdir)
     _fsync_path(root)
     _maybe_kill("before-db-commit")
@@ -511,7 +502,7 @@ def _commit_db(project: Project, state: dict | None, store: AddedChunks | None, 
                      "precision": str(getattr(embedder, "precision", "unknown"))},
         "committed_at": time.time(),
     }
-    atomic_write_json(added_state_path(project), new_state)
+    atomic_write_json(project.added_state_path, new_state)
     _maybe_kill("db-committed")
     for p in root.iterdir():  # keep this version and the previous one
         m = _VERSION_DIR.match(p.name)
@@ -555,8 +546,8 @@ def add_documents(project: Project, source: str | os.PathLike | Sequence[dict], 
     if embedder is not None:
         _check_embedder(embedder, project)
 
-    root = added_dir(project)
-    with _store_lock(root):
+    root = project.added_dir
+    with _store_lock(project):
         t0 = time.perf_counter()
         state = read_added_state(project)
         n_base = int(project.derived()["chunks_per_split"]["train"])
@@ -619,8 +610,6 @@ def add_documents(project: Project, source: str | os.PathLike | Sequence[dict], 
         t0 = time.perf_counter()
         retriever.sync_added()
         timings["sync_retriever"] = time.perf_counter() - t0
-    from retro_ray.prep.index import index_paths
-
     n_added_total = len(store) if store is not None else 0
     report_counts = {
         **counts,
@@ -638,7 +627,7 @@ def add_documents(project: Project, source: str | os.PathLike | Sequence[dict], 
     timings["total"] = time.perf_counter() - t_start
     stage_metrics("index").seconds(timings["total"], step="add-docs")
     report = Report(stage=STAGE, counts=report_counts, timings=timings,
-                    outputs=[str(root), str(index_paths(project)["dir"])], skipped=not new and not recovered)
+                    outputs=[str(root), str(project.index_dir)], skipped=not new and not recovered)
     if new:
         log.info("add-docs: %d documents added (%d chunks, ids %d..%d); %d skipped; the database now has %d chunks",
                  len(new), chunks_added, first_chunk_id, first_chunk_id + chunks_added - 1, report_counts["docs_skipped"],

@@ -39,6 +39,7 @@ import h5py
 import numpy as np
 
 from retro_ray import config as C
+from retro_ray.chunking import chunk_bounds, text_lengths
 from retro_ray.embedder import load_wordpiece_tokenizer
 from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset
@@ -51,33 +52,6 @@ log = logging.getLogger(__name__)
 STAGE = "db"
 DB_SPLITS = ("train", "valid")
 DEFAULT_MAX_NTRAIN = 1_000_000
-
-
-def chunk_bounds(doc_lengths: np.ndarray, chunk_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chunk rows of documents with ``doc_lengths`` text tokens each.
-
-    Returns (doc index, token_start, token_end) per chunk, vectorised; document i has
-    ceil(doc_lengths[i] / chunk_length) chunks.
-    """
-    doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
-    n_chunks = -(-doc_lengths // chunk_length)  # ceil division
-    doc = np.repeat(np.arange(len(doc_lengths), dtype=np.int64), n_chunks)
-    first_chunk = np.concatenate([[0], np.cumsum(n_chunks)[:-1]]) if len(n_chunks) else np.zeros(0, np.int64)
-    k = np.arange(int(n_chunks.sum()), dtype=np.int64) - np.repeat(first_chunk, n_chunks)
-    start = k * chunk_length
-    end = np.minimum(start + chunk_length, doc_lengths[doc])
-    return doc, start, end
-
-
-def text_lengths(ds: IndexedDataset, first: int, last: int, eod_id: int) -> np.ndarray:
-    """Text tokens of documents first..last-1: their length without a trailing end-of-document."""
-    lengths = ds.sequence_lengths[first:last].astype(np.int64)
-    if len(lengths) == 0:
-        return lengths
-    starts = ds.sequence_pointers[first:last] // ds.dtype.itemsize
-    last_tokens = ds.bin[np.maximum(starts + lengths - 1, 0)] if ds.num_tokens else np.zeros(len(lengths))
-    has_eod = (lengths > 0) & (last_tokens == eod_id)
-    return lengths - has_eod.astype(np.int64)
 
 
 def _tokenizer_json(tok) -> dict:
@@ -333,7 +307,7 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
         return report
     derived = project.derived()
     project.remove_stale_temporaries(project.db_dir)
-    project.remove_stale_temporaries(project.db_dir / "merged")
+    project.remove_stale_temporaries(project.merged_db_dir)
     for split in DB_SPLITS:
         project.remove_stale_temporaries(project.db_blocks_dir(split))
     timings: dict[str, float] = {}
@@ -343,10 +317,9 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
     plans: dict[str, list[tuple[dict, Path]]] = {}
     for split in DB_SPLITS:
         ds = IndexedDataset(project.token_prefix(split))
-        bdir = project.db_blocks_dir(split)
         plans[split] = []
         for b, first in enumerate(range(0, len(ds), run_cfg.docs_per_block)):
-            out = bdir / f"{b:06d}.npy"
+            out = project.db_block(split, b)
             item = {"block_key": f"{split}/{b}", "out": str(out), "prefix": str(project.token_prefix(split)),
                     "tokenizer": str(project.tokenizer_path), "bert_dir": cfg.embedder.model_dir,
                     "first": first, "last": min(first + run_cfg.docs_per_block, len(ds)),
@@ -386,5 +359,5 @@ def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: d
                     outputs=[str(project.merged_db_path(n)) for n in ("train", "valid", "sampled")])
     project.mark_done(report)
     stage_metrics(STAGE).seconds(sum(timings.values()), step="run")
-    project.remove_scratch_dir(project.db_dir / "blocks")
+    project.remove_scratch_dir(project.db_scratch_dir)
     return report

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,8 +30,8 @@ import numpy as np
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
-from retro_ray.project import Project, Report, atomic_write_json
-from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun
+from retro_ray.project import Project, Report, atomic_write_json, save_npy_atomic
+from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun, want_gpu
 
 log = logging.getLogger(__name__)
 STAGE = "embed"
@@ -88,37 +87,13 @@ class EmbedChunks:
         return out
 
 
-def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
-def _want_gpu(flag: str) -> bool:
-    import ray
-
-    flag = str(flag).lower()
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if flag in ("true", "1", "yes"):
-        if gpus == 0:
-            raise RetroRayError("use_gpu=true but the Ray cluster has no GPU; set use_gpu=auto or false.")
-        return True
-    if flag in ("false", "0", "no"):
-        return False
-    if flag != "auto":
-        raise RetroRayError(f"use_gpu={flag!r} is not one of auto, true, false.")
-    return gpus > 0
-
-
 def actor_pool(num_actors: int | None, cpus_per_actor: float, use_gpu: str) -> dict:
     """How many actors, with which resources, for an embedding pool on the connected cluster."""
     import ray
 
     res = ray.cluster_resources()
     cpus = res.get("CPU", 0)
-    if _want_gpu(use_gpu):
+    if want_gpu(use_gpu):
         n = num_actors or int(res["GPU"])
         return {"size": n, "num_gpus": 1, "num_cpus": 1, "device": "cuda", "threads": 1}
     if cpus_per_actor <= 0:
@@ -198,9 +173,9 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
         done.skipped = True
         return done
     for split in EMBED_SPLITS:
-        project.remove_stale_temporaries(project.embeddings_dir / split)
+        project.remove_stale_temporaries(project.embeddings_split_dir(split))
     # A resumed run keeps the block size, group size and precision of the blocks already on disk.
-    layout_path = project.embeddings_dir / "layout.json"
+    layout_path = project.embeddings_layout_path
     layout = json.loads(layout_path.read_text()) if layout_path.is_file() else None
     if layout is None:  # nothing embedded yet: embedder.batch_size may still change
         cfg = project.check_overrides(overrides or {}, changeable=("embedder.batch_size",))
@@ -275,7 +250,7 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
     }
     project.update_derived(embed_dim=dim, embed_precision=counts["precision"])
     report = Report(stage=STAGE, counts=counts, timings={"embed": seconds},
-                    outputs=[str(project.embeddings_dir / s) for s in EMBED_SPLITS])
+                    outputs=[str(project.embeddings_split_dir(s)) for s in EMBED_SPLITS])
     project.mark_done(report)
     stage_metrics(STAGE).seconds(seconds, step="run")
     log.info("embed: %d chunks in %.1f s (%s)", n_chunks, seconds, counts["precision"])

@@ -30,7 +30,7 @@ from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report
-from retro_ray.runtime import connect, count_by_node
+from retro_ray.runtime import connect, count_by_node, want_gpu
 
 log = logging.getLogger(__name__)
 TRAIN_STAGE, ADD_STAGE = "index-train", "index-add"
@@ -45,31 +45,6 @@ def resolve_index_string(project: Project, index_str: str) -> str:
 
     d = project.derived()
     return choose_index_string(int(d["chunks_per_split"]["train"]), int(d["embed_dim"]))
-
-
-def index_paths(project: Project) -> dict[str, Path]:
-    """Paths of the project's index (after index-train has resolved the index string)."""
-    from retro_ray.retrieval.index import index_dir_name, index_type
-
-    index_str = project.derived().get("index_str")
-    if index_str is None:
-        raise RetroRayError(
-            f"no index in {project.root} yet; run `retro-ray index --project-dir {project.root}` first."
-        )
-    root = project.index_dir(index_type(index_str), index_dir_name(index_str))
-    return {"dir": root, "empty": root / "empty.faissindex", "added": root / "added.faissindex",
-            "shards": root / "shards"}
-
-
-def shard_paths(project: Project) -> list[Path]:
-    n = int(project.derived()["index_num_shards"])
-    return [index_paths(project)["shards"] / f"shard_{i:03d}.faissindex" for i in range(n)]
-
-
-def shard_ranges(n_chunks: int, num_shards: int) -> list[tuple[int, int]]:
-    """Contiguous, near-equal chunk-id ranges [start, end) covering 0..n_chunks."""
-    bounds = np.linspace(0, n_chunks, num_shards + 1).round().astype(int)
-    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(num_shards)]
 
 
 def _crash_test_options(shard: int) -> dict:
@@ -123,7 +98,7 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
               progress: bool = True, address: str | None = None) -> Report:
     import ray
 
-    from retro_ray.prep.embed import _want_gpu, load_embeddings
+    from retro_ray.prep.embed import load_embeddings
     from retro_ray.retrieval.index import KMEANS_CHOICES, index_from_bytes, save_index
 
     if project.is_done(TRAIN_STAGE):
@@ -137,14 +112,14 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
     project.require("embed", TRAIN_STAGE)
     index_str = resolve_index_string(project, cfg.index.index_str)
     project.update_derived(index_str=index_str)
-    paths = index_paths(project)
+    empty_path = project.empty_index_path
     t0 = time.perf_counter()
     with h5py.File(project.merged_db_path("sampled"), "r") as f:
         ids = f["chunk_ids"][:]
     vectors = load_embeddings(project, "train", chunk_ids=ids)
     t_load = time.perf_counter() - t0
     connect(address, progress)
-    use_gpu = _want_gpu(run_cfg.use_gpu)
+    use_gpu = want_gpu(run_cfg.use_gpu)
     log.info("index-train: %s on %d sampled chunks (%s)", index_str, len(ids), "GPU" if use_gpu else "CPU")
     t0 = time.perf_counter()
     cpus = _train_cpus()
@@ -155,7 +130,7 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
         if isinstance(e.cause, RetroRayError):
             raise RetroRayError(str(e.cause)) from None
         raise
-    save_index(index_from_bytes(data), paths["empty"])
+    save_index(index_from_bytes(data), empty_path)
     t_train = time.perf_counter() - t0
     stage_metrics("index").seconds(t_train, step="train")
     log.info("index-train: k-means ran on %s (%d CPU threads)", backend, cpus)
@@ -163,7 +138,7 @@ def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), 
                                                "dim": int(vectors.shape[1]), "kmeans": backend,
                                                "cpu_threads": cpus},
                     timings={"load_embeddings": t_load, "train": t_train},
-                    outputs=[str(paths["empty"])])
+                    outputs=[str(empty_path)])
     project.mark_done(report)
     return report
 
@@ -175,7 +150,7 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
 
     from retro_ray.prep.embed import load_embeddings
     from retro_ray.retrieval.index import merge_shards, save_index
-    from retro_ray.retrieval.shards import start_shard
+    from retro_ray.retrieval.shards import shard_ranges, start_shard
 
     project.check_overrides(overrides or {})
     project.require(TRAIN_STAGE, ADD_STAGE)
@@ -189,18 +164,17 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
     num_shards = int(derived.get("index_num_shards") or run_cfg.num_shards)  # a resume keeps its sharding
     project.update_derived(index_num_shards=num_shards)
     t_start = time.perf_counter()
-    paths = index_paths(project)
-    for d in (paths["dir"], paths["shards"]):  # what a killed run was writing (never a finished file)
+    for d in (project.index_dir, project.index_shards_dir):  # what a killed run was writing (never a finished file)
         project.remove_stale_temporaries(d)
     n = int(derived["chunks_per_split"]["train"])
     ranges = shard_ranges(n, num_shards)
-    files = shard_paths(project)
+    files = project.shard_paths()
     todo = [i for i in range(num_shards) if not files[i].is_file()]
     t0 = time.perf_counter()
     shards_by_node: dict[str, int] = {}
     if todo:
         connect(address, progress)
-        empty_ref = ray.put(_bytes_of(paths["empty"]))
+        empty_ref = ray.put(_bytes_of(project.empty_index_path))
         shards = {i: start_shard(i, index_bytes=empty_ref, num_cpus=run_cfg.cpus_per_shard, **_crash_test_options(i))
                   for i in todo}
         pending = []
@@ -248,14 +222,14 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
     if merged.ntotal != n:
         raise RetroRayError(
             f"the merged index holds {merged.ntotal} vectors but the database has {n} chunks; "
-            f"delete {paths['shards']} and rerun `retro-ray index-add`."
+            f"delete {project.index_shards_dir} and rerun `retro-ray index-add`."
         )
-    save_index(merged, paths["added"])
+    save_index(merged, project.added_index_path)
     stage_metrics("index").seconds(time.perf_counter() - t_start, step="run")
     report = Report(stage=ADD_STAGE, counts={"vectors": int(merged.ntotal), "shards": num_shards,
                                              "shards_by_node": shards_by_node},
                     timings={"add": t_add, "merge": time.perf_counter() - t0},
-                    outputs=[str(paths["added"]), str(paths["shards"])])
+                    outputs=[str(project.added_index_path), str(project.index_shards_dir)])
     project.mark_done(report)
     return report
 

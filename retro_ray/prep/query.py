@@ -33,8 +33,8 @@ import numpy as np
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
-from retro_ray.project import Project, Report, atomic_write_json
-from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun
+from retro_ray.project import Project, Report, atomic_write_json, save_npy_atomic
+from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun, want_gpu
 
 log = logging.getLogger(__name__)
 STAGE = "query"
@@ -67,7 +67,8 @@ def neighbor_hash(inputs: dict) -> str:
 
 
 def neighbor_dir(project: Project, split: str) -> Path:
-    return project.root / "query" / f"{split}_{neighbor_hash(neighbor_inputs(project, split))}"
+    """The directory of ``split``'s neighbours for the project's current settings."""
+    return project.neighbor_dir(split, neighbor_hash(neighbor_inputs(project, split)))
 
 
 def make_samples(project: Project, split: str):
@@ -103,8 +104,6 @@ class QueryNeighbors:
                  time.time() - _process_start())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from retro_ray.prep.embed import save_npy_atomic
-
         out: dict[str, list] = {"block_key": [], "chunks": [], "found": [], "node_id": []}
         m = self.cfg.chunk_length
         k_query, k_save = self.cfg.query.num_neighbors_query, self.cfg.query.num_neighbors_save
@@ -178,8 +177,6 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
     import ray
     from ray.data import ActorPoolStrategy
 
-    from retro_ray.prep.embed import _want_gpu
-    from retro_ray.prep.index import shard_paths
     from retro_ray.retrieval.shards import ShardedIndex
 
     if not project.has_config():
@@ -196,33 +193,34 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
     items, dirs, counts = [], {}, {}
     for split in QUERY_SPLITS:
         samples = make_samples(project, split)
-        d = neighbor_dir(project, split)
-        dirs[split] = str(d.relative_to(project.root))
+        d = dirs[split] = neighbor_dir(project, split)
         d.mkdir(parents=True, exist_ok=True)
         project.remove_stale_temporaries(d)
         meta = {"inputs": neighbor_inputs(project, split), "num_samples": len(samples),
                 "samples_per_block": run_cfg.samples_per_block,
                 "chunks_per_sample": cfg.seq_length // cfg.chunk_length,
                 "num_neighbors_save": cfg.query.num_neighbors_save}
-        if (d / "meta.json").is_file():  # a resume keeps the block size already on disk
-            meta["samples_per_block"] = json.loads((d / "meta.json").read_text())["samples_per_block"]
-        atomic_write_json(d / "meta.json", meta)
+        meta_path = project.neighbor_meta_path(d)
+        if meta_path.is_file():  # a resume keeps the block size already on disk
+            meta["samples_per_block"] = json.loads(meta_path.read_text())["samples_per_block"]
+        atomic_write_json(meta_path, meta)
         per = meta["samples_per_block"]
         for b, start in enumerate(range(0, len(samples), per)):
-            out = d / f"{b:06d}.npy"
+            out = project.neighbor_block(d, b)
             if not out.is_file():
                 items.append({"block_key": f"{split}/{b}", "split": split, "start": start,
                               "end": min(start + per, len(samples)), "out": str(out)})
         counts[f"{split}_samples"] = len(samples)
         counts[f"{split}_chunks"] = len(samples) * meta["chunks_per_sample"]
-    project.update_derived(neighbor_dirs=dirs)
+    recorded = {split: str(d.relative_to(project.root)) for split, d in dirs.items()}
+    project.update_derived(neighbor_dirs=recorded)
     t0 = time.perf_counter()
     if items:
         connect(address, progress)
-        files = shard_paths(project)
+        files = project.shard_paths()
         index = ShardedIndex.from_paths(files, num_cpus=shard_cpus)
         try:
-            gpu = _want_gpu(run_cfg.use_gpu)
+            gpu = want_gpu(run_cfg.use_gpu)
             size = (run_cfg.num_actors or int(ray.cluster_resources()["GPU"])) if gpu else \
                 _pool_size(run_cfg.num_actors, run_cfg.cpus_per_actor, shard_cpus * len(files))
             size = min(size, len(items))
@@ -245,9 +243,9 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
     counts["chunks_queried_this_run"] = n_chunks
     counts["chunks_per_s"] = round(n_chunks / seconds, 1) if n_chunks and seconds > 0 else 0
     for split in QUERY_SPLITS:
-        counts[f"{split}_dir"] = dirs[split]
+        counts[f"{split}_dir"] = recorded[split]
     report = Report(stage=STAGE, counts=counts, timings={"query": seconds},
-                    outputs=[str(project.root / d) for d in dirs.values()])
+                    outputs=[str(d) for d in dirs.values()])
     project.mark_done(report)
     stage_metrics(STAGE).seconds(seconds, step="run")
     return report
@@ -255,14 +253,13 @@ def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overri
 
 def load_neighbors(project: Project, split: str) -> tuple[list[np.ndarray], dict]:
     """The neighbour blocks of a split (memory-mapped) and its meta.json; checks the hash."""
-    recorded = project.derived().get("neighbor_dirs", {}).get(split)
-    if recorded is None or not project.is_done(STAGE):
+    d = project.recorded_neighbor_dir(split)
+    if d is None or not project.is_done(STAGE):
         raise RetroRayError(
             f"no neighbours for the {split} split in {project.root}; run `retro-ray query --project-dir "
             f"{project.root}` first."
         )
-    d = project.root / recorded
-    meta = json.loads((d / "meta.json").read_text())
+    meta = json.loads(project.neighbor_meta_path(d).read_text())
     now = neighbor_inputs(project, split)
     if meta["inputs"] != now:
         changed = C.diff(meta["inputs"], now)

@@ -185,7 +185,7 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
 
     # 1. ingest
     t0 = time.perf_counter()
-    stats_path = project.data_dir / "ingest_stats.json"
+    stats_path = project.ingest_stats_path
     if not project.docs_path.is_file():
         stats = ingest(cfg.corpus, project.docs_path, run_cfg.docs_per_block, progress=progress,
                        heldout_path=project.heldout_path if cfg.corpus.holdout_fraction > 0 else None)
@@ -212,7 +212,7 @@ def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.Pre
     # 4. tokenize blocks (Ray tasks), skipping blocks already written
     t0 = time.perf_counter()
     n_blocks = pq.ParquetFile(project.docs_path).num_row_groups
-    block_files = [project.prep_blocks_dir / f"{b:06d}.npz" for b in range(n_blocks)]
+    block_files = [project.prep_block(b) for b in range(n_blocks)]
     todo = [
         {"block_key": b, "block": b, "out": str(block_files[b]), "docs": str(project.docs_path),
          "doc_split": str(project.doc_split_path), "tokenizer": str(project.tokenizer_path),

@@ -99,18 +99,15 @@ class Retriever:
 
     @classmethod
     def local(cls, project: Project, **kw) -> Retriever:
-        from retro_ray.prep.index import index_paths
-
         project.require("index-add", "search")
-        return cls(project, LocalIndex(index_paths(project)["added"]), **kw)
+        return cls(project, LocalIndex(project.added_index_path), **kw)
 
     @classmethod
     def sharded(cls, project: Project, **kw) -> Retriever:
-        from retro_ray.prep.index import shard_paths
         from retro_ray.retrieval.shards import ShardedIndex
 
         project.require("index-add", "search")
-        return cls(project, ShardedIndex.from_paths(shard_paths(project)), **kw)
+        return cls(project, ShardedIndex.from_paths(project.shard_paths()), **kw)
 
     def sync_added(self) -> int:
         """Bring this retriever up to the last committed ``add-docs``; returns the vectors it added.
@@ -152,8 +149,7 @@ class Retriever:
         return len(ids)
 
     def _sync_shards(self, added) -> int:
-        from retro_ray.prep.index import shard_ranges
-        from retro_ray.retrieval.shards import added_chunk_ids
+        from retro_ray.retrieval.shards import added_chunk_ids, shard_ranges
 
         sharded = self.searcher
         num_shards = len(sharded.shards)

@@ -79,6 +79,13 @@ def _death_reason(err: RayActorError) -> str:
     return "its worker process ended"
 
 
+def shard_ranges(n_chunks: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal chunk-id ranges [start, end) covering 0..n_chunks: the train chunks each
+    index-add shard holds (the documents added later are dealt round-robin: ``added_chunk_ids``)."""
+    bounds = np.linspace(0, n_chunks, num_shards + 1).round().astype(int)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(num_shards)]
+
+
 def added_chunk_ids(shard: int, num_shards: int, n_base: int, n_added: int, start: int = 0) -> np.ndarray:
     """Global ids of the added chunks that ``shard`` holds, from its ``start``-th added one on.
 

@@ -180,11 +180,10 @@ class RetroGenerator:
         client = EmbedderClient(self.embedder_handle, described)
         if self.cfg.index == "local":
             return Retriever.local(project, embedder=client)
-        from retro_ray.prep.index import shard_paths
         from retro_ray.retrieval.shards import ShardedIndex, start_shard
 
         project.require("index-add", "serve")
-        paths = shard_paths(project)
+        paths = project.shard_paths()
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise RetroRayError(f"shard file(s) missing: {', '.join(missing)}; rerun `retro-ray index` on {project.root}")

@@ -25,9 +25,10 @@ import ray
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.prep import index
-from retro_ray.prep.index import KILL_SHARD_ENV, index_paths, shard_paths, shard_ranges
+from retro_ray.prep.index import KILL_SHARD_ENV
 from retro_ray.project import Project, Report
 from retro_ray.retrieval import index as ix
+from retro_ray.retrieval.shards import shard_ranges
 
 N, DIM, PER = 2400, 48, 200  # train chunks, embedding dimension, chunks per embedding block
 SHARDS = 2  # shard 1 holds chunks 1200..2399: six blocks
@@ -86,13 +87,13 @@ def clean(trained, tmp_path_factory) -> Path:
     p = copy_of(trained, tmp_path_factory.mktemp("clean"))
     rep = index.run_add(p, RUN, progress=False)
     assert_added_everything(rep)
-    return index_paths(p)["added"]
+    return p.added_index_path
 
 
 def assert_same_index(p: Project, clean_path: Path, vectors: np.ndarray) -> None:
     """p's added.faissindex equals the clean build's: same bytes, vectors, ids and search results."""
     assert p.is_done("index-add")
-    got, clean = ix.load_index(index_paths(p)["added"]), ix.load_index(clean_path)
+    got, clean = ix.load_index(p.added_index_path), ix.load_index(clean_path)
     assert got.ntotal == clean.ntotal == N
     np.testing.assert_array_equal(ix.index_to_bytes(got), ix.index_to_bytes(clean))
     # every chunk's own embedding finds itself (distance 0, in its nearest list)
@@ -112,7 +113,6 @@ def temporaries(directory: Path) -> list[str]:
 
 def test_kill_9_of_a_shard_mid_add_fails_loudly_and_rerun_completes(trained, clean, vectors, tmp_path, monkeypatch):
     p = copy_of(trained, tmp_path)
-    paths = index_paths(p)
     assert "index_num_shards" not in p.derived()  # index-add has never run here
     # Shard 1's actor SIGKILLs its own worker process right after adding its first of six blocks.
     monkeypatch.setattr(index, "ADD_BATCH", PER)
@@ -127,8 +127,8 @@ def test_kill_9_of_a_shard_mid_add_fails_loudly_and_rerun_completes(trained, cle
     # nothing half-done is left to be mistaken for a result
     assert not p.is_done("index-add") and not p.marker_path("index-add").exists()
     assert p.report("index-add") is None
-    assert not paths["added"].exists()
-    files = shard_paths(p)
+    assert not p.added_index_path.exists()
+    files = p.shard_paths()
     assert not files[1].exists()  # the killed shard
     assert not any(f.exists() for f in files)  # saves start only once every block of every shard is added
     assert p.derived()["index_num_shards"] == SHARDS  # a rerun keeps the sharding
@@ -141,7 +141,7 @@ def test_kill_9_of_a_shard_mid_add_fails_loudly_and_rerun_completes(trained, cle
     for f, (lo, hi) in zip(files, shard_ranges(N, SHARDS)):
         assert ix.load_index(f).ntotal == hi - lo
     assert_same_index(p, clean, vectors)
-    assert temporaries(paths["shards"]) == [] and temporaries(paths["dir"]) == []
+    assert temporaries(p.index_shards_dir) == [] and temporaries(p.index_dir) == []
     assert index.run_add(p, RUN, progress=False).skipped
 
 
@@ -151,14 +151,14 @@ def test_kill_9_of_a_shard_mid_add_fails_loudly_and_rerun_completes(trained, cle
 _KILL_MID_SAVE = textwrap.dedent("""
     import os, signal, sys
     from retro_ray.prep.embed import load_embeddings
-    from retro_ray.prep.index import index_paths, shard_paths, shard_ranges
+    from retro_ray.retrieval.shards import shard_ranges
     from retro_ray.project import Project
     from retro_ray.retrieval import index as ix
 
     p = Project(sys.argv[1])
-    files = shard_paths(p)
+    files = p.shard_paths()
     ranges = shard_ranges(int(p.derived()["chunks_per_split"]["train"]), len(files))
-    empty = ix.index_to_bytes(ix.load_index(index_paths(p)["empty"]))
+    empty = ix.index_to_bytes(ix.load_index(p.empty_index_path))
     shard = lambda i: ix.add_range(empty, load_embeddings(p, "train", start=ranges[i][0], end=ranges[i][1]), ranges[i][0])
     ix.save_index(shard(0), files[0])
     ix.os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
@@ -170,23 +170,23 @@ _KILL_MID_SAVE = textwrap.dedent("""
 def test_half_written_shard_is_never_taken_as_complete(trained, clean, vectors, tmp_path):
     p = copy_of(trained, tmp_path)
     p.update_derived(index_num_shards=SHARDS)  # as index-add's first (killed) run records it
-    paths, files = index_paths(p), shard_paths(p)
+    files = p.shard_paths()
     r = subprocess.run([sys.executable, "-c", _KILL_MID_SAVE, str(p.root)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == -9, (r.returncode, r.stdout, r.stderr[-2000:])
     assert files[0].is_file() and not files[1].exists()  # the killed save never produced shard 1's file
-    left = temporaries(paths["shards"])
+    left = temporaries(p.index_shards_dir)
     assert len(left) == 1 and left[0].startswith(f".{files[1].name}.tmp-"), left
     # and a kill in the middle of writing leaves a truncated temporary file: also never taken
-    tmp = paths["shards"] / left[0]
-    (paths["shards"] / f".{files[1].name}.tmp-1-deadbeef").write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+    tmp = p.index_shards_dir / left[0]
+    (p.index_shards_dir / f".{files[1].name}.tmp-1-deadbeef").write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
     before = files[0].stat()
 
     rep = index.run_add(p, RUN, progress=False)
     assert_added_everything(rep)
     after = files[0].stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # shard 0 was not redone
-    assert temporaries(paths["shards"]) == []  # the killed run's temporaries are gone
+    assert temporaries(p.index_shards_dir) == []  # the killed run's temporaries are gone
     assert_same_index(p, clean, vectors)
 
 

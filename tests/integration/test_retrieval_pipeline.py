@@ -77,18 +77,17 @@ def test_embeddings_equal_the_embedder_alone(project):
 
 
 def test_every_chunk_finds_itself_and_sharded_equals_merged(project):
-    from retro_ray.prep.index import index_paths, shard_paths
     from retro_ray.retrieval.retriever import LocalIndex
     from retro_ray.retrieval.shards import ShardedIndex
 
     assert project.derived()["index_str"] == "Flat"  # auto, for a tiny database
     vectors = embed.load_embeddings(project, "train")
-    merged = LocalIndex(index_paths(project)["added"])
+    merged = LocalIndex(project.added_index_path)
     D, I = merged.search(vectors, 5)
     # Near-duplicate chunks can tie at distance ~0: the chunk itself must be among the zero-distance hits.
     assert np.mean(I[:, 0] == np.arange(len(vectors))) > 0.99
     assert all(i in row[d <= d[0] + 1e-5] for i, (row, d) in enumerate(zip(I, D)))
-    sharded = ShardedIndex.from_paths(shard_paths(project))
+    sharded = ShardedIndex.from_paths(project.shard_paths())
     try:
         Ds, Is = sharded.search(vectors[:300], 10)
     finally:
