@@ -115,7 +115,7 @@ def main() -> None:
 
     import ray
 
-    from retro_ray.prep.add_docs import AddDocsConfig, _project_embedder, add_documents
+    from retro_ray.stages.add_docs import AddDocsConfig, _project_embedder, add_documents
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Benchmark of the ``query`` stage against a one-process loop, and of RetroDataset against a train step.
 
 Part 1: query stage vs plain loop (same samples, same work, same outputs)
-    stage     ``retro_ray.prep.query.run`` on a copy of the project with the query outputs removed and
+    stage     ``retro_ray.stages.query.run`` on a copy of the project with the query outputs removed and
               ``query.train_samples=--train-samples`` (valid: every sample), default run settings:
               Ray Data over blocks of 256 samples, an actor pool of ``QueryNeighbors`` (decode,
               ``Embedder.embed``, search through ``IndexShard`` actors, same-document filter,
@@ -72,7 +72,7 @@ def copy_project_without_query(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def run_stage(project, train_samples: int) -> tuple[dict, dict]:
     from retro_ray import config as C
-    from retro_ray.prep import query
+    from retro_ray.stages import query
 
     project.clear_done("query")
     shutil.rmtree(project.query_root, ignore_errors=True)
@@ -100,9 +100,9 @@ class PlainQuery:
         import faiss
 
         from retro_ray.embedder import Embedder, EmbedderConfig
-        from retro_ray.prep.query import QUERY_SPLITS, make_samples
         from retro_ray.retrieval.chunks import ChunkDatabase
         from retro_ray.retrieval.index import load_index
+        from retro_ray.stages.query import QUERY_SPLITS, make_samples
 
         faiss.omp_set_num_threads(NUM_CPUS)
         cfg = project.read_config()
@@ -120,8 +120,8 @@ class PlainQuery:
         self.chunk_doc = self.doc_ids["train"][self.db.chunks[:, 1].astype(np.int64)]
 
     def block(self, split: str, start: int, end: int, times: dict) -> np.ndarray:
-        from retro_ray.prep.query import samples_per_group
         from retro_ray.retrieval.index import search
+        from retro_ray.stages.query import samples_per_group
 
         m = self.cfg.chunk_length
         q = self.cfg.query
@@ -154,7 +154,7 @@ class PlainQuery:
 
 
 def run_plain(project, train_samples: int, samples_per_block: int, batch_size: int) -> tuple[dict, dict]:
-    from retro_ray.prep.query import QUERY_SPLITS
+    from retro_ray.stages.query import QUERY_SPLITS
 
     t0 = time.perf_counter()
     pq = PlainQuery(project, batch_size)
@@ -179,10 +179,10 @@ def diagnostics(project, batch_size: int) -> dict:
     (as the stage does, 0.25-CPU actors) vs the merged index in this process, same embeddings."""
     import faiss
 
-    from retro_ray.prep.query import QUERY_SPLITS, make_samples
     from retro_ray.retrieval.index import load_index, search
     from retro_ray.retrieval.retriever import Retriever
     from retro_ray.retrieval.shards import ShardedIndex
+    from retro_ray.stages.query import QUERY_SPLITS, make_samples
 
     out = {}
     cfg = project.read_config()

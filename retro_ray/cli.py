@@ -13,7 +13,7 @@ import textwrap
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
-from retro_ray.project import Project
+from retro_ray.project import Project, Report
 
 # Stage name → (its run-settings dataclass, the section name of its overrides)
 # The overrides section of each stage's run settings (index-train / index-add share `index`'s).
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize, chunk, embed and add documents to the chunk database and every index "
                                    "file. Training data is untouched; documents already there are skipped. A "
                                    "running server picks the new documents up before its next generation.",
-                       epilog="settings:\n" + _settings_help("retro_ray.prep.add_docs", "AddDocsConfig"),
+                       epilog="settings:\n" + _settings_help("retro_ray.stages.add_docs", "AddDocsConfig"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project-dir", required=True)
     p.add_argument("source", help="a .jsonl / .jsonl.gz / .parquet / text file, or a directory of them")
@@ -240,25 +240,30 @@ def run_stage(stage: str, project: Project, settings: dict, *, progress: bool, a
     run_cfg = C.build(RUN_CONFIGS[stage], run_settings, prefix=f"{RUN_SECTION[stage]}.")
     kw = dict(progress=progress, address=address)
     if stage == "prep":
-        from retro_ray.prep import tokens
+        from retro_ray.stages import prep
 
         cfg = C.build(C.ProjectConfig, project_settings)
-        report = tokens.run(project, cfg, run_cfg, overwrite=overwrite, **kw)
+        report = prep.run(project, cfg, run_cfg, overwrite=overwrite, **kw)
     elif stage == "db":
-        from retro_ray.prep import db
+        from retro_ray.stages import db
 
         report = db.run(project, run_cfg, project_settings, **kw)
     elif stage == "embed":
-        from retro_ray.prep import embed
+        from retro_ray.stages import embed
 
         report = embed.run(project, run_cfg, project_settings, **kw)
     elif stage in ("index", "index-train", "index-add"):
-        from retro_ray.prep import index
+        from retro_ray.stages import index_add, index_train
 
-        fn = {"index": index.run, "index-train": index.run_train, "index-add": index.run_add}[stage]
-        report = fn(project, run_cfg, project_settings, **kw)
+        if stage == "index":  # index-train then index-add; one report with both
+            a = index_train.run(project, run_cfg, project_settings, **kw)
+            b = index_add.run(project, run_cfg, None, **kw)
+            report = Report(stage="index", counts={**a.counts, **b.counts}, timings={**a.timings, **b.timings},
+                            outputs=a.outputs + b.outputs, skipped=a.skipped and b.skipped)
+        else:
+            report = (index_train if stage == "index-train" else index_add).run(project, run_cfg, project_settings, **kw)
     elif stage == "query":
-        from retro_ray.prep import query
+        from retro_ray.stages import query
 
         report = query.run(project, run_cfg, project_settings, **kw)
     else:  # pragma: no cover
@@ -267,7 +272,7 @@ def run_stage(stage: str, project: Project, settings: dict, *, progress: bool, a
 
 
 def cmd_train(args) -> int:
-    from retro_ray.prep.query import load_neighbors
+    from retro_ray.stages.query import load_neighbors
     from retro_ray.train import trainer
     from retro_ray.train.config import load_train_config
 
@@ -351,7 +356,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_add_docs(args) -> int:
-    from retro_ray.prep.add_docs import AddDocsConfig, add_documents
+    from retro_ray.stages.add_docs import AddDocsConfig, add_documents
 
     cfg = C.build(AddDocsConfig, C.parse_overrides(args.overrides))
     report = add_documents(Project(args.project_dir), args.source, cfg, progress=not args.no_progress)

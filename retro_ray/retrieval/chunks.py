@@ -7,7 +7,7 @@ with the end-of-document token to ``2 × chunk_length``. (Megatron reads the con
 next row of the database, which crosses into the next document at a document's last chunk.)
 
 The train database also presents the documents added after training (``retro-ray add-docs``,
-:mod:`retro_ray.prep.add_docs`): chunk ids ``0 .. n_train - 1`` are the train chunks, as the query
+:mod:`retro_ray.stages.add_docs`): chunk ids ``0 .. n_train - 1`` are the train chunks, as the query
 stage and training see them, and ``n_train ..`` the added ones, in the order they were added. The
 added documents live in their own store, ``db/added/``, so nothing the model was trained on changes:
 
@@ -49,7 +49,7 @@ def decode_chunks(ds: IndexedDataset, rows: np.ndarray, tokenizer) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# The added-documents store (written by retro_ray.prep.add_docs; read here)
+# The added-documents store (written by retro_ray.stages.add_docs; read here)
 # ------------------------------------------------------------------------------------------------
 ADDED_FORMAT = 1
 

@@ -5,7 +5,7 @@ serving all go through it. It searches either the sharded index (``IndexShard`` 
 cluster) or the merged ``added.faissindex`` in this process (for a laptop or a one-off search);
 both give the same results.
 
-Documents added after training (``retro-ray add-docs``, :mod:`retro_ray.prep.add_docs`) are found
+Documents added after training (``retro-ray add-docs``, :mod:`retro_ray.stages.add_docs`) are found
 too. add-docs commits the chunk database before the index files, and a retriever opens its index
 before its chunk database, so every id a search returns resolves. A live retriever picks up later
 adds with :meth:`Retriever.sync_added` (``add_documents(..., retriever=r)`` calls it): the chunk

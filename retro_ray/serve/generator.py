@@ -375,10 +375,10 @@ class RetroGenerator:
             why = "index=none" if self.cfg.index == "none" else "the model does not retrieve (GPT) or no project was given"
             raise RequestError(f"this server has no retrieval database to add to ({why})", 409, "no_retrieval")
         try:
-            from retro_ray.prep.add_docs import add_documents
+            from retro_ray.stages.add_docs import add_documents
         except ImportError:
             raise RequestError("adding documents is not available in this version of retro-ray "
-                               "(retro_ray.prep.add_docs is missing)", 501, "not_implemented") from None
+                               "(retro_ray.stages.add_docs is missing)", 501, "not_implemented") from None
         async with self._docs_lock:
             try:
                 report = await asyncio.to_thread(add_documents, self.gen.retriever.project, records,

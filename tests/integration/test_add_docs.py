@@ -20,11 +20,11 @@ import ray
 
 from retro_ray.corpus import normalize_text
 from retro_ray.errors import RetroRayError
-from retro_ray.prep.add_docs import KILL_AT_ENV, add_documents
 from retro_ray.project import Project
 from retro_ray.retrieval.chunks import read_added_state
 from retro_ray.retrieval.index import load_index
 from retro_ray.retrieval.retriever import Retriever
+from retro_ray.stages.add_docs import KILL_AT_ENV, add_documents
 from tests.conftest import write_jsonl
 from tests.support import build_small_project
 
@@ -266,7 +266,7 @@ def test_live_retrievers_see_new_documents_while_searching(project, baseline, wi
 
 
 def _add_in_subprocess(project: Project, path: Path, kill_at: str) -> subprocess.CompletedProcess:
-    code = ("import sys; from retro_ray.project import Project; from retro_ray.prep.add_docs import add_documents; "
+    code = ("import sys; from retro_ray.project import Project; from retro_ray.stages.add_docs import add_documents; "
             "add_documents(Project(sys.argv[1]), sys.argv[2], progress=False)")
     env = {**os.environ, KILL_AT_ENV: kill_at}
     return subprocess.run([sys.executable, "-c", code, str(project.root), str(path)], capture_output=True, text=True,

@@ -16,8 +16,8 @@ import ray
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
-from retro_ray.prep import embed, index, query
 from retro_ray.project import Project
+from retro_ray.stages import embed, index_train, query
 from tests.conftest import write_jsonl
 
 CHUNK, SEQ = 64, 256
@@ -111,7 +111,7 @@ def test_index_before_embed_and_bad_index_string(tmp_path, project, ray_cluster)
     for stage in ("embed", "index-train", "index-add", "query"):
         bare.clear_done(stage)
     with pytest.raises(RetroRayError, match="`index-train` needs the `embed` stage"):
-        index.run_train(bare, progress=False)
+        index_train.run(bare, progress=False)
     with pytest.raises(RetroRayError, match="`query` needs the `index-add` stage"):
         query.run(bare, progress=False)
     # give it embeddings, then an index string Faiss rejects, then one that needs more training points
@@ -120,9 +120,9 @@ def test_index_before_embed_and_bad_index_string(tmp_path, project, ray_cluster)
     d = bare.derived()
     bare.update_derived(embed_dim=project.derived()["embed_dim"], embed_precision=d.get("embed_precision", "fp32"))
     with pytest.raises(RetroRayError, match="Faiss rejected index string 'IVF-nonsense'"):
-        index.run_train(bare, overrides={"index": {"index_str": "IVF-nonsense"}}, progress=False)
+        index_train.run(bare, overrides={"index": {"index_str": "IVF-nonsense"}}, progress=False)
     with pytest.raises(RetroRayError, match=r"needs at least 4096 training vectors .* lower nlist"):
-        index.run_train(bare, overrides={"index": {"index_str": "IVF4096,Flat"}}, progress=False)
+        index_train.run(bare, overrides={"index": {"index_str": "IVF4096,Flat"}}, progress=False)
     assert not bare.is_done("index-train")
 
 

@@ -1,14 +1,9 @@
-"""Stages ``index-train`` and ``index-add`` (``index`` runs both): the Faiss index of the database.
+"""Stage ``index-add``: every train chunk's embedding added to the trained index, in shards.
 
-index-train  ``faiss.index_factory(dim, index_str)`` trained on the embeddings of
-             db/merged/sampled.hdf5, in one Ray task (on a GPU when the cluster has one, which
-             Faiss uses for the IVF k-means) → ``index/<type>/<index_str>/empty.faissindex``.
-             ``index.index_str=auto`` chooses from the database size (see
-             :func:`retro_ray.retrieval.index.choose_index_string`).
-index-add    the empty index goes to N ``IndexShard`` actors; shard i adds the embeddings of a
-             contiguous range of train chunk ids (ids = chunk ids) and saves
-             ``shards/shard_<i>.faissindex``; the shards are then merged into ``added.faissindex``,
-             the single-file index for single-process use. A rerun adds only missing shards.
+The empty index (``index-train``) goes to N ``IndexShard`` actors; shard i adds the embeddings of a
+contiguous range of train chunk ids (ids = chunk ids) and saves ``shards/shard_<i>.faissindex``; the
+shards are then merged into ``added.faissindex``, the single-file index for single-process use. A
+rerun adds only missing shards.
 
 Shard files and the merged index are written atomically (temporary file, fsync, rename), so a shard
 file that exists is complete; a killed run leaves at most ``.<name>.tmp-*`` files, which the next
@@ -23,28 +18,18 @@ import os
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report
-from retro_ray.runtime import connect, count_by_node, want_gpu
+from retro_ray.runtime import connect, count_by_node
 
 log = logging.getLogger(__name__)
-TRAIN_STAGE, ADD_STAGE = "index-train", "index-add"
+STAGE = "index-add"
 KILL_SHARD_ENV = "RETRO_RAY_INDEX_ADD_KILL_SHARD"
 ADD_BATCH = 8192  # vectors per add call to a shard, on a grid of chunk ids
-
-
-def resolve_index_string(project: Project, index_str: str) -> str:
-    if index_str != "auto":
-        return index_str
-    from retro_ray.retrieval.index import choose_index_string
-
-    d = project.derived()
-    return choose_index_string(int(d["chunks_per_split"]["train"]), int(d["embed_dim"]))
 
 
 def _crash_test_options(shard: int) -> dict:
@@ -65,97 +50,19 @@ def _crash_test_options(shard: int) -> dict:
     return {"runtime_env": {"env_vars": {KILL_AFTER_ADDS_ENV: str(after)}}}
 
 
-def _train_cpus() -> int:
-    """CPUs for the index-train task: the free CPUs of the largest node, at least 1.
-
-    k-means and OPQ use every thread they are given, and index-train runs alone in the pipeline, so
-    one CPU (a task's default) would leave the rest of a laptop idle.
-    """
-    import ray
-
-    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    return max(1, int(min(largest, ray.available_resources().get("CPU", 1))))
-
-
-def _train_remote(
-    index_str: str, vectors: np.ndarray, use_gpu: bool, kmeans: str, threads: int
-) -> tuple[np.ndarray, str]:
-    """The trained empty index as bytes, and where its IVF k-means ran (see ``train_index``'s ``info``)."""
-    import faiss
-    import torch
-
-    from retro_ray.retrieval.index import index_to_bytes, train_index
-
-    # A pooled worker may have been started for a one-CPU task: size both thread pools explicitly.
-    faiss.omp_set_num_threads(threads)
-    torch.set_num_threads(threads)
-    info: dict = {}
-    index = train_index(index_str, vectors, use_gpu=use_gpu, info=info, kmeans=kmeans)
-    return index_to_bytes(index), info["kmeans"]
-
-
-def run_train(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
-              progress: bool = True, address: str | None = None) -> Report:
-    import ray
-
-    from retro_ray.prep.embed import load_embeddings
-    from retro_ray.retrieval.index import KMEANS_CHOICES, index_from_bytes, save_index
-
-    if project.is_done(TRAIN_STAGE):
-        project.check_overrides(overrides or {})  # the index string is fixed once trained
-        rep = project.report(TRAIN_STAGE)
-        rep.skipped = True
-        return rep
-    if run_cfg.kmeans not in KMEANS_CHOICES:
-        raise RetroRayError(f"index.kmeans={run_cfg.kmeans!r} is not one of {', '.join(KMEANS_CHOICES)}.")
-    cfg = project.check_overrides(overrides or {}, changeable=("index.index_str",))
-    project.require("embed", TRAIN_STAGE)
-    index_str = resolve_index_string(project, cfg.index.index_str)
-    project.update_derived(index_str=index_str)
-    empty_path = project.empty_index_path
-    t0 = time.perf_counter()
-    with h5py.File(project.merged_db_path("sampled"), "r") as f:
-        ids = f["chunk_ids"][:]
-    vectors = load_embeddings(project, "train", chunk_ids=ids)
-    t_load = time.perf_counter() - t0
-    connect(address, progress)
-    use_gpu = want_gpu(run_cfg.use_gpu)
-    log.info("index-train: %s on %d sampled chunks (%s)", index_str, len(ids), "GPU" if use_gpu else "CPU")
-    t0 = time.perf_counter()
-    cpus = _train_cpus()
-    task = ray.remote(_train_remote).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
-    try:
-        data, backend = ray.get(task.remote(index_str, vectors, use_gpu, run_cfg.kmeans, cpus))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, RetroRayError):
-            raise RetroRayError(str(e.cause)) from None
-        raise
-    save_index(index_from_bytes(data), empty_path)
-    t_train = time.perf_counter() - t0
-    stage_metrics("index").seconds(t_train, step="train")
-    log.info("index-train: k-means ran on %s (%d CPU threads)", backend, cpus)
-    report = Report(stage=TRAIN_STAGE, counts={"index_str": index_str, "training_vectors": len(ids),
-                                               "dim": int(vectors.shape[1]), "kmeans": backend,
-                                               "cpu_threads": cpus},
-                    timings={"load_embeddings": t_load, "train": t_train},
-                    outputs=[str(empty_path)])
-    project.mark_done(report)
-    return report
-
-
-def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
+def run(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
             progress: bool = True, address: str | None = None) -> Report:
     import ray
     from tqdm import tqdm
 
-    from retro_ray.prep.embed import load_embeddings
     from retro_ray.retrieval.index import merge_shards, save_index
     from retro_ray.retrieval.shards import shard_ranges, start_shard
+    from retro_ray.stages.embed import load_embeddings
 
     project.check_overrides(overrides or {})
-    project.require(TRAIN_STAGE, ADD_STAGE)
-    if project.is_done(ADD_STAGE):
-        rep = project.report(ADD_STAGE)
+    project.require("index-train", STAGE)
+    if project.is_done(STAGE):
+        rep = project.report(STAGE)
         rep.skipped = True
         return rep
     if run_cfg.num_shards <= 0:
@@ -226,7 +133,7 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
         )
     save_index(merged, project.added_index_path)
     stage_metrics("index").seconds(time.perf_counter() - t_start, step="run")
-    report = Report(stage=ADD_STAGE, counts={"vectors": int(merged.ntotal), "shards": num_shards,
+    report = Report(stage=STAGE, counts={"vectors": int(merged.ntotal), "shards": num_shards,
                                              "shards_by_node": shards_by_node},
                     timings={"add": t_add, "merge": time.perf_counter() - t0},
                     outputs=[str(project.added_index_path), str(project.index_shards_dir)])
@@ -236,12 +143,3 @@ def run_add(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), ov
 
 def _bytes_of(path: Path) -> np.ndarray:
     return np.frombuffer(path.read_bytes(), dtype=np.uint8)
-
-
-def run(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
-        progress: bool = True, address: str | None = None) -> Report:
-    """``index``: index-train then index-add; one report with both."""
-    a = run_train(project, run_cfg, overrides, progress=progress, address=address)
-    b = run_add(project, run_cfg, None, progress=progress, address=address)
-    return Report(stage="index", counts={**a.counts, **b.counts}, timings={**a.timings, **b.timings},
-                  outputs=a.outputs + b.outputs, skipped=a.skipped and b.skipped)

@@ -245,7 +245,7 @@ def chunk_block(item: dict) -> dict:
     rows[:, 2] = start
     rows[:, 3] = end
     rows[:, 4] = np.minimum(bert_len, np.iinfo(np.uint32).max)
-    # The driver made out.parent (see tokens.tokenize_block for why tasks do not).
+    # The driver made out.parent (see prep.tokenize_block for why tasks do not).
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, rows)

@@ -4,7 +4,7 @@ RETRO's knowledge lives partly in its retrieval database, so a trained model lea
 documents are added to the database it retrieves from (Borgeaud et al. 2022 §4; Wang et al. 2023,
 "Shall we pretrain autoregressive language models with retrieval?"). ``add_documents`` does that for
 a finished project: the new documents are normalised, tokenized with the project's GPT tokenizer,
-cut into ``chunk_length`` chunks exactly as the db stage cuts (:func:`retro_ray.prep.db.chunk_bounds`,
+cut into ``chunk_length`` chunks exactly as the db stage cuts (:func:`retro_ray.chunking.chunk_bounds`,
 wordpiece lengths included), embedded with the project's embedder and settings, and added to the
 merged index (``added.faissindex``) and to every shard file. ``retro-ray search``,
 ``Retriever.local`` / ``Retriever.sharded`` and generation then retrieve them.
