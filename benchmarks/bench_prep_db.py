@@ -168,7 +168,7 @@ class CpuMeter:
 def run_pipeline(project_dir: Path, cfg: C.ProjectConfig, prep_run: C.PrepRunConfig,
                  db_run: C.DbRunConfig) -> dict:
     t0 = time.perf_counter()
-    prep_report = prep_stage.run(Project(project_dir), cfg, prep_run, progress=False)
+    prep_report = prep_stage.run(Project(project_dir), prep_run, cfg, progress=False)
     t1 = time.perf_counter()
     db_report = db_stage.run(Project(project_dir), db_run, progress=False)
     t2 = time.perf_counter()

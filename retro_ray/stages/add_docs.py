@@ -83,9 +83,10 @@ from retro_ray.retrieval.chunks import (
     load_added,
     read_added_state,
 )
+from retro_ray.stages import STAGES
+from retro_ray.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
-STAGE = "add-docs"
 KILL_AT_ENV = "RETRO_RAY_ADD_DOCS_KILL_AT"
 KILL_POINTS = ("before-db-commit", "db-committed", "index-partial")
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
@@ -525,115 +526,133 @@ def add_documents(project: Project, source: str | os.PathLike | Sequence[dict], 
     corpus), or a list of ``{"title": ..., "text": ...}`` records. ``retriever``: a live
     ``Retriever`` of this project to bring up to date after the commit (its embedder is used too).
     ``embedder``: an already-loaded embedder to use (checked against the project's). See the module
-    docstring for what is skipped, the commit order and recovery.
+    docstring for what is skipped, the commit order and recovery. (``add_docs.run(project, cfg,
+    source=..., retriever=..., embedder=...)``, the stage's own ``run``, is the same.)
     """
-    t_start = time.perf_counter()
-    cfg = cfg or AddDocsConfig()
-    pcfg = project.read_config()  # "not a retro-ray project" first
-    project.require("index-add", STAGE)
-    timings: dict[str, float] = {}
+    return STAGE.run(project, cfg, source=source, retriever=retriever, embedder=embedder, progress=progress)
 
-    t0 = time.perf_counter()
-    docs, counts = read_documents(source, cfg.text_field or pcfg.corpus.text_field,
-                                  cfg.title_field or pcfg.corpus.title_field, pcfg.corpus.normalization)
-    timings["read"] = time.perf_counter() - t0
-    if retriever is not None:
-        if Path(retriever.project.root) != project.root:
-            raise RetroRayError(
-                f"the retriever serves {retriever.project.root}, not {project.root}; pass a retriever of this project"
-            )
-        embedder = embedder or retriever.embedder
-    if embedder is not None:
-        _check_embedder(embedder, project)
 
-    root = project.added_dir
-    with _store_lock(project):
+class AddDocs(Stage):
+    """Runs every time it is asked to (what it adds is idempotent per document): never marked done."""
+
+    spec = STAGES["add-docs"]
+    run_config = AddDocsConfig
+    marks_done = False
+
+    def work(self, run: StageRun) -> Report:
+        t_start = time.perf_counter()
+        project, cfg, pcfg, progress = run.project, run.cfg, run.config, run.progress
+        source, retriever, embedder = run.inputs["source"], run.inputs.get("retriever"), run.inputs.get("embedder")
+        timings: dict[str, float] = {}
+
         t0 = time.perf_counter()
-        state = read_added_state(project)
-        n_base = int(project.derived()["chunks_per_split"]["train"])
-        if state is not None and int(state["n_base_chunks"]) != n_base:
-            raise RetroRayError(
-                f"{root} extends a database of {state['n_base_chunks']} chunks but the train database now has "
-                f"{n_base}; the database was rebuilt: delete {root} and add the documents again"
-            )
-        _clean_uncommitted(project, state)
-        store = load_added(project, state)
-        recovered = _complete_index(project, store)
-        if recovered:
-            log.info("add-docs: finished an interrupted add: %d vectors added to the index files", recovered)
-        timings["recover"] = time.perf_counter() - t0
+        docs, counts = read_documents(source, cfg.text_field or pcfg.corpus.text_field,
+                                      cfg.title_field or pcfg.corpus.title_field, pcfg.corpus.normalization)
+        timings["read"] = time.perf_counter() - t0
+        if retriever is not None:
+            if Path(retriever.project.root) != project.root:
+                raise RetroRayError(
+                    f"the retriever serves {retriever.project.root}, not {project.root}; pass a retriever of this project"
+                )
+            embedder = embedder or retriever.embedder
+        if embedder is not None:
+            _check_embedder(embedder, project)
 
-        # Skip what the database holds already, and repeats within this input.
-        corpus = _corpus_keys(project)
-        known = set(store.digests) if store is not None else set()
-        new: list[NewDocument] = []
-        seen: set[str] = set()
-        skipped = {"docs_skipped_already_added": 0, "docs_skipped_in_corpus": 0, "docs_skipped_repeated": 0}
-        for d in docs:
-            if d.digest in known:
-                skipped["docs_skipped_already_added"] += 1
-            elif d.digest in seen:
-                skipped["docs_skipped_repeated"] += 1
-            elif _in_sorted(corpus, _key64(bytes.fromhex(d.digest))):
-                skipped["docs_skipped_in_corpus"] += 1
-            else:
-                seen.add(d.digest)
-                new.append(d)
-
-        chunks_added = tokens_added = 0
-        first_chunk_id = n_base + (len(store) if store is not None else 0)
-        if new:
+        root = project.added_dir
+        with _store_lock(project):
             t0 = time.perf_counter()
-            chunked = _tokenize_and_chunk(project, new)
-            timings["tokenize"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if embedder is None:
-                embedder = _project_embedder(project, cfg)
-                _check_embedder(embedder, project)
-            vectors = _embed(embedder, chunked["texts"], group_size(project.read_config().embedder.batch_size), progress)
-            timings["embed"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            state = _commit_db(project, state, store, new, chunked, vectors, embedder)
+            state = read_added_state(project)
+            n_base = int(project.derived()["chunks_per_split"]["train"])
+            if state is not None and int(state["n_base_chunks"]) != n_base:
+                raise RetroRayError(
+                    f"{root} extends a database of {state['n_base_chunks']} chunks but the train database now has "
+                    f"{n_base}; the database was rebuilt: delete {root} and add the documents again"
+                )
+            _clean_uncommitted(project, state)
             store = load_added(project, state)
-            timings["commit_db"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _complete_index(project, store)
-            timings["index"] = time.perf_counter() - t0
-            chunks_added, tokens_added = len(chunked["rows"]), len(chunked["tokens"])
-            m = stage_metrics("index")
-            m.rows(chunks_added)
-            m.chunks(chunks_added)
-            if timings["embed"] > 0:
-                stage_metrics("embed").chunks_per_second(chunks_added / timings["embed"])
+            recovered = _complete_index(project, store)
+            if recovered:
+                log.info("add-docs: finished an interrupted add: %d vectors added to the index files", recovered)
+            timings["recover"] = time.perf_counter() - t0
 
-    if retriever is not None:
-        t0 = time.perf_counter()
-        retriever.sync_added()
-        timings["sync_retriever"] = time.perf_counter() - t0
-    n_added_total = len(store) if store is not None else 0
-    report_counts = {
-        **counts,
-        "docs_added": len(new),
-        "docs_skipped": counts["docs_skipped_empty"] + sum(skipped.values()),
-        **skipped,
-        "chunks_added": chunks_added,
-        "tokens_added": tokens_added,
-        "first_chunk_id": first_chunk_id if chunks_added else -1,
-        "vectors_recovered": recovered,
-        "added_docs_total": int(state["docs"]) if state else 0,
-        "added_chunks_total": n_added_total,
-        "total_chunks": n_base + n_added_total,
-    }
-    timings["total"] = time.perf_counter() - t_start
-    stage_metrics("index").seconds(timings["total"], step="add-docs")
-    report = Report(stage=STAGE, counts=report_counts, timings=timings,
-                    outputs=[str(root), str(project.index_dir)], skipped=not new and not recovered)
-    if new:
-        log.info("add-docs: %d documents added (%d chunks, ids %d..%d); %d skipped; the database now has %d chunks",
-                 len(new), chunks_added, first_chunk_id, first_chunk_id + chunks_added - 1, report_counts["docs_skipped"],
-                 report_counts["total_chunks"])
-    else:
-        log.info("add-docs: nothing to add: all %d documents are already in the database (%d already added, "
-                 "%d in the corpus, %d repeated, %d empty)", counts["docs_read"], skipped["docs_skipped_already_added"],
-                 skipped["docs_skipped_in_corpus"], skipped["docs_skipped_repeated"], counts["docs_skipped_empty"])
-    return report
+            # Skip what the database holds already, and repeats within this input.
+            corpus = _corpus_keys(project)
+            known = set(store.digests) if store is not None else set()
+            new: list[NewDocument] = []
+            seen: set[str] = set()
+            skipped = {"docs_skipped_already_added": 0, "docs_skipped_in_corpus": 0, "docs_skipped_repeated": 0}
+            for d in docs:
+                if d.digest in known:
+                    skipped["docs_skipped_already_added"] += 1
+                elif d.digest in seen:
+                    skipped["docs_skipped_repeated"] += 1
+                elif _in_sorted(corpus, _key64(bytes.fromhex(d.digest))):
+                    skipped["docs_skipped_in_corpus"] += 1
+                else:
+                    seen.add(d.digest)
+                    new.append(d)
+
+            chunks_added = tokens_added = 0
+            first_chunk_id = n_base + (len(store) if store is not None else 0)
+            if new:
+                t0 = time.perf_counter()
+                chunked = _tokenize_and_chunk(project, new)
+                timings["tokenize"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if embedder is None:
+                    embedder = _project_embedder(project, cfg)
+                    _check_embedder(embedder, project)
+                vectors = _embed(embedder, chunked["texts"], group_size(project.read_config().embedder.batch_size), progress)
+                timings["embed"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                state = _commit_db(project, state, store, new, chunked, vectors, embedder)
+                store = load_added(project, state)
+                timings["commit_db"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                _complete_index(project, store)
+                timings["index"] = time.perf_counter() - t0
+                chunks_added, tokens_added = len(chunked["rows"]), len(chunked["tokens"])
+                m = stage_metrics("index")
+                m.rows(chunks_added)
+                m.chunks(chunks_added)
+                if timings["embed"] > 0:
+                    stage_metrics("embed").chunks_per_second(chunks_added / timings["embed"])
+
+        if retriever is not None:
+            t0 = time.perf_counter()
+            retriever.sync_added()
+            timings["sync_retriever"] = time.perf_counter() - t0
+        n_added_total = len(store) if store is not None else 0
+        report_counts = {
+            **counts,
+            "docs_added": len(new),
+            "docs_skipped": counts["docs_skipped_empty"] + sum(skipped.values()),
+            **skipped,
+            "chunks_added": chunks_added,
+            "tokens_added": tokens_added,
+            "first_chunk_id": first_chunk_id if chunks_added else -1,
+            "vectors_recovered": recovered,
+            "added_docs_total": int(state["docs"]) if state else 0,
+            "added_chunks_total": n_added_total,
+            "total_chunks": n_base + n_added_total,
+        }
+        timings["total"] = time.perf_counter() - t_start
+        stage_metrics("index").seconds(timings["total"], step="add-docs")
+        report = Report(stage=self.name, counts=report_counts, timings=timings,
+                        outputs=[str(root), str(project.index_dir)], skipped=not new and not recovered)
+        if new:
+            log.info("add-docs: %d documents added (%d chunks, ids %d..%d); %d skipped; the database now has %d chunks",
+                     len(new), chunks_added, first_chunk_id, first_chunk_id + chunks_added - 1, report_counts["docs_skipped"],
+                     report_counts["total_chunks"])
+        else:
+            log.info("add-docs: nothing to add: all %d documents are already in the database (%d already added, "
+                     "%d in the corpus, %d repeated, %d empty)", counts["docs_read"], skipped["docs_skipped_already_added"],
+                     skipped["docs_skipped_in_corpus"], skipped["docs_skipped_repeated"], counts["docs_skipped_empty"])
+        return report
+
+    def finish(self, run: StageRun, report: Report) -> None:
+        pass  # work() recorded its time (as the `index` metrics' "add-docs" step)
+
+
+STAGE = AddDocs()
+run = STAGE.run

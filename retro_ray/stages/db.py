@@ -44,12 +44,14 @@ from retro_ray.embedder import load_wordpiece_tokenizer
 from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset
 from retro_ray.metrics import stage_metrics
-from retro_ray.project import Project, Report, tmp_path_for
+from retro_ray.project import Report, tmp_path_for
 from retro_ray.runtime import connect, count_by_node, run_block_tasks
+from retro_ray.stages import STAGES
+from retro_ray.stages.base import Stage, StageRun
 from retro_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-STAGE = "db"
+NAME = "db"
 DB_SPLITS = ("train", "valid")
 DEFAULT_MAX_NTRAIN = 1_000_000
 
@@ -250,7 +252,7 @@ def chunk_block(item: dict) -> dict:
     with open(tmp, "wb") as f:
         np.save(f, rows)
     os.replace(tmp, out)
-    m = stage_metrics(STAGE)
+    m = stage_metrics(NAME)
     m.rows(last - first)
     m.chunks(len(rows))
     m.seconds(time.perf_counter() - t0)
@@ -295,69 +297,74 @@ def sample_chunks(n_chunks: int, ntrain: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_chunks, size=ntrain, replace=False)).astype(np.int64)
 
 
-def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: dict | None = None, *,
-        progress: bool = True, address: str | None = None) -> Report:
-    cfg = project.check_overrides(overrides or {})
-    project.require("prep", STAGE)
-    if run_cfg.docs_per_block <= 0:
-        raise RetroRayError(f"db.docs_per_block={run_cfg.docs_per_block} must be positive.")
-    if project.is_done(STAGE):
-        report = project.report(STAGE)
-        report.skipped = True
-        return report
-    derived = project.derived()
-    project.remove_stale_temporaries(project.db_dir)
-    project.remove_stale_temporaries(project.merged_db_dir)
-    for split in DB_SPLITS:
-        project.remove_stale_temporaries(project.db_blocks_dir(split))
-    timings: dict[str, float] = {}
-    counts: dict[str, Any] = {}
+class Db(Stage):
+    spec = STAGES["db"]
+    run_config = C.DbRunConfig
 
-    t0 = time.perf_counter()
-    plans: dict[str, list[tuple[dict, Path]]] = {}
-    for split in DB_SPLITS:
-        ds = IndexedDataset(project.token_prefix(split))
-        plans[split] = []
-        for b, first in enumerate(range(0, len(ds), run_cfg.docs_per_block)):
-            out = project.db_block(split, b)
-            item = {"block_key": f"{split}/{b}", "out": str(out), "prefix": str(project.token_prefix(split)),
-                    "tokenizer": str(project.tokenizer_path), "bert_dir": cfg.embedder.model_dir,
-                    "first": first, "last": min(first + run_cfg.docs_per_block, len(ds)),
-                    "chunk_length": cfg.chunk_length, "eod_id": derived["eod_id"]}
-            plans[split].append((item, out))
-    todo = [item for plan in plans.values() for item, out in plan if not out.is_file()]
-    if todo:
+    def check(self, run: StageRun) -> None:
+        if run.cfg.docs_per_block <= 0:
+            raise RetroRayError(f"db.docs_per_block={run.cfg.docs_per_block} must be positive.")
+
+    def temporaries(self, run: StageRun) -> list[Path]:
+        p = run.project
+        return [p.db_dir, p.merged_db_dir, *(p.db_blocks_dir(split) for split in DB_SPLITS)]
+
+    def work(self, run: StageRun) -> Report:
+        project, cfg, run_cfg = run.project, run.config, run.cfg
+        derived = project.derived()
+        timings: dict[str, float] = {}
+        counts: dict[str, Any] = {}
+
+        t0 = time.perf_counter()
+        plans: dict[str, list[tuple[dict, Path]]] = {}
         for split in DB_SPLITS:
-            project.db_blocks_dir(split).mkdir(parents=True, exist_ok=True)
-        connect(address, progress)
-        # Fail here, once, with a clear message, rather than in every task.
-        load_wordpiece_tokenizer(cfg.embedder.model_dir)
-        counts["blocks_by_node"] = count_by_node(
-            r["node_id"] for r in run_block_tasks(chunk_block, todo, run_cfg.cpus_per_task, "chunk"))
-    timings["chunk"] = time.perf_counter() - t0
+            ds = IndexedDataset(project.token_prefix(split))
+            plans[split] = []
+            for b, first in enumerate(range(0, len(ds), run_cfg.docs_per_block)):
+                out = project.db_block(split, b)
+                item = {"block_key": f"{split}/{b}", "out": str(out), "prefix": str(project.token_prefix(split)),
+                        "tokenizer": str(project.tokenizer_path), "bert_dir": cfg.embedder.model_dir,
+                        "first": first, "last": min(first + run_cfg.docs_per_block, len(ds)),
+                        "chunk_length": cfg.chunk_length, "eod_id": derived["eod_id"]}
+                plans[split].append((item, out))
+        todo = [item for plan in plans.values() for item, out in plan if not out.is_file()]
+        if todo:
+            for split in DB_SPLITS:
+                project.db_blocks_dir(split).mkdir(parents=True, exist_ok=True)
+            connect(run.address, run.progress)
+            # Fail here, once, with a clear message, rather than in every task.
+            load_wordpiece_tokenizer(cfg.embedder.model_dir)
+            counts["blocks_by_node"] = count_by_node(
+                r["node_id"] for r in run_block_tasks(chunk_block, todo, run_cfg.cpus_per_task, "chunk"))
+        timings["chunk"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    for split in DB_SPLITS:
-        n_docs = len(IndexedDataset(project.token_prefix(split)))
-        chunks, doc_offsets = merge_split([out for _, out in plans[split]], n_docs)
-        _write_h5(project.merged_db_path(split), {
-            "chunks": chunks, "doc_offsets": doc_offsets,
-            "n_written": np.array([len(chunks)], dtype=np.uint64),
-        })
-        counts[f"{split}_chunks"] = int(len(chunks))
-        counts[f"{split}_docs"] = n_docs
-        if split == "train":
-            if len(chunks) == 0:
-                raise RetroRayError("the train split produced no chunks; the corpus or the train split is empty.")
-            ids = sample_chunks(len(chunks), cfg.index.ntrain, cfg.seed)
-            _write_h5(project.merged_db_path("sampled"), {"chunks": chunks[ids], "chunk_ids": ids})
-            counts["sampled_chunks"] = int(len(ids))
-    timings["merge"] = time.perf_counter() - t0
-    project.update_derived(chunks_per_split={s: counts[f"{s}_chunks"] for s in DB_SPLITS},
-                           sampled_chunks=counts["sampled_chunks"])
-    report = Report(stage=STAGE, counts=counts, timings=timings,
-                    outputs=[str(project.merged_db_path(n)) for n in ("train", "valid", "sampled")])
-    project.mark_done(report)
-    stage_metrics(STAGE).seconds(sum(timings.values()), step="run")
-    project.remove_scratch_dir(project.db_scratch_dir)
-    return report
+        t0 = time.perf_counter()
+        for split in DB_SPLITS:
+            n_docs = len(IndexedDataset(project.token_prefix(split)))
+            chunks, doc_offsets = merge_split([out for _, out in plans[split]], n_docs)
+            _write_h5(project.merged_db_path(split), {
+                "chunks": chunks, "doc_offsets": doc_offsets,
+                "n_written": np.array([len(chunks)], dtype=np.uint64),
+            })
+            counts[f"{split}_chunks"] = int(len(chunks))
+            counts[f"{split}_docs"] = n_docs
+            if split == "train":
+                if len(chunks) == 0:
+                    raise RetroRayError("the train split produced no chunks; the corpus or the train split is empty.")
+                ids = sample_chunks(len(chunks), cfg.index.ntrain, cfg.seed)
+                _write_h5(project.merged_db_path("sampled"), {"chunks": chunks[ids], "chunk_ids": ids})
+                counts["sampled_chunks"] = int(len(ids))
+        timings["merge"] = time.perf_counter() - t0
+        project.update_derived(chunks_per_split={s: counts[f"{s}_chunks"] for s in DB_SPLITS},
+                               sampled_chunks=counts["sampled_chunks"])
+        report = Report(stage=NAME, counts=counts, timings=timings,
+                        outputs=[str(project.merged_db_path(n)) for n in ("train", "valid", "sampled")])
+        return report
+
+    def finish(self, run: StageRun, report: Report) -> None:
+        super().finish(run, report)
+        run.project.remove_scratch_dir(run.project.db_scratch_dir)  # the blocks only served a resume
+
+
+STAGE = Db()
+run = STAGE.run

@@ -20,9 +20,11 @@ from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Project, Report
 from retro_ray.runtime import connect, want_gpu
+from retro_ray.stages import STAGES
+from retro_ray.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
-STAGE = "index-train"
+NAME = "index-train"
 
 
 def resolve_index_string(project: Project, index_str: str) -> str:
@@ -63,50 +65,57 @@ def _train_remote(
     return index_to_bytes(index), info["kmeans"]
 
 
-def run(project: Project, run_cfg: C.IndexRunConfig = C.IndexRunConfig(), overrides: dict | None = None, *,
-              progress: bool = True, address: str | None = None) -> Report:
-    import ray
+class IndexTrain(Stage):
+    spec = STAGES["index-train"]
+    run_config = C.IndexRunConfig
+    owns = ("index.index_str",)  # until the index is trained: then it is fixed
 
-    from retro_ray.retrieval.index import KMEANS_CHOICES, index_from_bytes, save_index
-    from retro_ray.stages.embed import load_embeddings
+    def check(self, run: StageRun) -> None:
+        from retro_ray.retrieval.index import KMEANS_CHOICES
 
-    if project.is_done(STAGE):
-        project.check_overrides(overrides or {})  # the index string is fixed once trained
-        rep = project.report(STAGE)
-        rep.skipped = True
-        return rep
-    if run_cfg.kmeans not in KMEANS_CHOICES:
-        raise RetroRayError(f"index.kmeans={run_cfg.kmeans!r} is not one of {', '.join(KMEANS_CHOICES)}.")
-    cfg = project.check_overrides(overrides or {}, changeable=("index.index_str",))
-    project.require("embed", STAGE)
-    index_str = resolve_index_string(project, cfg.index.index_str)
-    project.update_derived(index_str=index_str)
-    empty_path = project.empty_index_path
-    t0 = time.perf_counter()
-    with h5py.File(project.merged_db_path("sampled"), "r") as f:
-        ids = f["chunk_ids"][:]
-    vectors = load_embeddings(project, "train", chunk_ids=ids)
-    t_load = time.perf_counter() - t0
-    connect(address, progress)
-    use_gpu = want_gpu(run_cfg.use_gpu)
-    log.info("index-train: %s on %d sampled chunks (%s)", index_str, len(ids), "GPU" if use_gpu else "CPU")
-    t0 = time.perf_counter()
-    cpus = _train_cpus()
-    task = ray.remote(_train_remote).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
-    try:
-        data, backend = ray.get(task.remote(index_str, vectors, use_gpu, run_cfg.kmeans, cpus))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, RetroRayError):
-            raise RetroRayError(str(e.cause)) from None
-        raise
-    save_index(index_from_bytes(data), empty_path)
-    t_train = time.perf_counter() - t0
-    stage_metrics("index").seconds(t_train, step="train")
-    log.info("index-train: k-means ran on %s (%d CPU threads)", backend, cpus)
-    report = Report(stage=STAGE, counts={"index_str": index_str, "training_vectors": len(ids),
-                                               "dim": int(vectors.shape[1]), "kmeans": backend,
-                                               "cpu_threads": cpus},
-                    timings={"load_embeddings": t_load, "train": t_train},
-                    outputs=[str(empty_path)])
-    project.mark_done(report)
-    return report
+        if run.cfg.kmeans not in KMEANS_CHOICES:
+            raise RetroRayError(f"index.kmeans={run.cfg.kmeans!r} is not one of {', '.join(KMEANS_CHOICES)}.")
+
+    def work(self, run: StageRun) -> Report:
+        import ray
+
+        from retro_ray.retrieval.index import index_from_bytes, save_index
+        from retro_ray.stages.embed import load_embeddings
+
+        project, cfg, run_cfg = run.project, run.config, run.cfg
+        index_str = resolve_index_string(project, cfg.index.index_str)
+        project.update_derived(index_str=index_str)
+        empty_path = project.empty_index_path
+        t0 = time.perf_counter()
+        with h5py.File(project.merged_db_path("sampled"), "r") as f:
+            ids = f["chunk_ids"][:]
+        vectors = load_embeddings(project, "train", chunk_ids=ids)
+        t_load = time.perf_counter() - t0
+        connect(run.address, run.progress)
+        use_gpu = want_gpu(run_cfg.use_gpu)
+        log.info("index-train: %s on %d sampled chunks (%s)", index_str, len(ids), "GPU" if use_gpu else "CPU")
+        t0 = time.perf_counter()
+        cpus = _train_cpus()
+        task = ray.remote(_train_remote).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
+        try:
+            data, backend = ray.get(task.remote(index_str, vectors, use_gpu, run_cfg.kmeans, cpus))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, RetroRayError):
+                raise RetroRayError(str(e.cause)) from None
+            raise
+        save_index(index_from_bytes(data), empty_path)
+        t_train = time.perf_counter() - t0
+        stage_metrics("index").seconds(t_train, step="train")
+        log.info("index-train: k-means ran on %s (%d CPU threads)", backend, cpus)
+        report = Report(stage=NAME, counts={"index_str": index_str, "training_vectors": len(ids),
+                                            "dim": int(vectors.shape[1]), "kmeans": backend, "cpu_threads": cpus},
+                        timings={"load_embeddings": t_load, "train": t_train},
+                        outputs=[str(empty_path)])
+        return report
+
+    def finish(self, run: StageRun, report: Report) -> None:
+        pass  # work() recorded the training time (as the `index` metrics' "train" step)
+
+
+STAGE = IndexTrain()
+run = STAGE.run

@@ -120,9 +120,9 @@ def test_index_before_embed_and_bad_index_string(tmp_path, project, ray_cluster)
     d = bare.derived()
     bare.update_derived(embed_dim=project.derived()["embed_dim"], embed_precision=d.get("embed_precision", "fp32"))
     with pytest.raises(RetroRayError, match="Faiss rejected index string 'IVF-nonsense'"):
-        index_train.run(bare, overrides={"index": {"index_str": "IVF-nonsense"}}, progress=False)
+        index_train.run(bare, settings={"index": {"index_str": "IVF-nonsense"}}, progress=False)
     with pytest.raises(RetroRayError, match=r"needs at least 4096 training vectors .* lower nlist"):
-        index_train.run(bare, overrides={"index": {"index_str": "IVF4096,Flat"}}, progress=False)
+        index_train.run(bare, settings={"index": {"index_str": "IVF4096,Flat"}}, progress=False)
     assert not bare.is_done("index-train")
 
 
@@ -267,7 +267,7 @@ def test_a_resumed_embed_keeps_its_group_size_and_precision(queried, tmp_path):
     assert layout == {"chunks_per_block": 200, "batch_size": 8, "precision": "bf16"}
     with pytest.raises(RetroRayError, match=r"embedder.batch_size=32 was given but the embeddings in .* are being "
                                             r"made with embedder.batch_size=8; drop the override"):
-        embed.run(p, overrides={"embedder": {"batch_size": 32}}, progress=False)
+        embed.run(p, settings={"embedder": {"batch_size": 32}}, progress=False)
     with pytest.raises(RetroRayError, match=r"embed.precision=fp32 was given but the embeddings in .* are being "
                                             r"made in bf16"):
         embed.run(p, C.EmbedRunConfig(precision="fp32"), progress=False)
