@@ -538,6 +538,7 @@ class AddDocs(Stage):
     spec = STAGES["add-docs"]
     run_config = AddDocsConfig
     marks_done = False
+    inputs = ("source", "retriever", "embedder")
 
     def work(self, run: StageRun) -> Report:
         t_start = time.perf_counter()

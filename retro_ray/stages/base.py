@@ -52,6 +52,7 @@ class Stage:
     run_config: ClassVar[type]             # the frozen dataclass of its run settings
     owns: ClassVar[tuple[str, ...]] = ()   # project settings (key prefixes) it may still set before it has run
     marks_done: ClassVar[bool] = True      # False: a stage that runs every time (and is never skipped)
+    inputs: ClassVar[tuple[str, ...]] = ()  # what else run() takes, by keyword (add-docs: the documents)
 
     @property
     def name(self) -> str:
@@ -66,6 +67,9 @@ class Stage:
             address: str | None = None, overwrite: bool = False, **inputs: Any) -> Report:
         """Run the stage (see the module docstring); ``cfg``: its run settings (default: the defaults);
         ``settings``: project settings, as ``key.sub=value`` overrides give them (a nested dict)."""
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            raise TypeError(f"{self.name}.run() got an unexpected keyword argument {unknown[0]!r}")
         run = StageRun(project, self.run_config() if cfg is None else cfg, {} if settings is None else settings,
                        progress, address, overwrite, inputs)
         self.check(run)

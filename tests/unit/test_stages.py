@@ -105,6 +105,8 @@ class _Echo(Stage):
 def test_the_skeleton_checks_requires_settles_cleans_works_and_marks_done(tmp_path):
     p = Project(tmp_path / "p")
     echo = _Echo()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'overides'"):
+        echo.run(p, overides={})
     with pytest.raises(RetroRayError, match="blocks must be positive"):
         echo.run(p, _RunSettings(blocks=0))  # the run settings first, before the project is looked at
     with pytest.raises(RetroRayError, match="is not a retro-ray project"):
