@@ -96,10 +96,9 @@ def rebuild(project: Project, records: list[dict], work: Path) -> tuple[float, d
         run_stage(stage, target, settings, progress=False, address=None, recorded=i > 0)
         per[stage] = round(time.perf_counter() - t, 2)
     seconds = time.perf_counter() - t0
-    from retro_ray.prep.index import index_paths
     from retro_ray.retrieval.index import load_index
 
-    n = load_index(index_paths(target)["added"]).ntotal
+    n = load_index(target.added_index_path).ntotal
     assert n == target.derived()["chunks_per_split"]["train"], n
     return seconds, per
 
@@ -116,7 +115,7 @@ def main() -> None:
 
     import ray
 
-    from retro_ray.prep.add_docs import AddDocsConfig, _project_embedder, add_documents
+    from retro_ray.stages.add_docs import AddDocsConfig, _project_embedder, add_documents
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -145,10 +144,10 @@ def main() -> None:
     print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in rep.timings.items()), flush=True)
     import pyarrow.parquet as pq
 
-    from retro_ray.retrieval.chunks import added_dir, read_added_state
+    from retro_ray.retrieval.chunks import read_added_state
 
     state = read_added_state(copy)
-    table = pq.read_table(added_dir(copy) / state["dir"] / "docs.parquet", columns=["n_chunks"]).to_pydict()
+    table = pq.read_table(copy.added_doc_table_path(state["dir"]), columns=["n_chunks"]).to_pydict()
     first = (np.concatenate([[0], np.cumsum(table["n_chunks"])[:-1]]) + n_train).tolist()
     check_found(copy, embedder, first)
 

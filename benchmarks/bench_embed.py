@@ -1,7 +1,7 @@
 """Benchmark of the ``embed`` stage against a one-process loop and against sentence-transformers.
 
 What is timed (all three embed the same chunks: every chunk of db/merged/train.hdf5 and valid.hdf5)
-    stage     ``retro_ray.prep.embed.run`` on a copy of the project with the embed outputs removed:
+    stage     ``retro_ray.stages.embed.run`` on a copy of the project with the embed outputs removed:
               Ray Data over blocks of chunk ids, an actor pool of ``EmbedChunks`` (h5py read, GPT
               decode, ``Embedder.embed``, ``np.save`` per block). Ray is started before the clock
               (``ray.init(num_cpus=2)`` plus one no-op task per CPU so the worker processes exist);
@@ -86,7 +86,7 @@ def reset_embed(project) -> None:
 # ------------------------------------------------------------------------------------------------
 def run_stage(project, n_chunks: int) -> dict:
     from retro_ray import config as C
-    from retro_ray.prep import embed
+    from retro_ray.stages import embed
 
     reset_embed(project)
     watcher = BlockWatcher(project.embeddings_dir)
@@ -106,7 +106,7 @@ def run_stage(project, n_chunks: int) -> dict:
 
 
 def plan(project, per_block: int) -> list[dict]:
-    from retro_ray.prep.embed import plan_blocks
+    from retro_ray.stages.embed import plan_blocks
 
     return plan_blocks(project, per_block)
 
@@ -123,7 +123,7 @@ def read_and_decode(project, items: list[dict], datasets: dict, gpt) -> list[lis
 
 
 def run_plain(project, embedder, items: list[dict], datasets: dict, gpt, out_dir: Path) -> dict:
-    from retro_ray.prep.embed import save_npy_atomic
+    from retro_ray.project import save_npy_atomic
     from retro_ray.retrieval.chunks import decode_chunks
 
     n = sum(it["end"] - it["start"] for it in items)

@@ -1,7 +1,7 @@
 """Benchmark of the Faiss index choices (``retro_ray.retrieval.index``) and of sharded search.
 
 Data (real-looking, ~1M x 384 float32 by default)
-    The project's real train-chunk embeddings (``retro_ray.prep.embed.load_embeddings(project,
+    The project's real train-chunk embeddings (``retro_ray.stages.embed.load_embeddings(project,
     "train")``, all-MiniLM-L6-v2, unit length). ``--nq`` (1,000) of them are held out. The database
     is the other real vectors plus perturbed copies of them, cycled until it holds ``--n`` vectors:
     ``copy = normalise(source + N(0, sigma^2 I))`` with ``sigma = --noise`` per dimension (0.025
@@ -199,8 +199,8 @@ def evaluate(index, index_str: str, queries: np.ndarray, gt: np.ndarray, k: int,
 # sharded
 # ------------------------------------------------------------------------------------------------
 def build_shards(empty_bytes, db: np.ndarray, num_shards: int, out: Path) -> list[Path]:
-    from retro_ray.prep.index import shard_ranges
     from retro_ray.retrieval.index import add_range, index_from_bytes, save_index
+    from retro_ray.retrieval.shards import shard_ranges
 
     paths = []
     for i, (lo, hi) in enumerate(shard_ranges(len(db), num_shards)):
@@ -337,9 +337,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     faiss.omp_set_num_threads(NUM_CPUS)
 
-    from retro_ray.prep.embed import load_embeddings
     from retro_ray.project import Project
     from retro_ray.retrieval.index import _choose_nlist, choose_index_string, index_to_bytes
+    from retro_ray.stages.embed import load_embeddings
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

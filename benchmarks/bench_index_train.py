@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.project:
-        from retro_ray.prep.embed import load_embeddings
+        from retro_ray.stages.embed import load_embeddings
 
         _, real = load_embeddings(Path(args.project), "train")
         rng = np.random.default_rng(0)

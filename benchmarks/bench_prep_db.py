@@ -1,7 +1,7 @@
 """Benchmark of stage 1: ``prep`` (tokens) + ``db`` (chunk database) against a single-process loop.
 
 What is timed
-    pipeline  ``retro_ray.prep.tokens.run`` then ``retro_ray.prep.db.run`` on a fresh project
+    pipeline  ``retro_ray.stages.prep.run`` then ``retro_ray.stages.db.run`` on a fresh project
               directory: ingest (JSONL -> normalised, de-duplicated docs.parquet), split, tokenizer
               (copying the given tokenizer.json), tokenization in Ray tasks into per-block files, merge
               into Megatron .bin/.idx, chunking in Ray tasks (64-token chunks + each chunk's wordpiece
@@ -53,14 +53,15 @@ from pathlib import Path
 import numpy as np
 
 from retro_ray import config as C
+from retro_ray.chunking import chunk_bounds
 from retro_ray.corpus import IngestStats, iter_raw_documents, normalize_text
 from retro_ray.embedder import load_wordpiece_tokenizer
 from retro_ray.indexed import IndexedDatasetWriter
-from retro_ray.prep import db as db_stage
-from retro_ray.prep import tokens as tokens_stage
-from retro_ray.prep.db import DB_SPLITS, chunk_bounds, sample_chunks
-from retro_ray.prep.tokens import assign_splits
 from retro_ray.project import SPLITS, Project
+from retro_ray.stages import db as db_stage
+from retro_ray.stages import prep as prep_stage
+from retro_ray.stages.db import DB_SPLITS, sample_chunks
+from retro_ray.stages.prep import assign_splits
 from retro_ray.tokenizer import token_dtype, train_tokenizer
 
 MB = 1_000_000  # corpus sizes are in decimal megabytes of UTF-8 text
@@ -169,7 +170,7 @@ class CpuMeter:
 def run_pipeline(project_dir: Path, cfg: C.ProjectConfig, prep_run: C.PrepRunConfig,
                  db_run: C.DbRunConfig) -> dict:
     t0 = time.perf_counter()
-    prep_report = tokens_stage.run(Project(project_dir), cfg, prep_run, progress=False)
+    prep_report = prep_stage.run(Project(project_dir), prep_run, cfg, progress=False)
     t1 = time.perf_counter()
     db_report = db_stage.run(Project(project_dir), db_run, progress=False)
     t2 = time.perf_counter()

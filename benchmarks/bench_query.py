@@ -1,7 +1,7 @@
 """Benchmark of the ``query`` stage against a one-process loop, and of RetroDataset against a train step.
 
 Part 1: query stage vs plain loop (same samples, same work, same outputs)
-    stage     ``retro_ray.prep.query.run`` on a copy of the project with the query outputs removed and
+    stage     ``retro_ray.stages.query.run`` on a copy of the project with the query outputs removed and
               ``query.train_samples=--train-samples`` (valid: every sample), default run settings:
               Ray Data over blocks of 256 samples, an actor pool of ``QueryNeighbors`` (decode,
               ``Embedder.embed``, search through ``IndexShard`` actors, same-document filter,
@@ -73,12 +73,12 @@ def copy_project_without_query(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def run_stage(project, train_samples: int) -> tuple[dict, dict]:
     from retro_ray import config as C
-    from retro_ray.prep import query
+    from retro_ray.stages import query
 
     project.clear_done("query")
-    shutil.rmtree(project.root / "query", ignore_errors=True)
+    shutil.rmtree(project.query_root, ignore_errors=True)
     # query/<split>_<hash>/<block>.npy -> "<split>/<block number>"
-    watcher = BlockWatcher(project.root / "query", key=lambda p: f"{p.parent.name.split('_')[0]}/{p.stem.lstrip('0') or '0'}")
+    watcher = BlockWatcher(project.query_root, key=lambda p: f"{p.parent.name.split('_')[0]}/{p.stem.lstrip('0') or '0'}")
     with Region() as r:
         watcher.t0 = r.t0
         watcher.start()
@@ -101,10 +101,9 @@ class PlainQuery:
         import faiss
 
         from retro_ray.embedder import Embedder, EmbedderConfig
-        from retro_ray.prep.index import index_paths
-        from retro_ray.prep.query import QUERY_SPLITS, make_samples
         from retro_ray.retrieval.chunks import ChunkDatabase
         from retro_ray.retrieval.index import load_index
+        from retro_ray.stages.query import QUERY_SPLITS, make_samples
 
         faiss.omp_set_num_threads(NUM_CPUS)
         cfg = project.read_config()
@@ -113,7 +112,7 @@ class PlainQuery:
         self.embedder = Embedder(EmbedderConfig(model_dir=cfg.embedder.model_dir,
                                                 max_chunk_length=cfg.embedder.max_chunk_length,
                                                 batch_size=batch_size, precision=precision, device="cpu"))
-        self.index = load_index(index_paths(project)["added"])
+        self.index = load_index(project.added_index_path)
         self.db = ChunkDatabase(project, "train")
         self.gpt = self.db.tokenizer
         self.samples = {s: make_samples(project, s) for s in QUERY_SPLITS}
@@ -122,8 +121,8 @@ class PlainQuery:
         self.chunk_doc = self.doc_ids["train"][self.db.chunks[:, 1].astype(np.int64)]
 
     def block(self, split: str, start: int, end: int, times: dict) -> np.ndarray:
-        from retro_ray.prep.query import samples_per_group
         from retro_ray.retrieval.index import search
+        from retro_ray.stages.query import samples_per_group
 
         m = self.cfg.chunk_length
         q = self.cfg.query
@@ -156,7 +155,7 @@ class PlainQuery:
 
 
 def run_plain(project, train_samples: int, samples_per_block: int, batch_size: int) -> tuple[dict, dict]:
-    from retro_ray.prep.query import QUERY_SPLITS
+    from retro_ray.stages.query import QUERY_SPLITS
 
     t0 = time.perf_counter()
     pq = PlainQuery(project, batch_size)
@@ -181,16 +180,15 @@ def diagnostics(project, batch_size: int) -> dict:
     (as the stage does, 0.25-CPU actors) vs the merged index in this process, same embeddings."""
     import faiss
 
-    from retro_ray.prep.index import index_paths, shard_paths
-    from retro_ray.prep.query import QUERY_SPLITS, make_samples
     from retro_ray.retrieval.index import load_index, search
     from retro_ray.retrieval.retriever import Retriever
     from retro_ray.retrieval.shards import ShardedIndex
+    from retro_ray.stages.query import QUERY_SPLITS, make_samples
 
     out = {}
     cfg = project.read_config()
     t = time.perf_counter()
-    sharded = ShardedIndex.from_paths(shard_paths(project))
+    sharded = ShardedIndex.from_paths(project.shard_paths())
     out["shard_actors_start_s"] = time.perf_counter() - t
     try:
         t = time.perf_counter()
@@ -204,7 +202,7 @@ def diagnostics(project, batch_size: int) -> dict:
         emb = retr.embedder.embed(texts[:64])
         emb = retr.embedder.embed(texts)
         k = cfg.query.num_neighbors_query
-        merged = load_index(index_paths(project)["added"])
+        merged = load_index(project.added_index_path)
         for threads in (1, NUM_CPUS):
             faiss.omp_set_num_threads(threads)
             t = time.perf_counter()
@@ -217,7 +215,7 @@ def diagnostics(project, batch_size: int) -> dict:
         out["block_chunks"] = len(emb)
     finally:
         sharded.shutdown()
-    say(f"diagnostics: {len(shard_paths(project))} shard actors start in {out['shard_actors_start_s']:.1f} s; "
+    say(f"diagnostics: {len(project.shard_paths())} shard actors start in {out['shard_actors_start_s']:.1f} s; "
         f"a query actor's state (Embedder, ChunkDatabase, samples) {out['query_actor_state_s']:.1f} s in-process; "
         f"search of one block ({out['block_chunks']} chunks, k={k}): shard actors {out['search_sharded_s']:.2f} s, "
         f"merged index in-process {out['search_merged_1thr_s']:.2f} s (1 thread) / "

@@ -158,10 +158,9 @@ def measure_scan(project: Project, queries: int, nprobe: int, k: int) -> dict:
     import faiss
     import numpy as np
 
-    from retro_ray.prep.index import index_paths
     from retro_ray.retrieval.index import load_index, set_search_params
 
-    path = index_paths(project)["added"]
+    path = project.added_index_path
     index = load_index(path)
     set_search_params(index, nprobe=nprobe, ef_search=32)
     blocks = sorted((project.embeddings_dir / "valid").glob("*.npy")) + sorted((project.embeddings_dir / "train").glob("*.npy"))

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     p = out.append
 
-    p(f"## Inputs\n")
+    p("## Inputs\n")
     p(f"- database: {T:.3g} tokens = **{N / 1e9:,.2f} B chunks** of {chunk} tokens; query chunks (training "
       f"tokens / {chunk}): {Q / 1e9:,.2f} B")
     p(f"- measured sizes (bench_scaling.json): {small['corpus']['copies']}x and {large['corpus']['copies']}x "
@@ -110,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     p("| what | per chunk | at the database size |")
     p("|---|---|---|")
     text_tb = T / tokens_per_byte / TB
-    p(f"| text (docs.parquet), {1 / tokens_per_byte:.2f} bytes a token (measured, 8k BPE) | {chunk / tokens_per_byte:.0f} B | {text_tb:,.1f} TB |")
+    p(f"| text (docs.parquet), {1 / tokens_per_byte:.2f} bytes a token (measured, 8k BPE) | "
+      f"{chunk / tokens_per_byte:.0f} B | {text_tb:,.1f} TB |")
     p(f"| token files, 2 bytes a token (vocabulary < 65,536; 4 above) | {2 * chunk} B | {T * 2 / TB:,.1f} TB |")
     p(f"| chunk table db/merged/train.hdf5, uint32 [n, 5] | 20 B | {N * 20 / TB:,.2f} TB |")
     p(f"| embeddings, float32 x {dim} | {dim * 4:,} B | {emb_bytes / TB:,.1f} TB |")
     p(f"| index `{index_str}`: {m_pq}-byte code + 8-byte id, plus {nlist:,} centroids | {m_pq + 8} B | {idx_bytes / TB:,.2f} TB |")
-    p(f"| measured index bytes a vector at {scan['vectors']:,} vectors (`{sc['index_str']}`, centroids and OPQ included) | {scan['bytes_per_vector']:.1f} B | |")
+    p(f"| measured index bytes a vector at {scan['vectors']:,} vectors (`{sc['index_str']}`, its lists and "
+      f"quantizer included) | {scan['bytes_per_vector']:.1f} B | |")
     p("")
 
     # ---------------------------------------------------------------- CPU stages
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     coarse_at = coarse_meas * math.log2(nlist) / math.log2(max(2, scan["nlist"]))
     c_add_at = c_add + (coarse_at - coarse_meas)
     rows.append(("index-add", "chunk", c_add_at, N, c_add_at * N,
-                 f"bench_scaling marginal {c_add * 1e6:.0f} us + HNSW coarse step x log(nlist) ({coarse_meas * 1e6:.0f} -> {coarse_at * 1e6:.0f} us)"))
+                 f"bench_scaling marginal {c_add * 1e6:.0f} us + HNSW coarse step x log(nlist) "
+                 f"({coarse_meas * 1e6:.0f} -> {coarse_at * 1e6:.0f} us)"))
     # query: the measured marginal cost a query chunk less its measured search, plus the search at the
     # database size: coarse step + nprobe x (N / nlist) code distances x the measured cost of one.
     c_q = marginal(S["query"], L["query"])
@@ -214,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         h = having(stage)
         rs = [s["stages"][stage] for s in h]
         growth = rs[-1]["worker_peak_uss"] / max(1, rs[0]["worker_peak_uss"]) - 1
-        mib = lambda key: " / ".join(f"{r[key] / 2**20:,.0f}" for r in rs)  # noqa: E731
+        def mib(key: str, rs: list[dict] = rs) -> str:
+            return " / ".join(f"{r[key] / 2**20:,.0f}" for r in rs)
+
         p(f"| {stage} | {' / '.join(str(s['corpus']['copies']) + 'x' for s in h)} | {mib('worker_peak_uss')} MiB | "
           f"{growth:+.0%} | {mib('worker_peak_pss')} MiB | {mib('driver_peak_pss')} MiB |")
     p("")

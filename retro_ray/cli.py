@@ -1,7 +1,8 @@
 """The ``retro-ray`` command: one subcommand per stage, plus ``info``.
 
-The CLI only parses arguments and ``key.sub=value`` overrides and calls the stage's ``run``. An error
-the user can fix (:class:`RetroRayError`) is printed as one line and exits with status 2.
+The CLI only parses arguments and ``key.sub=value`` overrides and calls the stage's ``run``: the stage
+commands and ``pipeline`` come from the registry of stages (:mod:`retro_ray.stages`). An error the user
+can fix (:class:`RetroRayError`) is printed as one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -14,20 +15,13 @@ import textwrap
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.project import Project
+from retro_ray.stages import COMMANDS, PIPELINE, run_command
+from retro_ray.stages import STAGES as STAGE_SPECS
 
-# Stage name → (its run-settings dataclass, the section name of its overrides)
-# The overrides section of each stage's run settings (index-train / index-add share `index`'s).
-RUN_SECTION = {"prep": "prep", "db": "db", "embed": "embed", "index": "index", "index-train": "index",
-               "index-add": "index", "query": "query"}
-STAGE_HELP = {
-    "prep": "corpus → tokenizer → token datasets (data/, tokenizer/)",
-    "db": "token datasets → chunk database (db/merged/*.hdf5)",
-    "embed": "every chunk → a BERT embedding (embeddings/), Ray Data + actor pool",
-    "index": "index-train then index-add",
-    "index-train": "train the Faiss index on the sampled chunks (index/<type>/<str>/empty.faissindex)",
-    "index-add": "add every chunk, in IndexShard actors (shards/ + added.faissindex)",
-    "query": "neighbours for every chunk of every train / valid sample (query/<split>_<hash>/)",
-}
+# The stage commands (the stages, and `index`: index-train then index-add), from the registry:
+# the overrides section of each one's run settings (index-train / index-add share `index`'s), its help.
+RUN_SECTION = {name: command.section for name, command in COMMANDS.items()}
+STAGE_HELP = {name: command.help for name, command in COMMANDS.items()}
 STAGES = tuple(STAGE_HELP)
 RUN_CONFIGS = {stage: C.RUN_SECTIONS[section] for stage, section in RUN_SECTION.items()}
 
@@ -139,11 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON (text, tokens, neighbours used)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p = sub.add_parser("add-docs", help="add documents to the retrieval database, without retraining",
+    p = sub.add_parser("add-docs", help=STAGE_SPECS["add-docs"].help,
                        description="Tokenize, chunk, embed and add documents to the chunk database and every index "
                                    "file. Training data is untouched; documents already there are skipped. A "
                                    "running server picks the new documents up before its next generation.",
-                       epilog="settings:\n" + _settings_help("retro_ray.prep.add_docs", "AddDocsConfig"),
+                       epilog="settings:\n" + _settings_help("retro_ray.stages.add_docs", "AddDocsConfig"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project-dir", required=True)
     p.add_argument("source", help="a .jsonl / .jsonl.gz / .parquet / text file, or a directory of them")
@@ -207,9 +201,6 @@ def _settings(args) -> dict:
     return C.merge(base, C.parse_overrides(args.overrides))
 
 
-PIPELINE = ("prep", "db", "embed", "index", "query")
-
-
 def cmd_pipeline(args) -> int:
     settings = _settings(args)
     # Check every stage's settings before running anything.
@@ -233,41 +224,18 @@ def cmd_stage(args) -> int:
 
 def run_stage(stage: str, project: Project, settings: dict, *, progress: bool, address: str | None,
               overwrite: bool = False, recorded: bool = False) -> None:
-    """Run one stage with its settings; ``recorded``: preprocessing settings were just given to prep."""
+    """Run one stage command with its settings; ``recorded``: preprocessing settings were just given to prep."""
     project_settings, run_settings = split_settings(stage, settings)
     if recorded:
         project_settings = {}
     run_cfg = C.build(RUN_CONFIGS[stage], run_settings, prefix=f"{RUN_SECTION[stage]}.")
-    kw = dict(progress=progress, address=address)
-    if stage == "prep":
-        from retro_ray.prep import tokens
-
-        cfg = C.build(C.ProjectConfig, project_settings)
-        report = tokens.run(project, cfg, run_cfg, overwrite=overwrite, **kw)
-    elif stage == "db":
-        from retro_ray.prep import db
-
-        report = db.run(project, run_cfg, project_settings, **kw)
-    elif stage == "embed":
-        from retro_ray.prep import embed
-
-        report = embed.run(project, run_cfg, project_settings, **kw)
-    elif stage in ("index", "index-train", "index-add"):
-        from retro_ray.prep import index
-
-        fn = {"index": index.run, "index-train": index.run_train, "index-add": index.run_add}[stage]
-        report = fn(project, run_cfg, project_settings, **kw)
-    elif stage == "query":
-        from retro_ray.prep import query
-
-        report = query.run(project, run_cfg, project_settings, **kw)
-    else:  # pragma: no cover
-        raise AssertionError(stage)
+    report = run_command(stage, project, run_cfg, project_settings, progress=progress, address=address,
+                         overwrite=overwrite)
     print(report.format(), flush=True)
 
 
 def cmd_train(args) -> int:
-    from retro_ray.prep.query import load_neighbors
+    from retro_ray.stages.query import load_neighbors
     from retro_ray.train import trainer
     from retro_ray.train.config import load_train_config
 
@@ -351,7 +319,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_add_docs(args) -> int:
-    from retro_ray.prep.add_docs import AddDocsConfig, add_documents
+    from retro_ray.stages.add_docs import AddDocsConfig, add_documents
 
     cfg = C.build(AddDocsConfig, C.parse_overrides(args.overrides))
     report = add_documents(Project(args.project_dir), args.source, cfg, progress=not args.no_progress)
@@ -445,6 +413,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+# The commands that are not stages.
+OTHER_COMMANDS = {
+    "info": cmd_info, "search": cmd_search, "pipeline": cmd_pipeline, "train": cmd_train, "export": cmd_export,
+    "import-hf": cmd_import_hf, "generate": cmd_generate, "add-docs": cmd_add_docs, "eval": cmd_eval,
+    "demo": cmd_demo, "serve": cmd_serve,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from retro_ray.runtime import hide_known_ray_noise, local_cluster_on_loopback
 
@@ -462,29 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     local_cluster_on_loopback(getattr(args, "address", None))  # before anything imports ray
     try:
-        if args.command == "info":
-            return cmd_info(args)
-        if args.command == "search":
-            return cmd_search(args)
-        if args.command == "pipeline":
-            return cmd_pipeline(args)
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "import-hf":
-            return cmd_import_hf(args)
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "add-docs":
-            return cmd_add_docs(args)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "demo":
-            return cmd_demo(args)
-        if args.command == "serve":
-            return cmd_serve(args)
-        return cmd_stage(args)
+        return OTHER_COMMANDS.get(args.command, cmd_stage)(args)  # the stage commands: cmd_stage
     except RetroRayError as e:
         print(f"retro-ray: error: {e}", file=sys.stderr)
         return 2

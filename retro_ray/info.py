@@ -7,11 +7,11 @@ from retro_ray.project import Project
 # Every stage in pipeline order, with the outputs whose size is worth showing.
 PIPELINE = (
     ("prep", lambda p: [p.data_dir, p.tokenizer_dir]),
-    ("db", lambda p: [p.db_dir / "merged"]),
+    ("db", lambda p: [p.merged_db_dir]),
     ("embed", lambda p: [p.embeddings_dir]),
     ("index-train", lambda p: []),
-    ("index-add", lambda p: [p.root / "index"]),
-    ("query", lambda p: [p.root / "query"]),
+    ("index-add", lambda p: [p.index_root]),
+    ("query", lambda p: [p.query_root]),
 )
 
 

@@ -7,6 +7,11 @@ No other code builds paths inside a project directory. The layout follows the Ne
     data/                  docs.parquet (normalised corpus), <split>.bin/.idx, <split>_doc_ids.npy
     tokenizer/             tokenizer.json
     db/merged/             train.hdf5, valid.hdf5, sampled.hdf5
+    db/added/              documents added after training (add-docs; see retro_ray.retrieval.chunks)
+    embeddings/<split>/    <block>.npy, and embeddings/layout.json
+    index/<type>/<name>/   empty.faissindex, added.faissindex, shards/shard_<i>.faissindex
+    query/<split>_<hash>/  <block>.npy neighbour ids and meta.json
+    eval/                  the default output directory of `retro-ray eval`
     .stages/<stage>.json   completion markers, holding each stage's Report
 """
 
@@ -20,10 +25,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SPLITS = ("train", "valid", "test")
 
@@ -77,6 +85,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` to a temporary name beside ``path``, then a rename (the directory is made if missing)."""
+    import numpy as np  # here, not at the top: the CLI imports this module before it knows it needs numpy
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
 def tmp_path_for(path: Path) -> Path:
     """A temporary name beside ``path`` (same directory, so ``os.replace`` is atomic)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -93,6 +112,7 @@ class Project:
     def config_path(self) -> Path:
         return self.root / "config.json"
 
+    # data/ and tokenizer/: the prep stage
     @property
     def data_dir(self) -> Path:
         return self.root / "data"
@@ -101,6 +121,11 @@ class Project:
     def docs_path(self) -> Path:
         """The normalised, de-duplicated corpus (doc_id, title, text), one row group per block."""
         return self.data_dir / "docs.parquet"
+
+    @property
+    def ingest_stats_path(self) -> Path:
+        """The counts of the corpus ingest (documents read, kept, dropped and why)."""
+        return self.data_dir / "ingest_stats.json"
 
     @property
     def heldout_path(self) -> Path:
@@ -115,6 +140,10 @@ class Project:
     @property
     def prep_blocks_dir(self) -> Path:
         return self.data_dir / "_blocks"
+
+    def prep_block(self, block: int) -> Path:
+        """The tokens of one block of documents, per split (.npz); removed once merged."""
+        return self.prep_blocks_dir / f"{block:06d}.npz"
 
     def token_prefix(self, split: str) -> Path:
         """Megatron-style prefix of a token dataset: ``<prefix>.bin`` and ``<prefix>.idx``."""
@@ -138,27 +167,170 @@ class Project:
     def tokenizer_path(self) -> Path:
         return self.tokenizer_dir / "tokenizer.json"
 
+    # db/: the db stage (merged/) and add-docs (added/)
     @property
     def db_dir(self) -> Path:
         return self.root / "db"
 
+    @property
+    def db_scratch_dir(self) -> Path:
+        """The db stage's per-block files of every split; removed once merged."""
+        return self.db_dir / "blocks"
+
     def db_blocks_dir(self, split: str) -> Path:
-        return self.db_dir / "blocks" / split
+        return self.db_scratch_dir / split
+
+    def db_block(self, split: str, block: int) -> Path:
+        """The chunk rows of one block of a split's documents (.npy)."""
+        return self.db_blocks_dir(split) / f"{block:06d}.npy"
+
+    @property
+    def merged_db_dir(self) -> Path:
+        return self.db_dir / "merged"
 
     def merged_db_path(self, name: str) -> Path:
         """``name`` is train, valid or sampled."""
-        return self.db_dir / "merged" / f"{name}.hdf5"
+        return self.merged_db_dir / f"{name}.hdf5"
 
+    @property
+    def added_dir(self) -> Path:
+        """The store of the documents added after training (layout in retro_ray.retrieval.chunks)."""
+        return self.db_dir / "added"
+
+    @property
+    def added_state_path(self) -> Path:
+        """The store's commit record, CURRENT.json (replaced atomically)."""
+        return self.added_dir / "CURRENT.json"
+
+    @property
+    def added_lock_path(self) -> Path:
+        """The lock file that lets one add at a time write the store."""
+        return self.added_dir / ".lock"
+
+    @property
+    def added_tokens_path(self) -> Path:
+        return self.added_dir / "tokens.bin"
+
+    @property
+    def added_embeddings_path(self) -> Path:
+        return self.added_dir / "embeddings.f32"
+
+    def added_version_dir(self, version: int | str) -> Path:
+        """The directory of one commit of the store: ``version`` is its number, or the directory name
+        CURRENT.json records."""
+        return self.added_dir / (version if isinstance(version, str) else f"v{version:06d}")
+
+    def added_chunks_path(self, version: int | str) -> Path:
+        """uint32 [chunks, 5]: the chunk rows of every added document, as of ``version``."""
+        return self.added_version_dir(version) / "chunks.npy"
+
+    def added_doc_table_path(self, version: int | str) -> Path:
+        """The table of the added documents (doc_id, title, digest, token offsets), as of ``version``."""
+        return self.added_version_dir(version) / "docs.parquet"
+
+    @property
+    def corpus_digests_path(self) -> Path:
+        """Sorted keys of the digests of every corpus document (add-docs' cache), and its record."""
+        return self.added_dir / "corpus_digests.npy"
+
+    @property
+    def corpus_digests_meta_path(self) -> Path:
+        return self.added_dir / "corpus_digests.json"
+
+    # embeddings/: the embed stage
     @property
     def embeddings_dir(self) -> Path:
         return self.root / "embeddings"
 
+    def embeddings_split_dir(self, split: str) -> Path:
+        return self.embeddings_dir / split
+
+    @property
+    def embeddings_layout_path(self) -> Path:
+        """The block size, group size and precision the embeddings are being made with."""
+        return self.embeddings_dir / "layout.json"
+
     def embedding_block(self, split: str, block: int) -> Path:
         """float32 [chunks_in_block, dim]: the embeddings of one block of a split's chunks."""
-        return self.embeddings_dir / split / f"{block:06d}.npy"
+        return self.embeddings_split_dir(split) / f"{block:06d}.npy"
 
-    def index_dir(self, index_type: str, index_dir_name: str) -> Path:
-        return self.root / "index" / index_type / index_dir_name
+    # index/: the index-train and index-add stages (and add-docs, which adds to the index files)
+    @property
+    def index_root(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def index_str(self) -> str:
+        """The index string index-train resolved (config.json); an error before index-train ran."""
+        index_str = self.derived().get("index_str")
+        if index_str is None:
+            raise RetroRayError(
+                f"no index in {self.root} yet; run `retro-ray index --project-dir {self.root}` first."
+            )
+        return index_str
+
+    @property
+    def index_dir(self) -> Path:
+        """``index/<type>/<index string>/``: the directory of the project's index."""
+        from retro_ray.retrieval.index import index_dir_name, index_type
+
+        index_str = self.index_str
+        return self.index_root / index_type(index_str) / index_dir_name(index_str)
+
+    @property
+    def empty_index_path(self) -> Path:
+        """The trained index, before any vector was added (index-train)."""
+        return self.index_dir / "empty.faissindex"
+
+    @property
+    def added_index_path(self) -> Path:
+        """The merged index: every vector, in one file, for single-process use (index-add)."""
+        return self.index_dir / "added.faissindex"
+
+    @property
+    def index_shards_dir(self) -> Path:
+        return self.index_dir / "shards"
+
+    def shard_paths(self) -> list[Path]:
+        """The index-add shard files, one per IndexShard (their number is recorded in config.json)."""
+        n = int(self.derived()["index_num_shards"])
+        shards = self.index_shards_dir
+        return [shards / f"shard_{i:03d}.faissindex" for i in range(n)]
+
+    @property
+    def index_added_docs_path(self) -> Path:
+        """Which commit of db/added the index files hold (add-docs writes it last)."""
+        return self.index_dir / "added_docs.json"
+
+    # query/: the query stage
+    @property
+    def query_root(self) -> Path:
+        return self.root / "query"
+
+    def neighbor_dir(self, split: str, digest: str) -> Path:
+        """``query/<split>_<digest>/``; ``digest`` is the hash of everything the neighbours depend on."""
+        return self.query_root / f"{split}_{digest}"
+
+    def recorded_neighbor_dir(self, split: str) -> Path | None:
+        """The neighbour directory of ``split`` that config.json records (the query stage's), or None."""
+        recorded = self.derived().get("neighbor_dirs", {}).get(split)
+        return None if recorded is None else self.root / recorded
+
+    @staticmethod
+    def neighbor_meta_path(neighbor_dir: Path) -> Path:
+        """What a neighbour directory holds (meta.json): the inputs it was made from, its block size."""
+        return neighbor_dir / "meta.json"
+
+    @staticmethod
+    def neighbor_block(neighbor_dir: Path, block: int) -> Path:
+        """int64 [samples_in_block × chunks_per_sample, k]: the neighbour ids of one block of samples."""
+        return neighbor_dir / f"{block:06d}.npy"
+
+    # eval/ and the stage markers
+    @property
+    def eval_dir(self) -> Path:
+        """Where `retro-ray eval` writes its report unless told otherwise."""
+        return self.root / "eval"
 
     @property
     def stages_dir(self) -> Path:
@@ -262,7 +434,7 @@ class Project:
     def wipe(self) -> None:
         """Remove everything retro-ray wrote (``--overwrite``); other files are left alone."""
         for p in [self.config_path, self.stages_dir, self.data_dir, self.tokenizer_dir, self.db_dir,
-                  self.root / "index", self.root / "query", self.root / "embeddings"]:
+                  self.index_root, self.query_root, self.embeddings_dir]:
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():

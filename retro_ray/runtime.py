@@ -85,6 +85,23 @@ def connect(address: str | None = None, progress: bool = True) -> None:
     _SHOW_PROGRESS["on"] = progress
 
 
+def want_gpu(flag: str) -> bool:
+    """Whether a stage's ``use_gpu`` setting (auto | true | false) means GPUs, on the connected cluster."""
+    import ray
+
+    flag = str(flag).lower()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if flag in ("true", "1", "yes"):
+        if gpus == 0:
+            raise RetroRayError("use_gpu=true but the Ray cluster has no GPU; set use_gpu=auto or false.")
+        return True
+    if flag in ("false", "0", "no"):
+        return False
+    if flag != "auto":
+        raise RetroRayError(f"use_gpu={flag!r} is not one of auto, true, false.")
+    return gpus > 0
+
+
 def current_node() -> str:
     """The Ray node id of the calling process (a task, an actor or the driver)."""
     import ray

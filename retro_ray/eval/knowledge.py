@@ -12,7 +12,7 @@ project's index (``Retriever``: decode → embed → search), and RETRO scores t
 rerun (when the documents were already added), chunk ids at or above the train database's size —
 the ids add-docs gives to added chunks — are dropped from the search results before the first k are
 kept (``heldout_neighbors_query`` candidates are searched, so k remain). "after": the documents are
-added with ``retro_ray.prep.add_docs.add_documents`` (idempotent), and retrieval runs on the grown
+added with ``retro_ray.stages.add_docs.add_documents`` (idempotent), and retrieval runs on the grown
 index and database with nothing dropped.
 """
 
@@ -35,10 +35,10 @@ def read_heldout(project: Project, source: str | Path | list) -> list[dict[str, 
     """[{"title", "text"}] (normalised) from a path (read as add-docs and the corpus read it: .jsonl,
     .jsonl.gz, .parquet, text files, a directory) or a list of records; fields "text" and "title"."""
     try:
-        from retro_ray.prep.add_docs import read_documents
+        from retro_ray.stages.add_docs import read_documents
     except ImportError:
         raise RetroRayError(
-            "the knowledge update needs add-docs (retro_ray.prep.add_docs), which this installation lacks; "
+            "the knowledge update needs add-docs (retro_ray.stages.add_docs), which this installation lacks; "
             "run eval without held-out documents."
         ) from None
 
@@ -133,8 +133,8 @@ def knowledge_update(project: Project, retro, docs: list[dict[str, str]], k: int
                      progress: bool = True) -> dict[str, Any]:
     """Held-out perplexity before and after add-docs (see the module docstring); returns the figures.
     ``docs``: what :func:`read_heldout` returns."""
-    from retro_ray.prep.add_docs import AddDocsConfig, add_documents
     from retro_ray.retrieval.retriever import Retriever
+    from retro_ray.stages.add_docs import AddDocsConfig, add_documents
 
     t0 = time.perf_counter()
     cfg = project.read_config()

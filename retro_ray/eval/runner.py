@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_out_dir(project: Project) -> Path:
-    return project.root / "eval"
+    return project.eval_dir
 
 
 def alpha_key(alpha: float) -> str:

@@ -7,7 +7,7 @@ with the end-of-document token to ``2 × chunk_length``. (Megatron reads the con
 next row of the database, which crosses into the next document at a document's last chunk.)
 
 The train database also presents the documents added after training (``retro-ray add-docs``,
-:mod:`retro_ray.prep.add_docs`): chunk ids ``0 .. n_train - 1`` are the train chunks, as the query
+:mod:`retro_ray.stages.add_docs`): chunk ids ``0 .. n_train - 1`` are the train chunks, as the query
 stage and training see them, and ``n_train ..`` the added ones, in the order they were added. The
 added documents live in their own store, ``db/added/``, so nothing the model was trained on changes:
 
@@ -48,23 +48,14 @@ def decode_chunks(ds: IndexedDataset, rows: np.ndarray, tokenizer) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# The added-documents store (written by retro_ray.prep.add_docs; read here)
+# The added-documents store (written by retro_ray.stages.add_docs; read here)
 # ------------------------------------------------------------------------------------------------
 ADDED_FORMAT = 1
 
 
-def added_dir(project: Project) -> Path:
-    """Where the documents added after training live (see the module docstring)."""
-    return project.db_dir / "added"
-
-
-def added_state_path(project: Project) -> Path:
-    return added_dir(project) / "CURRENT.json"
-
-
 def read_added_state(project: Project) -> dict | None:
     """The last committed add (CURRENT.json), or None when no document was ever added."""
-    path = added_state_path(project)
+    path = project.added_state_path
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:
@@ -72,12 +63,12 @@ def read_added_state(project: Project) -> dict | None:
     except json.JSONDecodeError as e:
         raise RetroRayError(
             f"{path} is not valid JSON ({e.msg}); it is only ever replaced atomically, so the file was edited "
-            f"by hand: restore it, or delete {added_dir(project)} and add the documents again"
+            f"by hand: restore it, or delete {project.added_dir} and add the documents again"
         ) from None
     if state.get("format") != ADDED_FORMAT:
         raise RetroRayError(
             f"{path} has format {state.get('format')!r}, this retro-ray reads format {ADDED_FORMAT}; "
-            f"delete {added_dir(project)} and add the documents again"
+            f"delete {project.added_dir} and add the documents again"
         )
     return state
 
@@ -113,28 +104,27 @@ class AddedChunks:
     def __init__(self, project: Project, state: dict) -> None:
         import pyarrow.parquet as pq
 
-        root = added_dir(project)
-        vdir = root / state["dir"]
-        self.root = root
+        self.project = project
         self.state = state
         self.version = int(state["version"])
         self.n_base_chunks = int(state["n_base_chunks"])
         self.n_base_docs = int(state["n_base_docs"])
         self.dim = int(state["dim"])
-        self.chunks = np.load(vdir / "chunks.npy")                      # uint32 [M, 5]
-        table = pq.read_table(vdir / "docs.parquet", columns=["doc_id", "title", "digest", "token_start", "n_tokens"])
+        self.chunks = np.load(project.added_chunks_path(state["dir"]))  # uint32 [M, 5]
+        table = pq.read_table(project.added_doc_table_path(state["dir"]), columns=["doc_id", "title", "digest", "token_start", "n_tokens"])
         self.doc_ids = table.column("doc_id").to_numpy().astype(np.int64)
         self.titles: list[str] = table.column("title").to_pylist()
         self.digests: list[str] = table.column("digest").to_pylist()
         n_tokens = int(state["tokens"])
         dtype = np.dtype(state["token_dtype"])
-        tokens = (np.memmap(root / "tokens.bin", dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens
+        tokens = (np.memmap(project.added_tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens
                   else np.zeros(0, dtype))
         self.ds = TokenStore(tokens, table.column("token_start").to_numpy(), table.column("n_tokens").to_numpy())
         if len(self.chunks) != int(state["chunks"]) or len(self.doc_ids) != int(state["docs"]):
             raise RetroRayError(
-                f"{vdir} holds {len(self.chunks)} chunks / {len(self.doc_ids)} documents but CURRENT.json says "
-                f"{state['chunks']} / {state['docs']}; the store was changed by hand: delete {root} and add the documents again"
+                f"{project.added_version_dir(state['dir'])} holds {len(self.chunks)} chunks / {len(self.doc_ids)} "
+                f"documents but CURRENT.json says {state['chunks']} / {state['docs']}; the store was changed by hand: "
+                f"delete {project.added_dir} and add the documents again"
             )
 
     def __len__(self) -> int:
@@ -146,7 +136,7 @@ class AddedChunks:
         end = n if end is None else end
         if n == 0 or end <= start:
             return np.zeros((0, self.dim), np.float32)
-        emb = np.memmap(self.root / "embeddings.f32", dtype=np.float32, mode="r", shape=(n, self.dim))
+        emb = np.memmap(self.project.added_embeddings_path, dtype=np.float32, mode="r", shape=(n, self.dim))
         return np.array(emb[start:end])
 
 
@@ -269,9 +259,9 @@ class ChunkDatabase:
             return False
         if int(state["n_base_chunks"]) != self.n_train:
             raise RetroRayError(
-                f"the added documents in {added_dir(self.project)} extend a database of {state['n_base_chunks']} "
+                f"the added documents in {self.project.added_dir} extend a database of {state['n_base_chunks']} "
                 f"chunks but db/merged/train.hdf5 has {self.n_train}; the database was rebuilt: delete "
-                f"{added_dir(self.project)} and add the documents again"
+                f"{self.project.added_dir} and add the documents again"
             )
         store = load_added(self.project, state)
         part = _Part(store.chunks, store.ds, store.doc_ids, self.eod_id)

@@ -5,7 +5,7 @@ serving all go through it. It searches either the sharded index (``IndexShard`` 
 cluster) or the merged ``added.faissindex`` in this process (for a laptop or a one-off search);
 both give the same results.
 
-Documents added after training (``retro-ray add-docs``, :mod:`retro_ray.prep.add_docs`) are found
+Documents added after training (``retro-ray add-docs``, :mod:`retro_ray.stages.add_docs`) are found
 too. add-docs commits the chunk database before the index files, and a retriever opens its index
 before its chunk database, so every id a search returns resolves. A live retriever picks up later
 adds with :meth:`Retriever.sync_added` (``add_documents(..., retriever=r)`` calls it): the chunk
@@ -99,18 +99,15 @@ class Retriever:
 
     @classmethod
     def local(cls, project: Project, **kw) -> Retriever:
-        from retro_ray.prep.index import index_paths
-
         project.require("index-add", "search")
-        return cls(project, LocalIndex(index_paths(project)["added"]), **kw)
+        return cls(project, LocalIndex(project.added_index_path), **kw)
 
     @classmethod
     def sharded(cls, project: Project, **kw) -> Retriever:
-        from retro_ray.prep.index import shard_paths
         from retro_ray.retrieval.shards import ShardedIndex
 
         project.require("index-add", "search")
-        return cls(project, ShardedIndex.from_paths(shard_paths(project)), **kw)
+        return cls(project, ShardedIndex.from_paths(project.shard_paths()), **kw)
 
     def sync_added(self) -> int:
         """Bring this retriever up to the last committed ``add-docs``; returns the vectors it added.
@@ -152,8 +149,7 @@ class Retriever:
         return len(ids)
 
     def _sync_shards(self, added) -> int:
-        from retro_ray.prep.index import shard_ranges
-        from retro_ray.retrieval.shards import added_chunk_ids
+        from retro_ray.retrieval.shards import added_chunk_ids, shard_ranges
 
         sharded = self.searcher
         num_shards = len(sharded.shards)

@@ -8,7 +8,7 @@ Actors ask for a small fraction of a CPU (``DEFAULT_SHARD_NUM_CPUS``) so that a 
 starve Ray Data tasks on a small machine; Ray then gives each one OMP_NUM_THREADS=1, i.e. Faiss searches
 one query batch per shard on one core and the shards run in parallel.
 
-Documents added after index-add (:mod:`retro_ray.prep.add_docs`) get chunk ids after the train
+Documents added after index-add (:mod:`retro_ray.stages.add_docs`) get chunk ids after the train
 chunks; they are dealt to the shards round-robin (:func:`added_chunk_ids`), so every shard grows
 alike and a shard's vector count alone tells which added ids it holds. ``IndexShard.add_with_ids``
 and ``ShardedIndex.add_to_shards`` add them to live actors; with ``expected_ntotal`` an add happens
@@ -25,7 +25,7 @@ the client knows one and it holds the number of vectors the dead shard held); ot
 raises ``RetroRayError`` naming the shard. Partial results are never returned.
 
 Crash tests: an actor whose environment has ``RETRO_RAY_INDEX_SHARD_KILL_AFTER_ADDS=<n>`` (``index-add``
-sets it on one shard through ``runtime_env``; see ``retro_ray.prep.index.KILL_SHARD_ENV``) SIGKILLs
+sets it on one shard through ``runtime_env``; see ``retro_ray.stages.index_add.KILL_SHARD_ENV``) SIGKILLs
 its own worker process right after its ``n``-th ``add`` call, like a ``kill -9`` mid-add.
 """
 
@@ -77,6 +77,13 @@ def _death_reason(err: RayActorError) -> str:
     if getattr(err, "actor_init_failed", False):
         return "its constructor failed"
     return "its worker process ended"
+
+
+def shard_ranges(n_chunks: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal chunk-id ranges [start, end) covering 0..n_chunks: the train chunks each
+    index-add shard holds (the documents added later are dealt round-robin: ``added_chunk_ids``)."""
+    bounds = np.linspace(0, n_chunks, num_shards + 1).round().astype(int)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(num_shards)]
 
 
 def added_chunk_ids(shard: int, num_shards: int, n_base: int, n_added: int, start: int = 0) -> np.ndarray:

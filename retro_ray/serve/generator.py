@@ -180,11 +180,10 @@ class RetroGenerator:
         client = EmbedderClient(self.embedder_handle, described)
         if self.cfg.index == "local":
             return Retriever.local(project, embedder=client)
-        from retro_ray.prep.index import shard_paths
         from retro_ray.retrieval.shards import ShardedIndex, start_shard
 
         project.require("index-add", "serve")
-        paths = shard_paths(project)
+        paths = project.shard_paths()
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise RetroRayError(f"shard file(s) missing: {', '.join(missing)}; rerun `retro-ray index` on {project.root}")
@@ -376,10 +375,10 @@ class RetroGenerator:
             why = "index=none" if self.cfg.index == "none" else "the model does not retrieve (GPT) or no project was given"
             raise RequestError(f"this server has no retrieval database to add to ({why})", 409, "no_retrieval")
         try:
-            from retro_ray.prep.add_docs import add_documents
+            from retro_ray.stages.add_docs import add_documents
         except ImportError:
             raise RequestError("adding documents is not available in this version of retro-ray "
-                               "(retro_ray.prep.add_docs is missing)", 501, "not_implemented") from None
+                               "(retro_ray.stages.add_docs is missing)", 501, "not_implemented") from None
         async with self._docs_lock:
             try:
                 report = await asyncio.to_thread(add_documents, self.gen.retriever.project, records,

@@ -209,7 +209,7 @@ class RetroIngress:
 
         ``again`` (a function that makes the same call anew) is called once when the replica serving
         the call died under it (killed, its node lost): the callers pass it only for calls that are safe
-        to repeat (a generation has no side effect; adding documents is idempotent, prep/add_docs.py).
+        to repeat (a generation has no side effect; adding documents is idempotent, stages/add_docs.py).
         The handle's router drops a replica that failed a call this way, so the repeat goes to a live one. A
         call that fails again, or has no ``again``, is a 503 ``replica_died`` the client may retry.
         """

@@ -22,8 +22,8 @@ from retro_ray.project import Project
 
 class RetroDataset(torch.utils.data.Dataset):
     def __init__(self, project: Project | str, split: str, num_neighbors: int) -> None:
-        from retro_ray.prep.query import load_neighbors, make_samples
         from retro_ray.retrieval.chunks import ChunkDatabase
+        from retro_ray.stages.query import load_neighbors, make_samples
 
         self.project = project if isinstance(project, Project) else Project(project)
         self.split = split

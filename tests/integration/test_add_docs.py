@@ -19,12 +19,11 @@ import pytest
 
 from retro_ray.corpus import normalize_text
 from retro_ray.errors import RetroRayError
-from retro_ray.prep.add_docs import KILL_AT_ENV, add_documents
-from retro_ray.prep.index import index_paths, shard_paths
 from retro_ray.project import Project
-from retro_ray.retrieval.chunks import added_dir, read_added_state
+from retro_ray.retrieval.chunks import read_added_state
 from retro_ray.retrieval.index import load_index
 from retro_ray.retrieval.retriever import Retriever
+from retro_ray.stages.add_docs import KILL_AT_ENV, add_documents
 from tests.support import SMALL_DOCS, copy_project, write_jsonl
 
 N_CORPUS = SMALL_DOCS  # the small project's documents: the first SMALL_DOCS of wiki_docs
@@ -57,7 +56,7 @@ def baseline(project):
     found = r.search_texts(OLD_QUERIES, 5)
     return {"retriever": r, "embedder": r.embedder, "ids": found.ids, "distances": found.distances,
             "n_train": len(r.db), "training": {str(p): _digest(p) for p in _training_files(project)},
-            "index": {str(p): _digest(p) for p in [index_paths(project)["added"], *shard_paths(project)]}}
+            "index": {str(p): _digest(p) for p in [project.added_index_path, *project.shard_paths()]}}
 
 
 def _old_results_unchanged(r: Retriever, baseline: dict) -> None:
@@ -82,7 +81,7 @@ def _first_chunks(project: Project, titles: list[str]) -> list[int]:
     import pyarrow.parquet as pq
 
     state = read_added_state(project)
-    table = pq.read_table(added_dir(project) / state["dir"] / "docs.parquet").to_pydict()
+    table = pq.read_table(project.added_doc_table_path(state["dir"])).to_pydict()
     first = np.concatenate([[0], np.cumsum(table["n_chunks"])[:-1]]) + state["n_base_chunks"]
     by_title = dict(zip(table["title"], first.tolist()))
     return [by_title[t] for t in titles]
@@ -144,8 +143,8 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project, baseline, tmp_
     with pytest.raises(RetroRayError, match=r"truncates chunks at 128 wordpieces but the index was built with 256"):
         add_documents(project, [{"text": "a new document"}], embedder=other, progress=False)
     # nothing was written
-    assert read_added_state(project) is None and not added_dir(project).exists()
-    assert {str(p): _digest(p) for p in [index_paths(project)["added"], *shard_paths(project)]} == baseline["index"]
+    assert read_added_state(project) is None and not project.added_dir.exists()
+    assert {str(p): _digest(p) for p in [project.added_index_path, *project.shard_paths()]} == baseline["index"]
 
 
 def test_added_file_is_found_by_local_and_sharded_search(project, baseline, wiki_docs, tmp_path):
@@ -197,7 +196,7 @@ def test_added_file_is_found_by_local_and_sharded_search(project, baseline, wiki
     # the repeat within the file is now simply already added
     assert (again.counts["docs_skipped_already_added"], again.counts["docs_skipped_in_corpus"]) == (21, 1)
     assert "nothing to do" in again.format()
-    assert load_index(index_paths(project)["added"]).ntotal == c["total_chunks"]
+    assert load_index(project.added_index_path).ntotal == c["total_chunks"]
 
 
 def test_text_directory_titles_come_from_file_names(project, baseline, tmp_path):
@@ -252,14 +251,14 @@ def test_live_retrievers_see_new_documents_while_searching(project, baseline, wi
         # a second client of the same shard actors adds nothing twice (compare-and-add)
         from retro_ray.retrieval.shards import ShardedIndex
 
-        other = Retriever(project, ShardedIndex(sharded.searcher.shards, shard_paths(project)), embedder=baseline["embedder"])
+        other = Retriever(project, ShardedIndex(sharded.searcher.shards, project.shard_paths()), embedder=baseline["embedder"])
         assert other.sync_added() == 0 and other.searcher.ntotal() == sharded.searcher.ntotal()
     finally:
         sharded.searcher.shutdown()
 
 
 def _add_in_subprocess(project: Project, path: Path, kill_at: str) -> subprocess.CompletedProcess:
-    code = ("import sys; from retro_ray.project import Project; from retro_ray.prep.add_docs import add_documents; "
+    code = ("import sys; from retro_ray.project import Project; from retro_ray.stages.add_docs import add_documents; "
             "add_documents(Project(sys.argv[1]), sys.argv[2], progress=False)")
     env = {**os.environ, KILL_AT_ENV: kill_at}
     return subprocess.run([sys.executable, "-c", code, str(project.root), str(path)], capture_output=True, text=True,
@@ -271,14 +270,14 @@ def test_kill_9_mid_add_leaves_old_index_usable_and_rerun_completes(project, bas
     titles = [t for t, _ in new]
     path = write_jsonl(tmp_path / "crash.jsonl", [{"title": t, "text": x} for t, x in new])
     before = read_added_state(project)
-    merged_before = load_index(index_paths(project)["added"]).ntotal
+    merged_before = load_index(project.added_index_path).ntotal
 
     # 1. killed after appending tokens and embeddings, before the commit: the old contents, untouched
     r = _add_in_subprocess(project, path, "before-db-commit")
     assert r.returncode == -9, r.stderr[-2000:]
     assert read_added_state(project) == before
     itemsize = np.dtype(before["token_dtype"]).itemsize
-    assert (added_dir(project) / "tokens.bin").stat().st_size > before["tokens"] * itemsize  # the unfinished tail
+    assert project.added_tokens_path.stat().st_size > before["tokens"] * itemsize  # the unfinished tail
     local = Retriever.local(project, embedder=baseline["embedder"])
     assert len(local.db) == merged_before == local.searcher.ntotal
     _old_results_unchanged(local, baseline)
@@ -288,8 +287,8 @@ def test_kill_9_mid_add_leaves_old_index_usable_and_rerun_completes(project, bas
     assert r.returncode == -9, r.stderr[-2000:]
     state = read_added_state(project)
     assert state["version"] == before["version"] + 1 and state["docs"] == before["docs"] + 15
-    shard_counts = [load_index(p).ntotal for p in shard_paths(project)]
-    assert load_index(index_paths(project)["added"]).ntotal == merged_before  # the merged index: not yet
+    shard_counts = [load_index(p).ntotal for p in project.shard_paths()]
+    assert load_index(project.added_index_path).ntotal == merged_before  # the merged index: not yet
     assert sum(shard_counts) > merged_before                                 # shard 0: already
     for r_ in (Retriever.local(project, embedder=baseline["embedder"]), Retriever.sharded(project, embedder=baseline["embedder"])):
         try:
@@ -306,11 +305,11 @@ def test_kill_9_mid_add_leaves_old_index_usable_and_rerun_completes(project, bas
     assert rep.counts["docs_added"] == 0 and rep.counts["docs_skipped_already_added"] == 15
     assert rep.counts["vectors_recovered"] > 0 and not rep.skipped
     total = state["n_base_chunks"] + state["chunks"]
-    assert load_index(index_paths(project)["added"]).ntotal == total
-    assert sum(load_index(p).ntotal for p in shard_paths(project)) == total
+    assert load_index(project.added_index_path).ntotal == total
+    assert sum(load_index(p).ntotal for p in project.shard_paths()) == total
     local = Retriever.local(project, embedder=baseline["embedder"])
     _top_hits_are_own_chunks(local, _first_chunks(project, titles), titles)
-    assert not list(index_paths(project)["dir"].rglob(".*.tmp*")) and not list(added_dir(project).glob(".*.tmp*"))
+    assert not list(project.index_dir.rglob(".*.tmp*")) and not list(project.added_dir.glob(".*.tmp*"))
     again = add_documents(project, path, embedder=baseline["embedder"], progress=False)
     assert again.skipped and again.counts["vectors_recovered"] == 0
 

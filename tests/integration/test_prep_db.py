@@ -18,8 +18,8 @@ import pytest
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset
-from retro_ray.prep import db, tokens
 from retro_ray.project import Project
+from retro_ray.stages import db, prep
 from retro_ray.tokenizer import load_tokenizer
 from tests.support import write_jsonl
 
@@ -43,7 +43,7 @@ def _cfg(corpus: Path, **kw) -> C.ProjectConfig:
 @pytest.fixture(scope="module")
 def built(ray_address, corpus, tmp_path_factory) -> Project:
     project = Project(tmp_path_factory.mktemp("proj"))
-    rep = tokens.run(project, _cfg(corpus), C.PrepRunConfig(docs_per_block=64), progress=False)
+    rep = prep.run(project, C.PrepRunConfig(docs_per_block=64), _cfg(corpus), progress=False)
     assert rep.counts["documents_kept"] == 400
     assert rep.counts["documents_duplicate_dropped"] == 1 and rep.counts["documents_empty_dropped"] == 1
     db.run(project, C.DbRunConfig(docs_per_block=50), progress=False)
@@ -124,12 +124,12 @@ def test_bert_len_is_the_wordpiece_length(built):
 def test_rerun_is_a_no_op_and_conflicts_are_refused(built, corpus):
     p = built
     before = p.merged_db_path("train").read_bytes()
-    rep = tokens.run(p, _cfg(corpus), C.PrepRunConfig(docs_per_block=64), progress=False)
+    rep = prep.run(p, C.PrepRunConfig(docs_per_block=64), _cfg(corpus), progress=False)
     assert rep.skipped
     assert db.run(p, C.DbRunConfig(), progress=False).skipped
     assert p.merged_db_path("train").read_bytes() == before
     with pytest.raises(RetroRayError, match=r"holds a project with another configuration \(chunk_length: 64 there, 32 now"):
-        tokens.run(p, C.ProjectConfig(**{**_cfg(corpus).__dict__, "chunk_length": 32}), progress=False)
+        prep.run(p, settings=C.ProjectConfig(**{**_cfg(corpus).__dict__, "chunk_length": 32}), progress=False)
     with pytest.raises(RetroRayError, match=r"chunk_length=32 was given but .*config.json has chunk_length=64"):
         db.run(p, C.DbRunConfig(), {"chunk_length": 32}, progress=False)
     # repeating a recorded value is fine
@@ -142,7 +142,7 @@ def test_db_before_prep_and_bad_corpus(tmp_path, ray_address):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops}\n')
     with pytest.raises(RetroRayError, match=r"bad.jsonl:2"):
-        tokens.run(Project(tmp_path / "p"), _cfg(bad), progress=False)
+        prep.run(Project(tmp_path / "p"), settings=_cfg(bad), progress=False)
     assert not (tmp_path / "p" / "data" / "docs.parquet").exists()
 
 
@@ -195,7 +195,7 @@ def test_kill_minus_9_then_rerun_completes_identically(ray_address, corpus, buil
     _kill_when_blocks_appear(cli + ["prep", "--project-dir", str(p.root), "--no-progress", "prep.docs_per_block=8",
                                     *overrides], p.prep_blocks_dir, p.marker_path("prep"), env)
     assert not p.is_done("prep")
-    tokens.run(p, _cfg(corpus), C.PrepRunConfig(docs_per_block=8), progress=False)
+    prep.run(p, C.PrepRunConfig(docs_per_block=8), _cfg(corpus), progress=False)
     _kill_when_blocks_appear(cli + ["db", "--project-dir", str(p.root), "--no-progress", "db.docs_per_block=5"],
                              p.db_dir / "blocks", p.marker_path("db"), env)
     assert not p.is_done("db")

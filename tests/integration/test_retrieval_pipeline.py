@@ -15,8 +15,8 @@ import pytest
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
-from retro_ray.prep import embed, index, query
 from retro_ray.project import Project
+from retro_ray.stages import embed, index_train, query
 from tests.support import write_jsonl
 
 CHUNK, SEQ = 64, 256
@@ -69,18 +69,17 @@ def test_embeddings_equal_the_embedder_alone(project):
 
 
 def test_every_chunk_finds_itself_and_sharded_equals_merged(project):
-    from retro_ray.prep.index import index_paths, shard_paths
     from retro_ray.retrieval.retriever import LocalIndex
     from retro_ray.retrieval.shards import ShardedIndex
 
     assert project.derived()["index_str"] == "Flat"  # auto, for a tiny database
     vectors = embed.load_embeddings(project, "train")
-    merged = LocalIndex(index_paths(project)["added"])
+    merged = LocalIndex(project.added_index_path)
     D, I = merged.search(vectors, 5)
     # Near-duplicate chunks can tie at distance ~0: the chunk itself must be among the zero-distance hits.
     assert np.mean(I[:, 0] == np.arange(len(vectors))) > 0.99
     assert all(i in row[d <= d[0] + 1e-5] for i, (row, d) in enumerate(zip(I, D)))
-    sharded = ShardedIndex.from_paths(shard_paths(project))
+    sharded = ShardedIndex.from_paths(project.shard_paths())
     try:
         Ds, Is = sharded.search(vectors[:300], 10)
     finally:
@@ -104,7 +103,7 @@ def test_index_before_embed_and_bad_index_string(tmp_path, project, ray_address)
     for stage in ("embed", "index-train", "index-add", "query"):
         bare.clear_done(stage)
     with pytest.raises(RetroRayError, match="`index-train` needs the `embed` stage"):
-        index.run_train(bare, progress=False)
+        index_train.run(bare, progress=False)
     with pytest.raises(RetroRayError, match="`query` needs the `index-add` stage"):
         query.run(bare, progress=False)
     # give it embeddings, then an index string Faiss rejects, then one that needs more training points
@@ -113,9 +112,9 @@ def test_index_before_embed_and_bad_index_string(tmp_path, project, ray_address)
     d = bare.derived()
     bare.update_derived(embed_dim=project.derived()["embed_dim"], embed_precision=d.get("embed_precision", "fp32"))
     with pytest.raises(RetroRayError, match="Faiss rejected index string 'IVF-nonsense'"):
-        index.run_train(bare, overrides={"index": {"index_str": "IVF-nonsense"}}, progress=False)
+        index_train.run(bare, settings={"index": {"index_str": "IVF-nonsense"}}, progress=False)
     with pytest.raises(RetroRayError, match=r"needs at least 4096 training vectors .* lower nlist"):
-        index.run_train(bare, overrides={"index": {"index_str": "IVF4096,Flat"}}, progress=False)
+        index_train.run(bare, settings={"index": {"index_str": "IVF4096,Flat"}}, progress=False)
     assert not bare.is_done("index-train")
 
 
@@ -260,7 +259,7 @@ def test_a_resumed_embed_keeps_its_group_size_and_precision(queried, tmp_path):
     assert layout == {"chunks_per_block": 200, "batch_size": 8, "precision": "bf16"}
     with pytest.raises(RetroRayError, match=r"embedder.batch_size=32 was given but the embeddings in .* are being "
                                             r"made with embedder.batch_size=8; drop the override"):
-        embed.run(p, overrides={"embedder": {"batch_size": 32}}, progress=False)
+        embed.run(p, settings={"embedder": {"batch_size": 32}}, progress=False)
     with pytest.raises(RetroRayError, match=r"embed.precision=fp32 was given but the embeddings in .* are being "
                                             r"made in bf16"):
         embed.run(p, C.EmbedRunConfig(precision="fp32"), progress=False)

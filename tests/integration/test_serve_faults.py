@@ -26,7 +26,6 @@ import pytest
 import requests
 from ray import serve
 
-from retro_ray.prep.index import index_paths
 from retro_ray.project import Project
 from retro_ray.retrieval.chunks import ChunkDatabase, load_added, read_added_state
 from retro_ray.retrieval.index import load_index
@@ -265,7 +264,7 @@ def test_documents_added_during_a_replica_death_are_all_kept(url, project):
     assert sorted(added.titles[docs_before:]) == sorted(d["title"] for d in docs)  # each once, none lost
     db = ChunkDatabase(project)
     assert len(db) > chunks_before
-    assert load_index(index_paths(project)["added"]).ntotal == len(db)
+    assert load_index(project.added_index_path).ntotal == len(db)
     for _ in range(4):  # both replicas (the replacement too) read every chunk
         status, body, _ = _call("GET", f"{url}/health")
         assert status == 200 and body["generator"]["database_chunks"] == len(db), body

@@ -9,7 +9,7 @@ import pytest
 
 from retro_ray.config import TokenizerConfig
 from retro_ray.embedder import load_wordpiece_tokenizer
-from retro_ray.prep.db import ByteLevelDecoder, WordpieceCounter
+from retro_ray.stages.db import ByteLevelDecoder, WordpieceCounter
 from retro_ray.tokenizer import train_tokenizer
 
 # Every character Python's str.split() splits on, and the ones BERT deletes or joins on.

@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
+from retro_ray.chunking import chunk_bounds, text_lengths
 from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset, IndexedDatasetWriter
-from retro_ray.prep.db import chunk_bounds, sample_chunks, text_lengths
-from retro_ray.prep.tokens import assign_splits, split_sizes
+from retro_ray.stages.db import sample_chunks
+from retro_ray.stages.prep import assign_splits, split_sizes
 
 
 def test_chunk_bounds_short_exact_and_long():

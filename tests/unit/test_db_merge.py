@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retro_ray.prep.db import _write_h5, write_merged
+from retro_ray.stages.db import _write_h5, write_merged
 
 
 def _blocks(tmp_path, sizes_docs, seed=0):

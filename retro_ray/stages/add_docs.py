@@ -4,7 +4,7 @@ RETRO's knowledge lives partly in its retrieval database, so a trained model lea
 documents are added to the database it retrieves from (Borgeaud et al. 2022 §4; Wang et al. 2023,
 "Shall we pretrain autoregressive language models with retrieval?"). ``add_documents`` does that for
 a finished project: the new documents are normalised, tokenized with the project's GPT tokenizer,
-cut into ``chunk_length`` chunks exactly as the db stage cuts (:func:`retro_ray.prep.db.chunk_bounds`,
+cut into ``chunk_length`` chunks exactly as the db stage cuts (:func:`retro_ray.chunking.chunk_bounds`,
 wordpiece lengths included), embedded with the project's embedder and settings, and added to the
 merged index (``added.faissindex``) and to every shard file. ``retro-ray search``,
 ``Retriever.local`` / ``Retriever.sharded`` and generation then retrieve them.
@@ -80,17 +80,15 @@ from retro_ray.project import Project, Report, atomic_write_json
 from retro_ray.retrieval.chunks import (
     ADDED_FORMAT,
     AddedChunks,
-    added_dir,
-    added_state_path,
     load_added,
     read_added_state,
 )
+from retro_ray.stages import STAGES
+from retro_ray.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
-STAGE = "add-docs"
 KILL_AT_ENV = "RETRO_RAY_ADD_DOCS_KILL_AT"
 KILL_POINTS = ("before-db-commit", "db-committed", "index-partial")
-INDEX_MARKER = "added_docs.json"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
@@ -207,10 +205,6 @@ def _iter_records(records: Sequence[Any], text_field: str, title_field: str) -> 
 # ------------------------------------------------------------------------------------------------
 # The store: paths, lock, recovery
 # ------------------------------------------------------------------------------------------------
-def _vdir_name(version: int) -> str:
-    return f"v{version:06d}"
-
-
 def _maybe_kill(point: str) -> None:
     if os.environ.get(KILL_AT_ENV) == point:
         log.warning("add-docs: %s=%s: killing this process (crash test)", KILL_AT_ENV, point)
@@ -227,10 +221,10 @@ def _fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _store_lock(root: Path) -> Iterator[None]:
+def _store_lock(project: Project) -> Iterator[None]:
     """Exclusive lock of the added-documents store (blocks until another writer is done)."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    project.added_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(project.added_lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -246,7 +240,7 @@ def _truncate(path: Path, size: int) -> None:
 def _clean_uncommitted(project: Project, state: dict | None) -> None:
     """Remove what an interrupted add left behind before its commit; keep the previous version (a reader
     may still be loading it)."""
-    root = added_dir(project)
+    root = project.added_dir
     version = int(state["version"]) if state else 0
     for p in root.iterdir():
         m = _VERSION_DIR.match(p.name)
@@ -255,18 +249,18 @@ def _clean_uncommitted(project: Project, state: dict | None) -> None:
     Project.remove_stale_temporaries(root)
     tokens = int(state["tokens"]) if state else 0
     itemsize = np.dtype(state["token_dtype"]).itemsize if state else 0
-    _truncate(root / "tokens.bin", tokens * itemsize)
-    _truncate(root / "embeddings.f32", (int(state["chunks"]) * int(state["dim"]) * 4) if state else 0)
+    _truncate(project.added_tokens_path, tokens * itemsize)
+    _truncate(project.added_embeddings_path, (int(state["chunks"]) * int(state["dim"]) * 4) if state else 0)
 
 
 def _index_targets(project: Project, n_base: int) -> list[tuple[Path, int, int | None]]:
     """(file, vectors index-add put there, shard number or None for the merged index)."""
-    from retro_ray.prep.index import index_paths, shard_paths, shard_ranges
+    from retro_ray.retrieval.shards import shard_ranges
 
-    files = shard_paths(project)
+    files = project.shard_paths()
     ranges = shard_ranges(n_base, len(files))
     targets: list[tuple[Path, int, int | None]] = [(f, hi - lo, i) for i, (f, (lo, hi)) in enumerate(zip(files, ranges))]
-    targets.append((index_paths(project)["added"], n_base, None))
+    targets.append((project.added_index_path, n_base, None))
     return targets
 
 
@@ -274,16 +268,14 @@ def _complete_index(project: Project, store: AddedChunks | None) -> int:
     """Bring every index file up to the committed store; returns the vectors added. Idempotent."""
     import faiss
 
-    from retro_ray.prep.index import index_paths
     from retro_ray.retrieval.index import load_index
     from retro_ray.retrieval.shards import add_ids, added_chunk_ids
 
-    paths = index_paths(project)
-    Project.remove_stale_temporaries(paths["dir"])
-    Project.remove_stale_temporaries(paths["shards"])
+    Project.remove_stale_temporaries(project.index_dir)
+    Project.remove_stale_temporaries(project.index_shards_dir)
     if store is None:
         return 0
-    marker = paths["dir"] / INDEX_MARKER
+    marker = project.index_added_docs_path
     n_base, n_added = store.n_base_chunks, len(store)
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -303,7 +295,7 @@ def _complete_index(project: Project, store: AddedChunks | None) -> int:
                 raise RetroRayError(
                     f"{path} holds {index.ntotal} vectors; index-add put {base} there and the added documents explain "
                     f"up to {len(ids)} more; the index and db/added disagree: rebuild the index "
-                    f"(remove {paths['dir']} and the index-train / index-add markers, run `retro-ray index`), then add again"
+                    f"(remove {project.index_dir} and the index-train / index-add markers, run `retro-ray index`), then add again"
                 )
             todo = ids[have:]
             if len(todo):
@@ -335,8 +327,8 @@ def _corpus_keys(project: Project) -> np.ndarray:
     """Sorted uint64 keys of the digests of every corpus document (cached in db/added/)."""
     import pyarrow.parquet as pq
 
-    cache = added_dir(project) / "corpus_digests.npy"
-    meta = added_dir(project) / "corpus_digests.json"
+    cache = project.corpus_digests_path
+    meta = project.corpus_digests_meta_path
     pf = pq.ParquetFile(project.docs_path)
     n_docs = int(pf.metadata.num_rows)
     if cache.is_file() and meta.is_file() and json.loads(meta.read_text()).get("docs") == n_docs:
@@ -405,8 +397,8 @@ def _project_embedder(project: Project, cfg: AddDocsConfig):
 # ------------------------------------------------------------------------------------------------
 def _tokenize_and_chunk(project: Project, docs: list[NewDocument]) -> dict:
     """Tokens (+ EOD per document), chunk rows (doc index local to ``docs``) and chunk texts, as the db stage."""
+    from retro_ray.chunking import chunk_bounds
     from retro_ray.embedder import load_wordpiece_tokenizer, wordpiece_lengths
-    from retro_ray.prep.db import chunk_bounds
     from retro_ray.tokenizer import load_tokenizer
 
     pcfg = project.read_config()
@@ -463,7 +455,7 @@ def _commit_db(project: Project, state: dict | None, store: AddedChunks | None, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = added_dir(project)
+    root = project.added_dir
     derived = project.derived()
     version = (int(state["version"]) if state else 0) + 1
     old_docs = int(state["docs"]) if state else 0
@@ -471,15 +463,15 @@ def _commit_db(project: Project, state: dict | None, store: AddedChunks | None, 
     old_tokens = int(state["tokens"]) if state else 0
     n_base_docs = int(state["n_base_docs"]) if state else int(_docs_in_corpus(project))
     # (1) data first: appended past the committed end, then the version directory.
-    _append(root / "tokens.bin", chunked["tokens"].tobytes())
-    _append(root / "embeddings.f32", np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-    vdir = root / _vdir_name(version)
+    _append(project.added_tokens_path, chunked["tokens"].tobytes())
+    _append(project.added_embeddings_path, np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    vdir = project.added_version_dir(version)
     shutil.rmtree(vdir, ignore_errors=True)
     vdir.mkdir(parents=True)
     rows = chunked["rows"].copy()
     rows[:, 1] += old_docs
     all_rows = np.concatenate([store.chunks, rows]) if store is not None else rows
-    with open(vdir / "chunks.npy", "wb") as f:
+    with open(project.added_chunks_path(version), "wb") as f:
         np.save(f, all_rows)
         f.flush()
         os.fsync(f.fileno())
@@ -494,9 +486,9 @@ def _commit_db(project: Project, state: dict | None, store: AddedChunks | None, 
         "source": pa.array([d.source for d in docs], pa.string()),
     })
     if store is not None:
-        new_table = pa.concat_tables([pq.read_table(root / store.state["dir"] / "docs.parquet"), new_table])
-    pq.write_table(new_table, vdir / "docs.parquet", compression="zstd")
-    _fsync_path(vdir / "docs.parquet")
+        new_table = pa.concat_tables([pq.read_table(project.added_doc_table_path(store.state["dir"])), new_table])
+    pq.write_table(new_table, project.added_doc_table_path(version), compression="zstd")
+    _fsync_path(project.added_doc_table_path(version))
     _fsync_path(vdir)
     _fsync_path(root)
     _maybe_kill("before-db-commit")
@@ -511,7 +503,7 @@ def _commit_db(project: Project, state: dict | None, store: AddedChunks | None, 
                      "precision": str(getattr(embedder, "precision", "unknown"))},
         "committed_at": time.time(),
     }
-    atomic_write_json(added_state_path(project), new_state)
+    atomic_write_json(project.added_state_path, new_state)
     _maybe_kill("db-committed")
     for p in root.iterdir():  # keep this version and the previous one
         m = _VERSION_DIR.match(p.name)
@@ -534,117 +526,134 @@ def add_documents(project: Project, source: str | os.PathLike | Sequence[dict], 
     corpus), or a list of ``{"title": ..., "text": ...}`` records. ``retriever``: a live
     ``Retriever`` of this project to bring up to date after the commit (its embedder is used too).
     ``embedder``: an already-loaded embedder to use (checked against the project's). See the module
-    docstring for what is skipped, the commit order and recovery.
+    docstring for what is skipped, the commit order and recovery. (``add_docs.run(project, cfg,
+    source=..., retriever=..., embedder=...)``, the stage's own ``run``, is the same.)
     """
-    t_start = time.perf_counter()
-    cfg = cfg or AddDocsConfig()
-    pcfg = project.read_config()  # "not a retro-ray project" first
-    project.require("index-add", STAGE)
-    timings: dict[str, float] = {}
+    return STAGE.run(project, cfg, source=source, retriever=retriever, embedder=embedder, progress=progress)
 
-    t0 = time.perf_counter()
-    docs, counts = read_documents(source, cfg.text_field or pcfg.corpus.text_field,
-                                  cfg.title_field or pcfg.corpus.title_field, pcfg.corpus.normalization)
-    timings["read"] = time.perf_counter() - t0
-    if retriever is not None:
-        if Path(retriever.project.root) != project.root:
-            raise RetroRayError(
-                f"the retriever serves {retriever.project.root}, not {project.root}; pass a retriever of this project"
-            )
-        embedder = embedder or retriever.embedder
-    if embedder is not None:
-        _check_embedder(embedder, project)
 
-    root = added_dir(project)
-    with _store_lock(root):
+class AddDocs(Stage):
+    """Runs every time it is asked to (what it adds is idempotent per document): never marked done."""
+
+    spec = STAGES["add-docs"]
+    run_config = AddDocsConfig
+    marks_done = False
+    inputs = ("source", "retriever", "embedder")
+
+    def work(self, run: StageRun) -> Report:
+        t_start = time.perf_counter()
+        project, cfg, pcfg, progress = run.project, run.cfg, run.config, run.progress
+        source, retriever, embedder = run.inputs["source"], run.inputs.get("retriever"), run.inputs.get("embedder")
+        timings: dict[str, float] = {}
+
         t0 = time.perf_counter()
-        state = read_added_state(project)
-        n_base = int(project.derived()["chunks_per_split"]["train"])
-        if state is not None and int(state["n_base_chunks"]) != n_base:
-            raise RetroRayError(
-                f"{root} extends a database of {state['n_base_chunks']} chunks but the train database now has "
-                f"{n_base}; the database was rebuilt: delete {root} and add the documents again"
-            )
-        _clean_uncommitted(project, state)
-        store = load_added(project, state)
-        recovered = _complete_index(project, store)
-        if recovered:
-            log.info("add-docs: finished an interrupted add: %d vectors added to the index files", recovered)
-        timings["recover"] = time.perf_counter() - t0
+        docs, counts = read_documents(source, cfg.text_field or pcfg.corpus.text_field,
+                                      cfg.title_field or pcfg.corpus.title_field, pcfg.corpus.normalization)
+        timings["read"] = time.perf_counter() - t0
+        if retriever is not None:
+            if Path(retriever.project.root) != project.root:
+                raise RetroRayError(
+                    f"the retriever serves {retriever.project.root}, not {project.root}; pass a retriever of this project"
+                )
+            embedder = embedder or retriever.embedder
+        if embedder is not None:
+            _check_embedder(embedder, project)
 
-        # Skip what the database holds already, and repeats within this input.
-        corpus = _corpus_keys(project)
-        known = set(store.digests) if store is not None else set()
-        new: list[NewDocument] = []
-        seen: set[str] = set()
-        skipped = {"docs_skipped_already_added": 0, "docs_skipped_in_corpus": 0, "docs_skipped_repeated": 0}
-        for d in docs:
-            if d.digest in known:
-                skipped["docs_skipped_already_added"] += 1
-            elif d.digest in seen:
-                skipped["docs_skipped_repeated"] += 1
-            elif _in_sorted(corpus, _key64(bytes.fromhex(d.digest))):
-                skipped["docs_skipped_in_corpus"] += 1
-            else:
-                seen.add(d.digest)
-                new.append(d)
-
-        chunks_added = tokens_added = 0
-        first_chunk_id = n_base + (len(store) if store is not None else 0)
-        if new:
+        root = project.added_dir
+        with _store_lock(project):
             t0 = time.perf_counter()
-            chunked = _tokenize_and_chunk(project, new)
-            timings["tokenize"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if embedder is None:
-                embedder = _project_embedder(project, cfg)
-                _check_embedder(embedder, project)
-            vectors = _embed(embedder, chunked["texts"], group_size(project.read_config().embedder.batch_size), progress)
-            timings["embed"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            state = _commit_db(project, state, store, new, chunked, vectors, embedder)
+            state = read_added_state(project)
+            n_base = int(project.derived()["chunks_per_split"]["train"])
+            if state is not None and int(state["n_base_chunks"]) != n_base:
+                raise RetroRayError(
+                    f"{root} extends a database of {state['n_base_chunks']} chunks but the train database now has "
+                    f"{n_base}; the database was rebuilt: delete {root} and add the documents again"
+                )
+            _clean_uncommitted(project, state)
             store = load_added(project, state)
-            timings["commit_db"] = time.perf_counter() - t0
+            recovered = _complete_index(project, store)
+            if recovered:
+                log.info("add-docs: finished an interrupted add: %d vectors added to the index files", recovered)
+            timings["recover"] = time.perf_counter() - t0
+
+            # Skip what the database holds already, and repeats within this input.
+            corpus = _corpus_keys(project)
+            known = set(store.digests) if store is not None else set()
+            new: list[NewDocument] = []
+            seen: set[str] = set()
+            skipped = {"docs_skipped_already_added": 0, "docs_skipped_in_corpus": 0, "docs_skipped_repeated": 0}
+            for d in docs:
+                if d.digest in known:
+                    skipped["docs_skipped_already_added"] += 1
+                elif d.digest in seen:
+                    skipped["docs_skipped_repeated"] += 1
+                elif _in_sorted(corpus, _key64(bytes.fromhex(d.digest))):
+                    skipped["docs_skipped_in_corpus"] += 1
+                else:
+                    seen.add(d.digest)
+                    new.append(d)
+
+            chunks_added = tokens_added = 0
+            first_chunk_id = n_base + (len(store) if store is not None else 0)
+            if new:
+                t0 = time.perf_counter()
+                chunked = _tokenize_and_chunk(project, new)
+                timings["tokenize"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if embedder is None:
+                    embedder = _project_embedder(project, cfg)
+                    _check_embedder(embedder, project)
+                vectors = _embed(embedder, chunked["texts"], group_size(project.read_config().embedder.batch_size), progress)
+                timings["embed"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                state = _commit_db(project, state, store, new, chunked, vectors, embedder)
+                store = load_added(project, state)
+                timings["commit_db"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                _complete_index(project, store)
+                timings["index"] = time.perf_counter() - t0
+                chunks_added, tokens_added = len(chunked["rows"]), len(chunked["tokens"])
+                m = stage_metrics("index")
+                m.rows(chunks_added)
+                m.chunks(chunks_added)
+                if timings["embed"] > 0:
+                    stage_metrics("embed").chunks_per_second(chunks_added / timings["embed"])
+
+        if retriever is not None:
             t0 = time.perf_counter()
-            _complete_index(project, store)
-            timings["index"] = time.perf_counter() - t0
-            chunks_added, tokens_added = len(chunked["rows"]), len(chunked["tokens"])
-            m = stage_metrics("index")
-            m.rows(chunks_added)
-            m.chunks(chunks_added)
-            if timings["embed"] > 0:
-                stage_metrics("embed").chunks_per_second(chunks_added / timings["embed"])
+            retriever.sync_added()
+            timings["sync_retriever"] = time.perf_counter() - t0
+        n_added_total = len(store) if store is not None else 0
+        report_counts = {
+            **counts,
+            "docs_added": len(new),
+            "docs_skipped": counts["docs_skipped_empty"] + sum(skipped.values()),
+            **skipped,
+            "chunks_added": chunks_added,
+            "tokens_added": tokens_added,
+            "first_chunk_id": first_chunk_id if chunks_added else -1,
+            "vectors_recovered": recovered,
+            "added_docs_total": int(state["docs"]) if state else 0,
+            "added_chunks_total": n_added_total,
+            "total_chunks": n_base + n_added_total,
+        }
+        timings["total"] = time.perf_counter() - t_start
+        stage_metrics("index").seconds(timings["total"], step="add-docs")
+        report = Report(stage=self.name, counts=report_counts, timings=timings,
+                        outputs=[str(root), str(project.index_dir)], skipped=not new and not recovered)
+        if new:
+            log.info("add-docs: %d documents added (%d chunks, ids %d..%d); %d skipped; the database now has %d chunks",
+                     len(new), chunks_added, first_chunk_id, first_chunk_id + chunks_added - 1, report_counts["docs_skipped"],
+                     report_counts["total_chunks"])
+        else:
+            log.info("add-docs: nothing to add: all %d documents are already in the database (%d already added, "
+                     "%d in the corpus, %d repeated, %d empty)", counts["docs_read"], skipped["docs_skipped_already_added"],
+                     skipped["docs_skipped_in_corpus"], skipped["docs_skipped_repeated"], counts["docs_skipped_empty"])
+        return report
 
-    if retriever is not None:
-        t0 = time.perf_counter()
-        retriever.sync_added()
-        timings["sync_retriever"] = time.perf_counter() - t0
-    from retro_ray.prep.index import index_paths
+    def finish(self, run: StageRun, report: Report) -> None:
+        pass  # work() recorded its time (as the `index` metrics' "add-docs" step)
 
-    n_added_total = len(store) if store is not None else 0
-    report_counts = {
-        **counts,
-        "docs_added": len(new),
-        "docs_skipped": counts["docs_skipped_empty"] + sum(skipped.values()),
-        **skipped,
-        "chunks_added": chunks_added,
-        "tokens_added": tokens_added,
-        "first_chunk_id": first_chunk_id if chunks_added else -1,
-        "vectors_recovered": recovered,
-        "added_docs_total": int(state["docs"]) if state else 0,
-        "added_chunks_total": n_added_total,
-        "total_chunks": n_base + n_added_total,
-    }
-    timings["total"] = time.perf_counter() - t_start
-    stage_metrics("index").seconds(timings["total"], step="add-docs")
-    report = Report(stage=STAGE, counts=report_counts, timings=timings,
-                    outputs=[str(root), str(index_paths(project)["dir"])], skipped=not new and not recovered)
-    if new:
-        log.info("add-docs: %d documents added (%d chunks, ids %d..%d); %d skipped; the database now has %d chunks",
-                 len(new), chunks_added, first_chunk_id, first_chunk_id + chunks_added - 1, report_counts["docs_skipped"],
-                 report_counts["total_chunks"])
-    else:
-        log.info("add-docs: nothing to add: all %d documents are already in the database (%d already added, "
-                 "%d in the corpus, %d repeated, %d empty)", counts["docs_read"], skipped["docs_skipped_already_added"],
-                 skipped["docs_skipped_in_corpus"], skipped["docs_skipped_repeated"], counts["docs_skipped_empty"])
-    return report
+
+STAGE = AddDocs()
+run = STAGE.run

@@ -33,11 +33,14 @@ import numpy as np
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
-from retro_ray.project import Project, Report, atomic_write_json
-from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun
+from retro_ray.project import Project, Report, atomic_write_json, save_npy_atomic
+from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun, want_gpu
+from retro_ray.stages import STAGES
+from retro_ray.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
-STAGE = "query"
+NAME = "query"
+SHARD_CPUS = 0.25  # Ray CPUs of each index shard actor the query stage starts
 QUERY_SPLITS = ("train", "valid")
 
 
@@ -67,7 +70,8 @@ def neighbor_hash(inputs: dict) -> str:
 
 
 def neighbor_dir(project: Project, split: str) -> Path:
-    return project.root / "query" / f"{split}_{neighbor_hash(neighbor_inputs(project, split))}"
+    """The directory of ``split``'s neighbours for the project's current settings."""
+    return project.neighbor_dir(split, neighbor_hash(neighbor_inputs(project, split)))
 
 
 def make_samples(project: Project, split: str):
@@ -104,8 +108,6 @@ class QueryNeighbors:
                  time.time() - _process_start())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from retro_ray.prep.embed import save_npy_atomic
-
         out: dict[str, list] = {"block_key": [], "chunks": [], "found": [], "node_id": []}
         m = self.cfg.chunk_length
         k_query, k_save = self.cfg.query.num_neighbors_query, self.cfg.query.num_neighbors_save
@@ -136,7 +138,7 @@ class QueryNeighbors:
                     chosen = ids_r[keep_r][:k_save]
                     neighbors[s_i * per_sample + r, :len(chosen)] = chosen
             save_npy_atomic(Path(str(path)), neighbors)
-            metrics = stage_metrics(STAGE)
+            metrics = stage_metrics(NAME)
             metrics.seconds(time.perf_counter() - t0)
             metrics.rows(len(spans))
             metrics.chunks(len(found_ids))
@@ -174,97 +176,15 @@ def _pool_size(num_actors: int | None, cpus_per_actor: float, reserved: float) -
     return min(num_actors, fit) if num_actors else fit
 
 
-def run(project: Project, run_cfg: C.QueryRunConfig = C.QueryRunConfig(), overrides: dict | None = None, *,
-        progress: bool = True, address: str | None = None, shard_cpus: float = 0.25) -> Report:
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from retro_ray.prep.embed import _want_gpu
-    from retro_ray.prep.index import shard_paths
-    from retro_ray.retrieval.shards import ShardedIndex
-
-    if not project.has_config():
-        project.read_config()  # raises the "not a project" error
-    if project.is_done(STAGE):
-        project.check_overrides(overrides or {})
-        rep = project.report(STAGE)
-        rep.skipped = True
-        return rep
-    cfg = project.check_overrides(overrides or {}, changeable=("query.",))
-    project.require("index-add", STAGE)
-    if run_cfg.samples_per_block <= 0:
-        raise RetroRayError(f"query.samples_per_block={run_cfg.samples_per_block} must be positive.")
-    items, dirs, counts = [], {}, {}
-    project.remove_stale_temporaries(project.samples_dir)
-    for split in QUERY_SPLITS:
-        samples = make_samples(project, split)  # writes the sample order the actors then map
-        d = neighbor_dir(project, split)
-        dirs[split] = str(d.relative_to(project.root))
-        d.mkdir(parents=True, exist_ok=True)
-        project.remove_stale_temporaries(d)
-        meta = {"inputs": neighbor_inputs(project, split), "num_samples": len(samples),
-                "samples_per_block": run_cfg.samples_per_block,
-                "chunks_per_sample": cfg.seq_length // cfg.chunk_length,
-                "num_neighbors_save": cfg.query.num_neighbors_save}
-        if (d / "meta.json").is_file():  # a resume keeps the block size already on disk
-            meta["samples_per_block"] = json.loads((d / "meta.json").read_text())["samples_per_block"]
-        atomic_write_json(d / "meta.json", meta)
-        per = meta["samples_per_block"]
-        for b, start in enumerate(range(0, len(samples), per)):
-            out = d / f"{b:06d}.npy"
-            if not out.is_file():
-                items.append({"block_key": f"{split}/{b}", "split": split, "start": start,
-                              "end": min(start + per, len(samples)), "out": str(out)})
-        counts[f"{split}_samples"] = len(samples)
-        counts[f"{split}_chunks"] = len(samples) * meta["chunks_per_sample"]
-    project.update_derived(neighbor_dirs=dirs)
-    t0 = time.perf_counter()
-    if items:
-        connect(address, progress)
-        files = shard_paths(project)
-        index = ShardedIndex.from_paths(files, num_cpus=shard_cpus)
-        try:
-            gpu = _want_gpu(run_cfg.use_gpu)
-            size = (run_cfg.num_actors or int(ray.cluster_resources()["GPU"])) if gpu else \
-                _pool_size(run_cfg.num_actors, run_cfg.cpus_per_actor, shard_cpus * len(files))
-            size = min(size, len(items))
-            log.info("query: %d blocks with %d actors, %d shards", len(items), size, len(files))
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                QueryNeighbors,
-                fn_constructor_kwargs=dict(project_root=str(project.root), shard_handles=index.shards,
-                                           shard_files=[str(f) for f in files],
-                                           device="cuda" if gpu else "cpu",
-                                           torch_threads=1 if gpu else max(1, math.ceil(run_cfg.cpus_per_actor))),
-                batch_size=1, compute=ActorPoolStrategy(size=size),
-                num_cpus=1 if gpu else run_cfg.cpus_per_actor, num_gpus=1 if gpu else 0,
-            )
-            counts["blocks_by_node"] = count_by_node(r["node_id"] for r in take_all_or_rerun(ds, STAGE))
-            counts["shards_by_node"] = count_by_node(index.node_ids())
-        finally:
-            index.shutdown()
-    seconds = time.perf_counter() - t0
-    n_chunks = sum(it["end"] - it["start"] for it in items) * (cfg.seq_length // cfg.chunk_length)
-    counts["chunks_queried_this_run"] = n_chunks
-    counts["chunks_per_s"] = round(n_chunks / seconds, 1) if n_chunks and seconds > 0 else 0
-    for split in QUERY_SPLITS:
-        counts[f"{split}_dir"] = dirs[split]
-    report = Report(stage=STAGE, counts=counts, timings={"query": seconds},
-                    outputs=[str(project.root / d) for d in dirs.values()])
-    project.mark_done(report)
-    stage_metrics(STAGE).seconds(seconds, step="run")
-    return report
-
-
 def load_neighbors(project: Project, split: str) -> tuple[list[np.ndarray], dict]:
     """The neighbour blocks of a split (memory-mapped) and its meta.json; checks the hash."""
-    recorded = project.derived().get("neighbor_dirs", {}).get(split)
-    if recorded is None or not project.is_done(STAGE):
+    d = project.recorded_neighbor_dir(split)
+    if d is None or not project.is_done(NAME):
         raise RetroRayError(
             f"no neighbours for the {split} split in {project.root}; run `retro-ray query --project-dir "
             f"{project.root}` first."
         )
-    d = project.root / recorded
-    meta = json.loads((d / "meta.json").read_text())
+    meta = json.loads(project.neighbor_meta_path(d).read_text())
     now = neighbor_inputs(project, split)
     if meta["inputs"] != now:
         changed = C.diff(meta["inputs"], now)
@@ -275,3 +195,84 @@ def load_neighbors(project: Project, split: str) -> tuple[list[np.ndarray], dict
         )
     blocks = sorted(d.glob("[0-9]*.npy"))
     return [np.load(b, mmap_mode="r") for b in blocks], meta
+
+
+class Query(Stage):
+    spec = STAGES["query"]
+    run_config = C.QueryRunConfig
+    owns = ("query.",)  # the search settings, until the neighbours are made
+
+    def check(self, run: StageRun) -> None:
+        if run.cfg.samples_per_block <= 0:
+            raise RetroRayError(f"query.samples_per_block={run.cfg.samples_per_block} must be positive.")
+
+    def temporaries(self, run: StageRun) -> list[Path]:
+        return [run.project.samples_dir, *(neighbor_dir(run.project, split) for split in QUERY_SPLITS)]
+
+    def work(self, run: StageRun) -> Report:
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        from retro_ray.retrieval.shards import ShardedIndex
+
+        project, cfg, run_cfg = run.project, run.config, run.cfg
+        items, dirs, counts = [], {}, {}
+        for split in QUERY_SPLITS:
+            samples = make_samples(project, split)  # writes the sample order the actors then map
+            d = dirs[split] = neighbor_dir(project, split)
+            d.mkdir(parents=True, exist_ok=True)
+            meta = {"inputs": neighbor_inputs(project, split), "num_samples": len(samples),
+                    "samples_per_block": run_cfg.samples_per_block,
+                    "chunks_per_sample": cfg.seq_length // cfg.chunk_length,
+                    "num_neighbors_save": cfg.query.num_neighbors_save}
+            meta_path = project.neighbor_meta_path(d)
+            if meta_path.is_file():  # a resume keeps the block size already on disk
+                meta["samples_per_block"] = json.loads(meta_path.read_text())["samples_per_block"]
+            atomic_write_json(meta_path, meta)
+            per = meta["samples_per_block"]
+            for b, start in enumerate(range(0, len(samples), per)):
+                out = project.neighbor_block(d, b)
+                if not out.is_file():
+                    items.append({"block_key": f"{split}/{b}", "split": split, "start": start,
+                                  "end": min(start + per, len(samples)), "out": str(out)})
+            counts[f"{split}_samples"] = len(samples)
+            counts[f"{split}_chunks"] = len(samples) * meta["chunks_per_sample"]
+        recorded = {split: str(d.relative_to(project.root)) for split, d in dirs.items()}
+        project.update_derived(neighbor_dirs=recorded)
+        t0 = time.perf_counter()
+        if items:
+            connect(run.address, run.progress)
+            files = project.shard_paths()
+            index = ShardedIndex.from_paths(files, num_cpus=SHARD_CPUS)
+            try:
+                gpu = want_gpu(run_cfg.use_gpu)
+                size = (run_cfg.num_actors or int(ray.cluster_resources()["GPU"])) if gpu else \
+                    _pool_size(run_cfg.num_actors, run_cfg.cpus_per_actor, SHARD_CPUS * len(files))
+                size = min(size, len(items))
+                log.info("query: %d blocks with %d actors, %d shards", len(items), size, len(files))
+                ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                    QueryNeighbors,
+                    fn_constructor_kwargs=dict(project_root=str(project.root), shard_handles=index.shards,
+                                               shard_files=[str(f) for f in files],
+                                               device="cuda" if gpu else "cpu",
+                                               torch_threads=1 if gpu else max(1, math.ceil(run_cfg.cpus_per_actor))),
+                    batch_size=1, compute=ActorPoolStrategy(size=size),
+                    num_cpus=1 if gpu else run_cfg.cpus_per_actor, num_gpus=1 if gpu else 0,
+                )
+                counts["blocks_by_node"] = count_by_node(r["node_id"] for r in take_all_or_rerun(ds, NAME))
+                counts["shards_by_node"] = count_by_node(index.node_ids())
+            finally:
+                index.shutdown()
+        seconds = time.perf_counter() - t0
+        n_chunks = sum(it["end"] - it["start"] for it in items) * (cfg.seq_length // cfg.chunk_length)
+        counts["chunks_queried_this_run"] = n_chunks
+        counts["chunks_per_s"] = round(n_chunks / seconds, 1) if n_chunks and seconds > 0 else 0
+        for split in QUERY_SPLITS:
+            counts[f"{split}_dir"] = recorded[split]
+        report = Report(stage=NAME, counts=counts, timings={"query": seconds},
+                        outputs=[str(d) for d in dirs.values()])
+        return report
+
+
+STAGE = Query()
+run = STAGE.run

@@ -30,10 +30,12 @@ from retro_ray.indexed import IndexedDataset, IndexedDatasetWriter
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import SPLITS, Project, Report, atomic_write_json, tmp_path_for
 from retro_ray.runtime import connect, count_by_node, run_block_tasks
+from retro_ray.stages import STAGES
+from retro_ray.stages.base import Stage, StageRun
 from retro_ray.tokenizer import load_tokenizer, load_user_tokenizer, resolve_eod_token, token_dtype, train_tokenizer
 
 log = logging.getLogger(__name__)
-STAGE = "prep"
+NAME = "prep"
 
 
 def split_sizes(n_docs: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -122,7 +124,7 @@ def tokenize_block(item: dict) -> dict:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, out)
-    m = stage_metrics(STAGE)
+    m = stage_metrics(NAME)
     m.rows(len(texts))
     m.seconds(time.perf_counter() - t0)
     return {"block_key": item["block_key"], "docs": len(texts), "tokens": int(lengths.sum())}
@@ -167,98 +169,112 @@ def check_project_config(project: Project, cfg: C.ProjectConfig, overwrite: bool
         )
 
 
-def run(project: Project, cfg: C.ProjectConfig, run_cfg: C.PrepRunConfig = C.PrepRunConfig(), *,
-        overwrite: bool = False, progress: bool = True, address: str | None = None) -> Report:
-    cfg.validate()
-    if run_cfg.docs_per_block <= 0:
-        raise RetroRayError(f"prep.docs_per_block={run_cfg.docs_per_block} must be positive.")
-    check_project_config(project, cfg, overwrite)
-    if project.is_done(STAGE):
-        report = project.report(STAGE)
-        report.skipped = True
+class Prep(Stage):
+    spec = STAGES["prep"]
+    run_config = C.PrepRunConfig
+
+    def check(self, run: StageRun) -> None:
+        cfg = run.settings if isinstance(run.settings, C.ProjectConfig) else C.build(C.ProjectConfig, run.settings)
+        cfg.validate()
+        if run.cfg.docs_per_block <= 0:
+            raise RetroRayError(f"prep.docs_per_block={run.cfg.docs_per_block} must be positive.")
+        check_project_config(run.project, cfg, run.overwrite)
+        run.config = cfg
+
+    def settle(self, run: StageRun, done: bool) -> C.ProjectConfig:
+        return run.config  # prep's settings are the project's: check() compared them with config.json
+
+    def temporaries(self, run: StageRun) -> list[Path]:
+        p = run.project
+        return [p.root, p.data_dir, p.prep_blocks_dir, p.tokenizer_dir]
+
+    def work(self, run: StageRun) -> Report:
+        project, cfg, run_cfg, progress = run.project, run.config, run.cfg, run.progress
+        project.root.mkdir(parents=True, exist_ok=True)
+        project.write_config(cfg)
+        timings: dict[str, float] = {}
+
+        # 1. ingest
+        t0 = time.perf_counter()
+        stats_path = project.ingest_stats_path
+        if not project.docs_path.is_file():
+            stats = ingest(cfg.corpus, project.docs_path, run_cfg.docs_per_block, progress=progress,
+                           heldout_path=project.heldout_path if cfg.corpus.holdout_fraction > 0 else None)
+            atomic_write_json(stats_path, stats.as_counts())
+        counts = json.loads(stats_path.read_text())
+        timings["ingest"] = time.perf_counter() - t0
+        n_docs = counts["documents_kept"]
+
+        # 2. split
+        if not project.doc_split_path.is_file():
+            _save_npy(project.doc_split_path, assign_splits(n_docs, cfg.split_fractions(), cfg.seed))
+        doc_split = np.load(project.doc_split_path)
+
+        # 3. tokenizer
+        t0 = time.perf_counter()
+        _prepare_tokenizer(project, cfg, doc_split, progress)
+        tok = load_tokenizer(project.tokenizer_path)
+        eod_token = resolve_eod_token(cfg.tokenizer)
+        eod_id = tok.token_to_id(eod_token)
+        vocab_size = tok.get_vocab_size()
+        dtype = np.dtype(token_dtype(vocab_size))
+        timings["tokenizer"] = time.perf_counter() - t0
+
+        # 4. tokenize blocks (Ray tasks), skipping blocks already written
+        t0 = time.perf_counter()
+        n_blocks = pq.ParquetFile(project.docs_path).num_row_groups
+        block_files = [project.prep_block(b) for b in range(n_blocks)]
+        todo = [
+            {"block_key": b, "block": b, "out": str(block_files[b]), "docs": str(project.docs_path),
+             "doc_split": str(project.doc_split_path), "tokenizer": str(project.tokenizer_path),
+             "eod_id": eod_id, "dtype": dtype.str}
+            for b in range(n_blocks) if not block_files[b].is_file()
+        ]
+        if todo:
+            project.prep_blocks_dir.mkdir(parents=True, exist_ok=True)
+            connect(run.address, progress)
+            counts["blocks_by_node"] = count_by_node(
+                r["node_id"] for r in run_block_tasks(tokenize_block, todo, run_cfg.cpus_per_task, "tokenize"))
+        timings["tokenize"] = time.perf_counter() - t0
+
+        # 5. merge blocks into one token dataset per split
+        t0 = time.perf_counter()
+        split_docs, split_tokens = {}, {}
+        for name in SPLITS:
+            writer = IndexedDatasetWriter(project.token_prefix(name), dtype)
+            ids = []
+            try:
+                for path in block_files:
+                    with np.load(path) as z:
+                        writer.add_documents(z[f"{name}_tokens"], z[f"{name}_lengths"])
+                        ids.append(z[f"{name}_doc_ids"])
+                doc_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+                _save_npy(project.doc_ids_path(name), doc_ids)
+                writer.finalize()
+            except BaseException:
+                writer.abort()
+                raise
+            split_docs[name] = int(len(doc_ids))
+            split_tokens[name] = IndexedDataset(project.token_prefix(name)).num_tokens
+        timings["merge"] = time.perf_counter() - t0
+        project.update_derived(
+            vocab_size=vocab_size, eod_id=eod_id, eod_token=eod_token, token_dtype=dtype.name,
+            docs_per_split=split_docs, tokens_per_split=split_tokens,
+        )
+        report = Report(
+            stage=NAME,
+            counts={**counts, **{f"{k}_docs": v for k, v in split_docs.items()},
+                    **{f"{k}_tokens": v for k, v in split_tokens.items()}, "vocab_size": vocab_size},
+            timings=timings,
+            outputs=[str(project.token_prefix(n)) + ".bin/.idx" for n in SPLITS] + [str(project.tokenizer_path)],
+        )
         return report
-    project.root.mkdir(parents=True, exist_ok=True)
-    project.write_config(cfg)
-    for d in (project.root, project.data_dir, project.prep_blocks_dir, project.tokenizer_dir):
-        project.remove_stale_temporaries(d)
-    timings: dict[str, float] = {}
 
-    # 1. ingest
-    t0 = time.perf_counter()
-    stats_path = project.data_dir / "ingest_stats.json"
-    if not project.docs_path.is_file():
-        stats = ingest(cfg.corpus, project.docs_path, run_cfg.docs_per_block, progress=progress,
-                       heldout_path=project.heldout_path if cfg.corpus.holdout_fraction > 0 else None)
-        atomic_write_json(stats_path, stats.as_counts())
-    counts = json.loads(stats_path.read_text())
-    timings["ingest"] = time.perf_counter() - t0
-    n_docs = counts["documents_kept"]
+    def finish(self, run: StageRun, report: Report) -> None:
+        super().finish(run, report)
+        # The per-block files are only a resume aid; the merged datasets are the output.
+        run.project.remove_scratch_dir(run.project.prep_blocks_dir)
 
-    # 2. split
-    if not project.doc_split_path.is_file():
-        _save_npy(project.doc_split_path, assign_splits(n_docs, cfg.split_fractions(), cfg.seed))
-    doc_split = np.load(project.doc_split_path)
 
-    # 3. tokenizer
-    t0 = time.perf_counter()
-    _prepare_tokenizer(project, cfg, doc_split, progress)
-    tok = load_tokenizer(project.tokenizer_path)
-    eod_token = resolve_eod_token(cfg.tokenizer)
-    eod_id = tok.token_to_id(eod_token)
-    vocab_size = tok.get_vocab_size()
-    dtype = np.dtype(token_dtype(vocab_size))
-    timings["tokenizer"] = time.perf_counter() - t0
-
-    # 4. tokenize blocks (Ray tasks), skipping blocks already written
-    t0 = time.perf_counter()
-    n_blocks = pq.ParquetFile(project.docs_path).num_row_groups
-    block_files = [project.prep_blocks_dir / f"{b:06d}.npz" for b in range(n_blocks)]
-    todo = [
-        {"block_key": b, "block": b, "out": str(block_files[b]), "docs": str(project.docs_path),
-         "doc_split": str(project.doc_split_path), "tokenizer": str(project.tokenizer_path),
-         "eod_id": eod_id, "dtype": dtype.str}
-        for b in range(n_blocks) if not block_files[b].is_file()
-    ]
-    if todo:
-        project.prep_blocks_dir.mkdir(parents=True, exist_ok=True)
-        connect(address, progress)
-        counts["blocks_by_node"] = count_by_node(
-            r["node_id"] for r in run_block_tasks(tokenize_block, todo, run_cfg.cpus_per_task, "tokenize"))
-    timings["tokenize"] = time.perf_counter() - t0
-
-    # 5. merge blocks into one token dataset per split
-    t0 = time.perf_counter()
-    split_docs, split_tokens = {}, {}
-    for name in SPLITS:
-        writer = IndexedDatasetWriter(project.token_prefix(name), dtype)
-        ids = []
-        try:
-            for path in block_files:
-                with np.load(path) as z:
-                    writer.add_documents(z[f"{name}_tokens"], z[f"{name}_lengths"])
-                    ids.append(z[f"{name}_doc_ids"])
-            doc_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-            _save_npy(project.doc_ids_path(name), doc_ids)
-            writer.finalize()
-        except BaseException:
-            writer.abort()
-            raise
-        split_docs[name] = int(len(doc_ids))
-        split_tokens[name] = IndexedDataset(project.token_prefix(name)).num_tokens
-    timings["merge"] = time.perf_counter() - t0
-    project.update_derived(
-        vocab_size=vocab_size, eod_id=eod_id, eod_token=eod_token, token_dtype=dtype.name,
-        docs_per_split=split_docs, tokens_per_split=split_tokens,
-    )
-    report = Report(
-        stage=STAGE,
-        counts={**counts, **{f"{k}_docs": v for k, v in split_docs.items()},
-                **{f"{k}_tokens": v for k, v in split_tokens.items()}, "vocab_size": vocab_size},
-        timings=timings,
-        outputs=[str(project.token_prefix(n)) + ".bin/.idx" for n in SPLITS] + [str(project.tokenizer_path)],
-    )
-    project.mark_done(report)
-    stage_metrics(STAGE).seconds(sum(timings.values()), step="run")
-    # The per-block files are only a resume aid; the merged datasets are the output.
-    project.remove_scratch_dir(project.prep_blocks_dir)
-    return report
+STAGE = Prep()
+run = STAGE.run

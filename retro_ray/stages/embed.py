@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,11 +30,13 @@ import numpy as np
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
-from retro_ray.project import Project, Report, atomic_write_json
-from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun
+from retro_ray.project import Project, Report, atomic_write_json, save_npy_atomic
+from retro_ray.runtime import connect, count_by_node, current_node, take_all_or_rerun, want_gpu
+from retro_ray.stages import STAGES
+from retro_ray.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
-STAGE = "embed"
+NAME = "embed"
 EMBED_SPLITS = ("train", "valid")
 
 
@@ -75,7 +76,7 @@ class EmbedChunks:
             rows = rows[start - lo:end - lo]
             save_npy_atomic(Path(str(path)), emb)
             seconds = time.perf_counter() - t0
-            m = stage_metrics(STAGE)
+            m = stage_metrics(NAME)
             m.rows(len(rows))  # embed's rows are the chunks it embedded
             m.chunks(len(rows))
             m.seconds(seconds)
@@ -88,37 +89,13 @@ class EmbedChunks:
         return out
 
 
-def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
-def _want_gpu(flag: str) -> bool:
-    import ray
-
-    flag = str(flag).lower()
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if flag in ("true", "1", "yes"):
-        if gpus == 0:
-            raise RetroRayError("use_gpu=true but the Ray cluster has no GPU; set use_gpu=auto or false.")
-        return True
-    if flag in ("false", "0", "no"):
-        return False
-    if flag != "auto":
-        raise RetroRayError(f"use_gpu={flag!r} is not one of auto, true, false.")
-    return gpus > 0
-
-
 def actor_pool(num_actors: int | None, cpus_per_actor: float, use_gpu: str) -> dict:
     """How many actors, with which resources, for an embedding pool on the connected cluster."""
     import ray
 
     res = ray.cluster_resources()
     cpus = res.get("CPU", 0)
-    if _want_gpu(use_gpu):
+    if want_gpu(use_gpu):
         n = num_actors or int(res["GPU"])
         return {"size": n, "num_gpus": 1, "num_cpus": 1, "device": "cuda", "threads": 1}
     if cpus_per_actor <= 0:
@@ -161,7 +138,7 @@ def plan_blocks(project: Project, chunks_per_block: int) -> list[dict]:
 def load_embeddings(project: Project, split: str, chunk_ids: np.ndarray | None = None,
                     start: int = 0, end: int | None = None) -> np.ndarray:
     """Embeddings of a split's chunks: a contiguous range, or the rows ``chunk_ids`` (sorted or not)."""
-    per = int(project.report(STAGE).counts["chunks_per_block"])
+    per = int(project.report(NAME).counts["chunks_per_block"])
     if chunk_ids is not None:
         chunk_ids = np.asarray(chunk_ids, dtype=np.int64)
         blocks = chunk_ids // per
@@ -184,35 +161,35 @@ def load_embeddings(project: Project, split: str, chunk_ids: np.ndarray | None =
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overrides: dict | None = None, *,
-        progress: bool = True, address: str | None = None) -> Report:
-    import ray
-    from ray.data import ActorPoolStrategy
+def _layout(project: Project) -> dict | None:
+    """The block size, group size and precision of the blocks already on disk (None: nothing embedded yet)."""
+    path = project.embeddings_layout_path
+    return json.loads(path.read_text()) if path.is_file() else None
 
-    project.require("db", STAGE)
-    if run_cfg.chunks_per_block <= 0:
-        raise RetroRayError(f"embed.chunks_per_block={run_cfg.chunks_per_block} must be positive.")
-    if project.is_done(STAGE):
-        project.check_overrides(overrides or {})
-        done = project.report(STAGE)
-        done.skipped = True
-        return done
-    for split in EMBED_SPLITS:
-        project.remove_stale_temporaries(project.embeddings_dir / split)
-    # A resumed run keeps the block size, group size and precision of the blocks already on disk.
-    layout_path = project.embeddings_dir / "layout.json"
-    layout = json.loads(layout_path.read_text()) if layout_path.is_file() else None
-    if layout is None:  # nothing embedded yet: embedder.batch_size may still change
-        cfg = project.check_overrides(overrides or {}, changeable=("embedder.batch_size",))
-    else:
-        given = (overrides or {}).get("embedder", {}).get("batch_size")
+
+class Embed(Stage):
+    spec = STAGES["embed"]
+    run_config = C.EmbedRunConfig
+    owns = ("embedder.batch_size",)  # until a first block is embedded: then embeddings/layout.json fixes it
+
+    def check(self, run: StageRun) -> None:
+        if run.cfg.chunks_per_block <= 0:
+            raise RetroRayError(f"embed.chunks_per_block={run.cfg.chunks_per_block} must be positive.")
+
+    def settle(self, run: StageRun, done: bool) -> C.ProjectConfig:
+        # A resumed run keeps the block size, group size and precision of the blocks already on disk.
+        layout = None if done else _layout(run.project)
+        if layout is None:  # nothing embedded yet: embedder.batch_size may still change
+            return super().settle(run, done)
+        project, run_cfg = run.project, run.cfg
+        given = run.settings.get("embedder", {}).get("batch_size")
         if given is not None and "batch_size" in layout and int(given) != int(layout["batch_size"]):
             raise RetroRayError(
                 f"embedder.batch_size={given} was given but the embeddings in {project.embeddings_dir} are being "
                 f"made with embedder.batch_size={layout['batch_size']}; drop the override, or delete that directory "
                 "to start over"
             )
-        cfg = project.check_overrides(overrides or {})
+        cfg = project.check_overrides(run.settings)
         if run_cfg.precision != "auto" and layout.get("precision") not in (None, run_cfg.precision):
             raise RetroRayError(
                 f"embed.precision={run_cfg.precision} was given but the embeddings in {project.embeddings_dir} are "
@@ -220,63 +197,77 @@ def run(project: Project, run_cfg: C.EmbedRunConfig = C.EmbedRunConfig(), overri
             )
         if layout["chunks_per_block"] != run_cfg.chunks_per_block:
             log.info("embed: resuming with the block size already on disk, %d chunks", layout["chunks_per_block"])
-    per_block = layout["chunks_per_block"] if layout else run_cfg.chunks_per_block
-    group = int(cfg.embedder.batch_size)
-    from retro_ray.embedder import load_wordpiece_tokenizer
+        return cfg
 
-    load_wordpiece_tokenizer(cfg.embedder.model_dir)  # a bad model directory fails here, once
-    items = plan_blocks(project, per_block)
-    todo = [it for it in items if not Path(it["out"]).is_file()]
-    t0 = time.perf_counter()
-    precision = (layout or {}).get("precision")
-    by_node: dict[str, int] = {}
-    if todo:
-        connect(address, progress)
-        pool = actor_pool(run_cfg.num_actors, run_cfg.cpus_per_actor, run_cfg.use_gpu)
-        pool["size"] = min(pool["size"], len(todo))
-        if precision is None:  # decided here, once, so that every actor (and a resumed run) uses the same
-            precision, reason = decide_precision(run_cfg.precision, pool["device"], cfg.embedder)
-            log.info("embed: precision %s (%s)", precision, reason)
-        atomic_write_json(layout_path, {"chunks_per_block": per_block, "batch_size": group, "precision": precision})
-        log.info("embed: %d blocks to do with %d actors (%s, %g CPU%s each)", len(todo), pool["size"],
-                 pool["device"], pool["num_cpus"], f", {pool['num_gpus']} GPU" if pool["num_gpus"] else "")
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            EmbedChunks,
-            fn_constructor_kwargs=dict(project_root=str(project.root), model_dir=cfg.embedder.model_dir,
-                                       max_chunk_length=cfg.embedder.max_chunk_length,
-                                       batch_size=group, precision=precision,
-                                       device=pool["device"], torch_threads=pool["threads"]),
-            batch_size=1,
-            compute=ActorPoolStrategy(size=pool["size"]),
-            num_cpus=pool["num_cpus"],
-            num_gpus=pool["num_gpus"],
-        )
-        rows = take_all_or_rerun(ds, STAGE)
-        by_node = count_by_node(r["node_id"] for r in rows)
-        got = {r["precision"] for r in rows}
-        if got != {precision}:
-            raise RetroRayError(f"embed actors ran in {', '.join(sorted(got))} instead of {precision}: a bug, please report it")
-    seconds = time.perf_counter() - t0
-    n_chunks = sum(it["end"] - it["start"] for it in items)
-    n_done = sum(it["end"] - it["start"] for it in todo)
-    dim = int(np.load(items[0]["out"], mmap_mode="r").shape[1]) if items else 0
-    counts = {
-        "train_chunks": sum(it["end"] - it["start"] for it in items if it["split"] == "train"),
-        "valid_chunks": sum(it["end"] - it["start"] for it in items if it["split"] == "valid"),
-        "chunks_embedded_this_run": n_done,
-        "blocks": len(items),
-        "chunks_per_block": per_block,
-        "dim": dim,
-        "precision": precision or project.derived().get("embed_precision", "unknown"),
-        "batch_size": group,
-        "chunks_per_s": round(n_done / seconds, 1) if n_done and seconds > 0 else 0,
-        "blocks_by_node": by_node,
-    }
-    project.update_derived(embed_dim=dim, embed_precision=counts["precision"])
-    report = Report(stage=STAGE, counts=counts, timings={"embed": seconds},
-                    outputs=[str(project.embeddings_dir / s) for s in EMBED_SPLITS])
-    project.mark_done(report)
-    stage_metrics(STAGE).seconds(seconds, step="run")
-    log.info("embed: %d chunks in %.1f s (%s)", n_chunks, seconds, counts["precision"])
-    return report
+    def temporaries(self, run: StageRun) -> list[Path]:
+        return [run.project.embeddings_split_dir(split) for split in EMBED_SPLITS]
+
+    def work(self, run: StageRun) -> Report:
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        from retro_ray.embedder import load_wordpiece_tokenizer
+
+        project, cfg, run_cfg = run.project, run.config, run.cfg
+        layout = _layout(project)
+        layout_path = project.embeddings_layout_path
+        per_block = layout["chunks_per_block"] if layout else run_cfg.chunks_per_block
+        group = int(cfg.embedder.batch_size)
+        load_wordpiece_tokenizer(cfg.embedder.model_dir)  # a bad model directory fails here, once
+        items = plan_blocks(project, per_block)
+        todo = [it for it in items if not Path(it["out"]).is_file()]
+        t0 = time.perf_counter()
+        precision = (layout or {}).get("precision")
+        by_node: dict[str, int] = {}
+        if todo:
+            connect(run.address, run.progress)
+            pool = actor_pool(run_cfg.num_actors, run_cfg.cpus_per_actor, run_cfg.use_gpu)
+            pool["size"] = min(pool["size"], len(todo))
+            if precision is None:  # decided here, once, so that every actor (and a resumed run) uses the same
+                precision, reason = decide_precision(run_cfg.precision, pool["device"], cfg.embedder)
+                log.info("embed: precision %s (%s)", precision, reason)
+            atomic_write_json(layout_path, {"chunks_per_block": per_block, "batch_size": group, "precision": precision})
+            log.info("embed: %d blocks to do with %d actors (%s, %g CPU%s each)", len(todo), pool["size"],
+                     pool["device"], pool["num_cpus"], f", {pool['num_gpus']} GPU" if pool["num_gpus"] else "")
+            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+            ds = ds.map_batches(
+                EmbedChunks,
+                fn_constructor_kwargs=dict(project_root=str(project.root), model_dir=cfg.embedder.model_dir,
+                                           max_chunk_length=cfg.embedder.max_chunk_length,
+                                           batch_size=group, precision=precision,
+                                           device=pool["device"], torch_threads=pool["threads"]),
+                batch_size=1,
+                compute=ActorPoolStrategy(size=pool["size"]),
+                num_cpus=pool["num_cpus"],
+                num_gpus=pool["num_gpus"],
+            )
+            rows = take_all_or_rerun(ds, NAME)
+            by_node = count_by_node(r["node_id"] for r in rows)
+            got = {r["precision"] for r in rows}
+            if got != {precision}:
+                raise RetroRayError(f"embed actors ran in {', '.join(sorted(got))} instead of {precision}: a bug, please report it")
+        seconds = time.perf_counter() - t0
+        n_chunks = sum(it["end"] - it["start"] for it in items)
+        n_done = sum(it["end"] - it["start"] for it in todo)
+        dim = int(np.load(items[0]["out"], mmap_mode="r").shape[1]) if items else 0
+        counts = {
+            "train_chunks": sum(it["end"] - it["start"] for it in items if it["split"] == "train"),
+            "valid_chunks": sum(it["end"] - it["start"] for it in items if it["split"] == "valid"),
+            "chunks_embedded_this_run": n_done,
+            "blocks": len(items),
+            "chunks_per_block": per_block,
+            "dim": dim,
+            "precision": precision or project.derived().get("embed_precision", "unknown"),
+            "batch_size": group,
+            "chunks_per_s": round(n_done / seconds, 1) if n_done and seconds > 0 else 0,
+            "blocks_by_node": by_node,
+        }
+        project.update_derived(embed_dim=dim, embed_precision=counts["precision"])
+        report = Report(stage=NAME, counts=counts, timings={"embed": seconds},
+                        outputs=[str(project.embeddings_split_dir(s)) for s in EMBED_SPLITS])
+        log.info("embed: %d chunks in %.1f s (%s)", n_chunks, seconds, counts["precision"])
+        return report
+
+
+STAGE = Embed()
+run = STAGE.run

@@ -39,45 +39,21 @@ import h5py
 import numpy as np
 
 from retro_ray import config as C
+from retro_ray.chunking import chunk_bounds, text_lengths
 from retro_ray.embedder import load_wordpiece_tokenizer
 from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset
 from retro_ray.metrics import stage_metrics
-from retro_ray.project import Project, Report, tmp_path_for
+from retro_ray.project import Report, tmp_path_for
 from retro_ray.runtime import connect, count_by_node, run_block_tasks
+from retro_ray.stages import STAGES
+from retro_ray.stages.base import Stage, StageRun
 from retro_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-STAGE = "db"
+NAME = "db"
 DB_SPLITS = ("train", "valid")
 DEFAULT_MAX_NTRAIN = 1_000_000
-
-
-def chunk_bounds(doc_lengths: np.ndarray, chunk_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chunk rows of documents with ``doc_lengths`` text tokens each.
-
-    Returns (doc index, token_start, token_end) per chunk, vectorised; document i has
-    ceil(doc_lengths[i] / chunk_length) chunks.
-    """
-    doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
-    n_chunks = -(-doc_lengths // chunk_length)  # ceil division
-    doc = np.repeat(np.arange(len(doc_lengths), dtype=np.int64), n_chunks)
-    first_chunk = np.concatenate([[0], np.cumsum(n_chunks)[:-1]]) if len(n_chunks) else np.zeros(0, np.int64)
-    k = np.arange(int(n_chunks.sum()), dtype=np.int64) - np.repeat(first_chunk, n_chunks)
-    start = k * chunk_length
-    end = np.minimum(start + chunk_length, doc_lengths[doc])
-    return doc, start, end
-
-
-def text_lengths(ds: IndexedDataset, first: int, last: int, eod_id: int) -> np.ndarray:
-    """Text tokens of documents first..last-1: their length without a trailing end-of-document."""
-    lengths = ds.sequence_lengths[first:last].astype(np.int64)
-    if len(lengths) == 0:
-        return lengths
-    starts = ds.sequence_pointers[first:last] // ds.dtype.itemsize
-    last_tokens = ds.bin[np.maximum(starts + lengths - 1, 0)] if ds.num_tokens else np.zeros(len(lengths))
-    has_eod = (lengths > 0) & (last_tokens == eod_id)
-    return lengths - has_eod.astype(np.int64)
 
 
 def _tokenizer_json(tok) -> dict:
@@ -271,12 +247,12 @@ def chunk_block(item: dict) -> dict:
     rows[:, 2] = start
     rows[:, 3] = end
     rows[:, 4] = np.minimum(bert_len, np.iinfo(np.uint32).max)
-    # The driver made out.parent (see tokens.tokenize_block for why tasks do not).
+    # The driver made out.parent (see prep.tokenize_block for why tasks do not).
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, rows)
     os.replace(tmp, out)
-    m = stage_metrics(STAGE)
+    m = stage_metrics(NAME)
     m.rows(last - first)
     m.chunks(len(rows))
     m.seconds(time.perf_counter() - t0)
@@ -352,71 +328,75 @@ def sample_chunks(n_chunks: int, ntrain: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_chunks, size=ntrain, replace=False)).astype(np.int64)
 
 
-def run(project: Project, run_cfg: C.DbRunConfig = C.DbRunConfig(), overrides: dict | None = None, *,
-        progress: bool = True, address: str | None = None) -> Report:
-    cfg = project.check_overrides(overrides or {})
-    project.require("prep", STAGE)
-    if run_cfg.docs_per_block <= 0:
-        raise RetroRayError(f"db.docs_per_block={run_cfg.docs_per_block} must be positive.")
-    if project.is_done(STAGE):
-        report = project.report(STAGE)
-        report.skipped = True
-        return report
-    derived = project.derived()
-    project.remove_stale_temporaries(project.db_dir)
-    project.remove_stale_temporaries(project.db_dir / "merged")
-    for split in DB_SPLITS:
-        project.remove_stale_temporaries(project.db_blocks_dir(split))
-    timings: dict[str, float] = {}
-    counts: dict[str, Any] = {}
+class Db(Stage):
+    spec = STAGES["db"]
+    run_config = C.DbRunConfig
 
-    t0 = time.perf_counter()
-    plans: dict[str, list[tuple[dict, Path]]] = {}
-    for split in DB_SPLITS:
-        ds = IndexedDataset(project.token_prefix(split))
-        bdir = project.db_blocks_dir(split)
-        plans[split] = []
-        for b, first in enumerate(range(0, len(ds), run_cfg.docs_per_block)):
-            out = bdir / f"{b:06d}.npy"
-            item = {"block_key": f"{split}/{b}", "out": str(out), "prefix": str(project.token_prefix(split)),
-                    "tokenizer": str(project.tokenizer_path), "bert_dir": cfg.embedder.model_dir,
-                    "first": first, "last": min(first + run_cfg.docs_per_block, len(ds)),
-                    "chunk_length": cfg.chunk_length, "eod_id": derived["eod_id"]}
-            plans[split].append((item, out))
-    todo = [item for plan in plans.values() for item, out in plan if not out.is_file()]
-    if todo:
+    def check(self, run: StageRun) -> None:
+        if run.cfg.docs_per_block <= 0:
+            raise RetroRayError(f"db.docs_per_block={run.cfg.docs_per_block} must be positive.")
+
+    def temporaries(self, run: StageRun) -> list[Path]:
+        p = run.project
+        return [p.db_dir, p.merged_db_dir, *(p.db_blocks_dir(split) for split in DB_SPLITS)]
+
+    def work(self, run: StageRun) -> Report:
+        project, cfg, run_cfg = run.project, run.config, run.cfg
+        derived = project.derived()
+        timings: dict[str, float] = {}
+        counts: dict[str, Any] = {}
+
+        t0 = time.perf_counter()
+        plans: dict[str, list[tuple[dict, Path]]] = {}
         for split in DB_SPLITS:
-            project.db_blocks_dir(split).mkdir(parents=True, exist_ok=True)
-        connect(address, progress)
-        # Fail here, once, with a clear message, rather than in every task.
-        load_wordpiece_tokenizer(cfg.embedder.model_dir)
-        counts["blocks_by_node"] = count_by_node(
-            r["node_id"] for r in run_block_tasks(chunk_block, todo, run_cfg.cpus_per_task, "chunk"))
-    timings["chunk"] = time.perf_counter() - t0
+            ds = IndexedDataset(project.token_prefix(split))
+            plans[split] = []
+            for b, first in enumerate(range(0, len(ds), run_cfg.docs_per_block)):
+                out = project.db_block(split, b)
+                item = {"block_key": f"{split}/{b}", "out": str(out), "prefix": str(project.token_prefix(split)),
+                        "tokenizer": str(project.tokenizer_path), "bert_dir": cfg.embedder.model_dir,
+                        "first": first, "last": min(first + run_cfg.docs_per_block, len(ds)),
+                        "chunk_length": cfg.chunk_length, "eod_id": derived["eod_id"]}
+                plans[split].append((item, out))
+        todo = [item for plan in plans.values() for item, out in plan if not out.is_file()]
+        if todo:
+            for split in DB_SPLITS:
+                project.db_blocks_dir(split).mkdir(parents=True, exist_ok=True)
+            connect(run.address, run.progress)
+            # Fail here, once, with a clear message, rather than in every task.
+            load_wordpiece_tokenizer(cfg.embedder.model_dir)
+            counts["blocks_by_node"] = count_by_node(
+                r["node_id"] for r in run_block_tasks(chunk_block, todo, run_cfg.cpus_per_task, "chunk"))
+        timings["chunk"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    for split in DB_SPLITS:
-        n_docs = len(IndexedDataset(project.token_prefix(split)))
-        n_chunks = write_merged(project.merged_db_path(split),
-                                [(item["first"], item["last"], out) for item, out in plans[split]])
-        counts[f"{split}_chunks"] = n_chunks
-        counts[f"{split}_docs"] = n_docs
-        if split == "train":
-            if n_chunks == 0:
-                raise RetroRayError("the train split produced no chunks; the corpus or the train split is empty.")
-            from retro_ray.retrieval.chunks import map_h5_dataset
+        t0 = time.perf_counter()
+        for split in DB_SPLITS:
+            n_docs = len(IndexedDataset(project.token_prefix(split)))
+            n_chunks = write_merged(project.merged_db_path(split),
+                                    [(item["first"], item["last"], out) for item, out in plans[split]])
+            counts[f"{split}_chunks"] = n_chunks
+            counts[f"{split}_docs"] = n_docs
+            if split == "train":
+                if n_chunks == 0:
+                    raise RetroRayError("the train split produced no chunks; the corpus or the train split is empty.")
+                from retro_ray.retrieval.chunks import map_h5_dataset
 
-            ids = sample_chunks(n_chunks, cfg.index.ntrain, cfg.seed)
-            chunks = map_h5_dataset(project.merged_db_path(split), "chunks")
-            _write_h5(project.merged_db_path("sampled"), {"chunks": np.asarray(chunks[ids]), "chunk_ids": ids})
-            del chunks
-            counts["sampled_chunks"] = int(len(ids))
-    timings["merge"] = time.perf_counter() - t0
-    project.update_derived(chunks_per_split={s: counts[f"{s}_chunks"] for s in DB_SPLITS},
-                           sampled_chunks=counts["sampled_chunks"])
-    report = Report(stage=STAGE, counts=counts, timings=timings,
-                    outputs=[str(project.merged_db_path(n)) for n in ("train", "valid", "sampled")])
-    project.mark_done(report)
-    stage_metrics(STAGE).seconds(sum(timings.values()), step="run")
-    project.remove_scratch_dir(project.db_dir / "blocks")
-    return report
+                ids = sample_chunks(n_chunks, cfg.index.ntrain, cfg.seed)
+                chunks = map_h5_dataset(project.merged_db_path(split), "chunks")
+                _write_h5(project.merged_db_path("sampled"), {"chunks": np.asarray(chunks[ids]), "chunk_ids": ids})
+                del chunks
+                counts["sampled_chunks"] = int(len(ids))
+        timings["merge"] = time.perf_counter() - t0
+        project.update_derived(chunks_per_split={s: counts[f"{s}_chunks"] for s in DB_SPLITS},
+                               sampled_chunks=counts["sampled_chunks"])
+        report = Report(stage=NAME, counts=counts, timings=timings,
+                        outputs=[str(project.merged_db_path(n)) for n in ("train", "valid", "sampled")])
+        return report
+
+    def finish(self, run: StageRun, report: Report) -> None:
+        super().finish(run, report)
+        run.project.remove_scratch_dir(run.project.db_scratch_dir)  # the blocks only served a resume
+
+
+STAGE = Db()
+run = STAGE.run
