@@ -42,6 +42,14 @@ def _help_table(cls: type, prefix: str = "") -> str:
     return "\n".join(out)
 
 
+def _command(sub, name: str, help: str, description: str, settings: tuple[str, str, str]):
+    """A subcommand whose description keeps its line breaks, with the settings table of a config class
+    (``settings`` = (title, module, class)) as its epilog."""
+    return sub.add_parser(name, help=help, description=description,
+                          epilog=f"{settings[0]}:\n" + _settings_help(settings[1], settings[2]),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _epilog(stage: str) -> str:
     parts = []
     if stage == "prep":
@@ -89,12 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="start the project over (passed to prep)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p = sub.add_parser("train", help="pretrain RETRO (or the GPT baseline) with Ray Train + DeepSpeed",
-                       description="Train on the project's samples and neighbours. Data settings (sequence and "
-                                   "chunk length, vocabulary, neighbours) come from <project>/config.json. "
-                                   "Rerunning the same command resumes from the latest checkpoint.",
-                       epilog="settings (NeMo names):\n" + _settings_help("retro_ray.train.config", "TrainConfig"),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "train", "pretrain RETRO (or the GPT baseline) with Ray Train + DeepSpeed",
+                 "Train on the project's samples and neighbours. Data settings (sequence and "
+                 "chunk length, vocabulary, neighbours) come from <project>/config.json. "
+                 "Rerunning the same command resumes from the latest checkpoint.",
+                 ("settings (NeMo names)", "retro_ray.train.config", "TrainConfig"))
     p.add_argument("--project-dir", help="the prepared project (required unless --dry-run)")
     p.add_argument("--exp-dir", help="where checkpoints, logs and the loss curve go (required unless --dry-run)")
     p.add_argument("--config", default="demo", help="a YAML file, or a shipped config: tiny, demo, 125m, retrofit, and "
@@ -120,11 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file, e.g. runs/smol/base.pt")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="seq_length= (default: the model's positions, a multiple of chunk_length), chunk_length=")
-    p = sub.add_parser("generate", help="generate text with a trained model, neighbours given or retrieved",
-                       description="Continue a prompt. Neighbours come from neighbors=[...] (NeMo semantics) or, "
-                                   "with --project-dir, are retrieved at the prompt end and at every chunk boundary.",
-                       epilog="settings:\n" + _settings_help("retro_ray.serve.generate", "GenerateConfig"),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "generate", "generate text with a trained model, neighbours given or retrieved",
+                 "Continue a prompt. Neighbours come from neighbors=[...] (NeMo semantics) or, "
+                 "with --project-dir, are retrieved at the prompt end and at every chunk boundary.",
+                 ("settings", "retro_ray.serve.generate", "GenerateConfig"))
     p.add_argument("--checkpoint", required=True, help="model.pt written by `retro-ray export`")
     p.add_argument("--project-dir", help="the project to retrieve from (and whose tokenizer to use)")
     p.add_argument("--index", default="local", choices=("local", "sharded", "none"),
@@ -133,22 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON (text, tokens, neighbours used)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p = sub.add_parser("add-docs", help=STAGE_SPECS["add-docs"].help,
-                       description="Tokenize, chunk, embed and add documents to the chunk database and every index "
-                                   "file. Training data is untouched; documents already there are skipped. A "
-                                   "running server picks the new documents up before its next generation.",
-                       epilog="settings:\n" + _settings_help("retro_ray.stages.add_docs", "AddDocsConfig"),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "add-docs", STAGE_SPECS["add-docs"].help,
+                 "Tokenize, chunk, embed and add documents to the chunk database and every index "
+                 "file. Training data is untouched; documents already there are skipped. A "
+                 "running server picks the new documents up before its next generation.",
+                 ("settings", "retro_ray.stages.add_docs", "AddDocsConfig"))
     p.add_argument("--project-dir", required=True)
     p.add_argument("source", help="a .jsonl / .jsonl.gz / .parquet / text file, or a directory of them")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p = sub.add_parser("eval", help="perplexity / bits-per-byte of RETRO vs its GPT baseline, and the knowledge update",
-                       description="Score the RETRO run (with retrieval, without, at k = 1, 2, 4, the leakage-filtered "
-                                   "curve) and the GPT baseline on the valid split; measure held-out documents before "
-                                   "and after add-docs. Writes <project>/eval/report.md, results.json and plots.",
-                       epilog="settings:\n" + _settings_help("retro_ray.eval.config", "EvalConfig"),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "eval", "perplexity / bits-per-byte of RETRO vs its GPT baseline, and the knowledge update",
+                 "Score the RETRO run (with retrieval, without, at k = 1, 2, 4, the leakage-filtered "
+                 "curve) and the GPT baseline on the valid split; measure held-out documents before "
+                 "and after add-docs. Writes <project>/eval/report.md, results.json and plots.",
+                 ("settings", "retro_ray.eval.config", "EvalConfig"))
     p.add_argument("--project-dir", required=True)
     p.add_argument("--exp-dir", required=True, help="the RETRO run: experiment directory, checkpoint or model.pt")
     p.add_argument("--baseline", help="the GPT baseline: a run (same forms), a model.pt from import-hf, or a local Hugging Face "
@@ -168,11 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="end after the evaluation")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train_steps=, eval_samples=, retrofit_lr=, port=")
-    p = sub.add_parser("serve", help="the Ray Serve app: /generate, /v1/completions (OpenAI), /documents, /health",
-                       description="Serve a model over HTTP with retrieval from the project, until Ctrl-C. "
-                                   "(`serve run serve_config.yaml` runs the same app from a Serve config file.)",
-                       epilog="settings:\n" + _settings_help("retro_ray.serve.config", "ServeConfig"),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "serve", "the Ray Serve app: /generate, /v1/completions (OpenAI), /documents, /health",
+                 "Serve a model over HTTP with retrieval from the project, until Ctrl-C. "
+                 "(`serve run serve_config.yaml` runs the same app from a Serve config file.)",
+                 ("settings", "retro_ray.serve.config", "ServeConfig"))
     p.add_argument("--project-dir", help="the project to retrieve from and add documents to")
     p.add_argument("--checkpoint", required=True, help="model.pt written by `retro-ray export`")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")

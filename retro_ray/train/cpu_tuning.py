@@ -109,15 +109,10 @@ class FastDropout(Dropout):
         return dropout(x, self.p, self.training)
 
 
-def attention(
-    q: torch.Tensor,  # [N, h, T, dh]
-    k: torch.Tensor,  # [N, h, S, dh]
-    v: torch.Tensor,  # [N, h, S, dh]
-    mask: torch.Tensor | None = None,  # bool, broadcast to [N, h, T, S]; True = may attend
-    is_causal: bool = False,  # query i sees keys 0..i (T == S)
-    dropout_p: float = 0.0,  # attention dropout, already 0 outside training
-) -> torch.Tensor:  # [N, h, T, dh]
-    """F.scaled_dot_product_attention, with attention dropout drawn by `dropout()` on the CPU."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """The model's ``sdpa`` (retro_ray/model/retro.py: the same arguments and shapes), with attention
+    dropout drawn by `dropout()` on the CPU."""
     if dropout_p == 0.0 or not _uses_fast_mask(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     N, h, T, dh = q.shape
