@@ -13,7 +13,9 @@ the two project directories:
   (.stages/<stage>.json: finished_at, timings, ``*_by_node`` and ``*_per_s`` counts left out; the
   output paths compared relative to the project), add-docs' CURRENT.json (committed_at) and the
   index's added_docs.json (finished_at);
-* the `add-docs` reports printed by the CLI must list the same counts.
+* the `add-docs` reports printed by the CLI must list the same counts;
+* ``data/samples/`` (the cached sample order, recomputed when absent) is a cache, not an output, and
+  is left out.
 
 Each version runs in a subprocess with PYTHONPATH set to its own tree (a ``git archive`` of the commit
 in a temporary directory) and a Ray cluster of its own. The baseline project is kept under ``--work``
@@ -47,6 +49,9 @@ SETTINGS = ["tokenizer.vocab_size=1024", "split=90,10,0", "seq_length=256", "chu
             "index.num_shards=2", "index.index_str=IVF8,Flat"]  # IVF: index-train runs k-means
 # Small blocks, so that every stage has several blocks (and resumable pieces) to put together.
 BLOCKS = ["prep.docs_per_block=40", "db.docs_per_block=30", "embed.chunks_per_block=128", "query.samples_per_block=16"]
+# Caches, not outputs: the sample order (data/samples/, recomputed when absent) is left out, so that a
+# version that writes it compares with one that does not.
+CACHES = ("data/samples/",)
 # Report counts that hold node ids or rates: they differ from run to run by nature.
 VOLATILE_COUNTS = ("_by_node", "_per_s")
 
@@ -145,8 +150,11 @@ def _without_time(path: Path) -> dict:
 
 def compare(a: Path, b: Path) -> tuple[int, list[str]]:
     """(files compared, differences) between two project directories."""
-    fa = {str(p.relative_to(a)) for p in a.rglob("*") if p.is_file()}
-    fb = {str(p.relative_to(b)) for p in b.rglob("*") if p.is_file()}
+    def files(root: Path) -> set[str]:
+        rels = (str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        return {r for r in rels if not r.startswith(CACHES)}
+
+    fa, fb = files(a), files(b)
     problems = [f"only in {a}: {f}" for f in sorted(fa - fb)] + [f"only in {b}: {f}" for f in sorted(fb - fa)]
     for rel in sorted(fa & fb):
         pa, pb = a / rel, b / rel
