@@ -45,6 +45,7 @@ from retro_ray.errors import RetroRayError
 from retro_ray.indexed import IndexedDataset
 from retro_ray.metrics import stage_metrics
 from retro_ray.project import Report, tmp_path_for
+from retro_ray.retrieval.chunks import map_h5_dataset
 from retro_ray.runtime import connect, count_by_node, run_block_tasks
 from retro_ray.stages import STAGES
 from retro_ray.stages.base import Stage, StageRun
@@ -379,8 +380,6 @@ class Db(Stage):
             if split == "train":
                 if n_chunks == 0:
                     raise RetroRayError("the train split produced no chunks; the corpus or the train split is empty.")
-                from retro_ray.retrieval.chunks import map_h5_dataset
-
                 ids = sample_chunks(n_chunks, cfg.index.ntrain, cfg.seed)
                 chunks = map_h5_dataset(project.merged_db_path(split), "chunks")
                 _write_h5(project.merged_db_path("sampled"), {"chunks": np.asarray(chunks[ids]), "chunk_ids": ids})
