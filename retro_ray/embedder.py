@@ -17,7 +17,6 @@ neighbours exactly as cosine does and an L2 index (Flat, IVF, PQ) needs no speci
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from retro_ray.errors import RetroRayError
+from retro_ray.pretrained import read_config_json
 
 # Never reach for a model hub: every model here is a local directory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,18 +130,9 @@ def _check_model_dir(path: Path) -> dict:
             f"embedder model directory {path} does not exist; set embedder.model_dir to a local BERT "
             "model directory (or leave it unset for the bundled all-MiniLM-L6-v2)"
         )
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        found = sorted(p.name for p in path.iterdir())[:8]
-        raise RetroRayError(
-            f"{path} is not a BERT model directory: no config.json (found: {', '.join(found) or 'nothing'}); "
-            "expected a Hugging Face BERT-like model saved with save_pretrained (config.json, weights, tokenizer.json)"
-        )
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise RetroRayError(f"cannot read {cfg_file}: {e}; re-save the model with save_pretrained") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    config = read_config_json(path, fix="give a Hugging Face BERT-like model saved with save_pretrained "
+                                        "(config.json, weights, tokenizer.json)")
+    model_type = config.get("model_type")
     if model_type not in BERT_LIKE_MODEL_TYPES:
         raise RetroRayError(
             f"{path} holds a model of type {model_type!r}, not a BERT-like encoder; expected model_type in "

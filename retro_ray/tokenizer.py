@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from retro_ray.config import TokenizerConfig
 from retro_ray.errors import RetroRayError
+from retro_ray.pretrained import read_json
 
 log = logging.getLogger(__name__)
 
@@ -32,28 +33,19 @@ def checkpoint_eos_token(path: str | Path) -> str | None:
     """
     d = Path(path).expanduser()
     d = d if d.is_dir() else d.parent
-    tc = _read_json(d / "tokenizer_config.json")
+    tc = read_json(d / "tokenizer_config.json")
     eos = tc.get("eos_token") if isinstance(tc, dict) else None
     if isinstance(eos, dict):
         eos = eos.get("content")
     if isinstance(eos, str) and eos:
         return eos
-    mc = _read_json(d / "config.json")
+    mc = read_json(d / "config.json")
     eid = mc.get("eos_token_id") if isinstance(mc, dict) else None
     if isinstance(eid, list):
         eid = eid[0] if eid else None
     if isinstance(eid, int) and (d / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(d / "tokenizer.json")).id_to_token(eid)
     return None
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RetroRayError(f"cannot read {path}: {e}; re-save the model directory with save_pretrained") from None
 
 
 def resolve_eod_token(cfg: TokenizerConfig) -> str:

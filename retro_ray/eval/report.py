@@ -52,7 +52,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str) -> str:
+    """Label, grid and legend ``ax``; write ``fig`` to ``path`` (PNG, atomically)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -82,12 +88,8 @@ def plot_loss_curves(retro_history: list[dict], gpt_history: list[dict], path: P
             ax.plot(*zip(*train), color=color, lw=1.0, alpha=0.6, label=f"{name} train")
         if val:
             ax.plot(*zip(*val), "o-", color=color, lw=1.6, ms=4, label=f"{name} val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("training curves")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return _save(fig, ax, path, xlabel="step", ylabel="cross-entropy (nats/token)",
+                 title="training curves")
 
 
 def plot_bpb_by_alpha(by_alpha: dict[str, Any], path: Path) -> str | None:
@@ -101,12 +103,8 @@ def plot_bpb_by_alpha(by_alpha: dict[str, Any], path: Path) -> str | None:
         if pts:
             ax.plot(*zip(*pts), style, label=label)
     ax.set_xticks(xs, [f"{x:g}%\n{r['chunks']} chunks" for x, r in zip(xs, rows)], fontsize=7)
-    ax.set_xlabel("max leakage alpha (% of chunk length), chunks kept")
-    ax.set_ylabel("bits per byte")
-    ax.set_title("bits-per-byte of chunks with leakage <= alpha")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return _save(fig, ax, path, xlabel="max leakage alpha (% of chunk length), chunks kept", ylabel="bits per byte",
+                 title="bits-per-byte of chunks with leakage <= alpha")
 
 
 def plot_ppl_by_k(results: dict[str, Any], path: Path) -> str | None:
@@ -116,13 +114,9 @@ def plot_ppl_by_k(results: dict[str, Any], path: Path) -> str | None:
     ax.plot(*zip(*pts), "o-", label="RETRO (k = 0: retrieval off)")
     if results.get("gpt_ppl") is not None:
         ax.axhline(results["gpt_ppl"], color="tab:orange", ls="--", label="GPT baseline")
-    ax.set_xlabel("neighbours per chunk k")
-    ax.set_ylabel("perplexity")
     ax.set_xticks([p[0] for p in pts])
-    ax.set_title("validation perplexity vs neighbours")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return _save(fig, ax, path, xlabel="neighbours per chunk k", ylabel="perplexity",
+                 title="validation perplexity vs neighbours")
 
 
 def _goal_rows(goals: dict[str, Any]) -> list[list[str]]:

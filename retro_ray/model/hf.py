@@ -32,6 +32,7 @@ import torch
 
 from retro_ray.errors import RetroRayError
 from retro_ray.model.retro import RetroConfig, RetroSettings
+from retro_ray.pretrained import read_config_json
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> RetroConfig:
@@ -220,16 +221,8 @@ def load_hf_directory(path: str | Path, *, weights: bool = True, **overrides: An
     if not d.is_dir():
         raise RetroRayError(f"{d} is not a directory; give a local Hugging Face model directory (config.json and "
                             "*.safetensors, as save_pretrained writes it); nothing is downloaded")
-    cfg_file = d / "config.json"
-    if not cfg_file.is_file():
-        found = sorted(p.name for p in d.iterdir())[:8]
-        raise RetroRayError(f"{d} has no config.json (found: {', '.join(found) or 'nothing'}); give the directory "
-                            "save_pretrained wrote")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise RetroRayError(f"cannot read {cfg_file}: {e}; re-save the model with save_pretrained") from None
-    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = read_config_json(d, fix="give the directory save_pretrained wrote")
+    kind = raw.get("model_type")
     if kind not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
         raise RetroRayError(f"{d} holds a model of type {kind!r}; supported: {supported}")
