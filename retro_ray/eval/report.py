@@ -6,10 +6,10 @@ report and results.json always agree (a test checks this).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
+from retro_ray.plots import figure, save_figure
 from retro_ray.project import atomic_write_bytes
 
 REPORT_FILE = "report.md"
@@ -52,35 +52,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def _save(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str) -> str:
-    """Label, grid and legend ``ax``; write ``fig`` to ``path`` (PNG, atomically)."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return str(path)
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
 def plot_loss_curves(retro_history: list[dict], gpt_history: list[dict], path: Path) -> str | None:
     series = [(name, h) for name, h in (("RETRO", retro_history), ("GPT", gpt_history)) if h]
     if not any(r.get("kind") in ("train", "val") for _, h in series for r in h):
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     for (name, h), color in zip(series, ("tab:blue", "tab:orange")):
         train = [(r["step"], r["train_loss"]) for r in h if r.get("kind") == "train" and r.get("train_loss") is not None]
         val = [(r["step"], r["val_loss"]) for r in h if r.get("kind") == "val" and r.get("val_loss") is not None]
@@ -88,35 +64,34 @@ def plot_loss_curves(retro_history: list[dict], gpt_history: list[dict], path: P
             ax.plot(*zip(*train), color=color, lw=1.0, alpha=0.6, label=f"{name} train")
         if val:
             ax.plot(*zip(*val), "o-", color=color, lw=1.6, ms=4, label=f"{name} val")
-    return _save(fig, ax, path, xlabel="step", ylabel="cross-entropy (nats/token)",
-                 title="training curves")
+    return str(save_figure(fig, ax, path, xlabel="step", ylabel="cross-entropy (nats/token)", title="training curves"))
 
 
 def plot_bpb_by_alpha(by_alpha: dict[str, Any], path: Path) -> str | None:
     rows = list(by_alpha.values())
     if not rows:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     xs = [100 * r["alpha"] for r in rows]
     for key, label, style in (("retro", "RETRO", "o-"), ("retro_off", "RETRO, retrieval off", "s--"), ("gpt", "GPT", "^-")):
         pts = [(x, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), style, label=label)
     ax.set_xticks(xs, [f"{x:g}%\n{r['chunks']} chunks" for x, r in zip(xs, rows)], fontsize=7)
-    return _save(fig, ax, path, xlabel="max leakage alpha (% of chunk length), chunks kept", ylabel="bits per byte",
-                 title="bits-per-byte of chunks with leakage <= alpha")
+    return str(save_figure(fig, ax, path, xlabel="max leakage alpha (% of chunk length), chunks kept",
+                           ylabel="bits per byte", title="bits-per-byte of chunks with leakage <= alpha"))
 
 
 def plot_ppl_by_k(results: dict[str, Any], path: Path) -> str | None:
     pts = [(0, results["retro_off_ppl"])] + [(int(k), v) for k, v in results["ppl_by_k"].items() if v is not None]
-    fig, ax = _figure()
+    fig, ax = figure()
     pts.sort()
     ax.plot(*zip(*pts), "o-", label="RETRO (k = 0: retrieval off)")
     if results.get("gpt_ppl") is not None:
         ax.axhline(results["gpt_ppl"], color="tab:orange", ls="--", label="GPT baseline")
     ax.set_xticks([p[0] for p in pts])
-    return _save(fig, ax, path, xlabel="neighbours per chunk k", ylabel="perplexity",
-                 title="validation perplexity vs neighbours")
+    return str(save_figure(fig, ax, path, xlabel="neighbours per chunk k", ylabel="perplexity",
+                           title="validation perplexity vs neighbours"))
 
 
 def _goal_rows(goals: dict[str, Any]) -> list[list[str]]:

@@ -39,6 +39,7 @@ from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.model.retro import RetroConfig
+from retro_ray.plots import figure, save_figure
 from retro_ray.project import Project, atomic_write_bytes, atomic_write_json
 from retro_ray.train.config import TrainConfig, resolve_model_config
 from retro_ray.train.loop import (
@@ -457,26 +458,9 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str = "") 
     val = [(r["step"], r["val_loss"]) for r in history if r.get("kind") == "val"]
     if not train and not val:
         return None
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = figure()
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss", lw=1.5, ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, ax, path, xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
