@@ -40,7 +40,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from benchlib import BlockWatcher, Region, say, start_ray
+from benchlib import BlockWatcher, Region, say, start_ray, work_copy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -175,16 +175,10 @@ def main() -> int:
     from retro_ray import config as C
     from retro_ray.embedder import Embedder, EmbedderConfig, resolve_model_dir
     from retro_ray.indexed import IndexedDataset
-    from retro_ray.project import Project
     from retro_ray.tokenizer import load_tokenizer
 
-    src = Path(args.project).resolve()
     work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    proj_dir = work / "project"
-    say(f"copying {src} (prep + db only) to {proj_dir}")
-    copy_project_without_embed(src, proj_dir)
-    project = Project(proj_dir)
+    project = work_copy(args.project, args.work_dir, copy_project_without_embed, "prep + db only")
     pcfg = project.read_config()
     run_cfg = C.EmbedRunConfig()
     items = plan(project, run_cfg.chunks_per_block)

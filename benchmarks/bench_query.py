@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import BlockWatcher, Region, say, start_ray
+from benchlib import BlockWatcher, Region, say, start_ray, work_copy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -318,15 +318,9 @@ def main() -> int:
     import torch
 
     from retro_ray import config as C
-    from retro_ray.project import Project
 
-    src = Path(args.project).resolve()
     work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    proj_dir = work / "project"
-    say(f"copying {src} (without query outputs) to {proj_dir}")
-    copy_project_without_query(src, proj_dir)
-    project = Project(proj_dir)
+    project = work_copy(args.project, args.work_dir, copy_project_without_query, "without query outputs")
     # Both sides read the sample count from config.json: record it before either runs.
     project.check_overrides({"query": {"train_samples": args.train_samples}}, changeable=("query.",))
     qrun = C.QueryRunConfig()

@@ -52,6 +52,17 @@ class Region:
                 f"load avg {self.load0:.1f} -> {self.load1:.1f}")
 
 
+def work_copy(src: str, work_dir: str, copy: Callable[[Path, Path], None], what: str):
+    """The Project made by ``copy(src, <work_dir>/project)``: a benchmark writes only to that copy."""
+    from retro_ray.project import Project
+
+    src_dir, dst = Path(src).resolve(), Path(work_dir) / "project"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    say(f"copying {src_dir} ({what}) to {dst}")
+    copy(src_dir, dst)
+    return Project(dst)
+
+
 def start_ray(num_cpus: int, warm_workers: bool = False) -> None:
     """``ray.init`` with retries: on an overloaded machine the raylet can miss Ray's 30 s start-up wait.
 
