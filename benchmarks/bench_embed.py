@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -42,24 +41,16 @@ import h5py
 import numpy as np
 from benchlib import BlockWatcher, Region, say, start_ray, work_copy
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 NUM_CPUS = 2
 GOAL_VS_PLAIN = 0.9
 GOAL_VS_ST = 1.0
 
 
 # ------------------------------------------------------------------------------------------------
-# machine load
-# ------------------------------------------------------------------------------------------------
-# ------------------------------------------------------------------------------------------------
 # project copy
 # ------------------------------------------------------------------------------------------------
 def copy_project_without_embed(src: Path, dst: Path) -> None:
     """config.json, data/, tokenizer/, db/ and the prep/db markers of ``src``; nothing of embed or later."""
-    if dst.exists():
-        shutil.rmtree(dst)
     dst.mkdir(parents=True)
     shutil.copy2(src / "config.json", dst / "config.json")
     for d in ("data", "tokenizer", "db"):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -43,9 +42,6 @@ from pathlib import Path
 
 import numpy as np
 from benchlib import BlockWatcher, Region, say, start_ray, work_copy
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 NUM_CPUS = 2
 GOAL_QUERY = 1.0
@@ -56,8 +52,6 @@ GOAL_DATA_PCT = 5.0
 # project copy
 # ------------------------------------------------------------------------------------------------
 def copy_project_without_query(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("query", "_blocks", "blocks"))
     (dst / ".stages" / "query.json").unlink(missing_ok=True)
     for stage in ("index-add", "embed"):

@@ -13,6 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Benchmarks never download: a model a script names must be on disk.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -53,10 +57,15 @@ class Region:
 
 
 def work_copy(src: str, work_dir: str, copy: Callable[[Path, Path], None], what: str):
-    """The Project made by ``copy(src, <work_dir>/project)``: a benchmark writes only to that copy."""
+    """The Project made by ``copy(src, <work_dir>/project)`` (a fresh directory: an earlier copy is
+    removed first). A benchmark writes only to that copy."""
+    import shutil
+
     from retro_ray.project import Project
 
     src_dir, dst = Path(src).resolve(), Path(work_dir) / "project"
+    if dst.exists():
+        shutil.rmtree(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     say(f"copying {src_dir} ({what}) to {dst}")
     copy(src_dir, dst)
