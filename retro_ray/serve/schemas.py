@@ -156,7 +156,13 @@ class RetroSettings(BaseModel):
     def _check_min_tokens(cls, v):
         return _at_least("min_tokens_to_generate", v, 0, "")
 
-    # Both requests have top_p and seed (with their own defaults); the ranges are checked once, here.
+    # Both requests have top_p, seed and a token count (with their own names and defaults); the ranges
+    # are checked once, here.
+    @field_validator("tokens_to_generate", "max_tokens", check_fields=False)
+    @classmethod
+    def _check_tokens(cls, v, info: ValidationInfo):
+        return _tokens(info.field_name, v)
+
     @field_validator("top_p", check_fields=False)
     @classmethod
     def _check_top_p(cls, v):
@@ -192,11 +198,6 @@ class GenerateRequest(RetroSettings):
     @classmethod
     def _check_end_strings(cls, v):
         return None if v is None else _str_list(v, "end_strings")
-
-    @field_validator("tokens_to_generate")
-    @classmethod
-    def _check_tokens(cls, v):
-        return _tokens("tokens_to_generate", v)
 
     @field_validator("temperature")
     @classmethod
@@ -326,11 +327,6 @@ class CompletionRequest(RetroSettings):
         if v is None:
             return []
         return _str_list([v] if isinstance(v, str) else v, "stop")
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _check_max_tokens(cls, v):
-        return _tokens("max_tokens", v)
 
     @field_validator("temperature")
     @classmethod
