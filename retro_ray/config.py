@@ -79,9 +79,9 @@ def _kinds(tp: Any) -> tuple[list, bool]:
 
 
 def _type_name(tp: Any) -> str:
-    kinds, optional = _kinds(tp)
+    """How --help and the messages name a type: int, list of int, bool | str or empty."""
     if typing.get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in kinds) + " or empty"
+        return " | ".join(_type_name(a) for a in _kinds(tp)[0]) + " or empty"
     if typing.get_origin(tp) in (tuple, list):
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
