@@ -210,7 +210,7 @@ def cmd_pipeline(args) -> int:
     for stage in PIPELINE:
         project_settings, run_settings = split_settings(stage, settings)
         C.build(RUN_CONFIGS[stage], run_settings, prefix=f"{RUN_SECTION[stage]}.")
-    C.build(C.ProjectConfig, split_settings("prep", settings)[0]).validate()
+    C.build(C.ProjectConfig, split_settings("prep", settings)[0])
     for stage in PIPELINE:
         print(f"== {stage}", flush=True)
         run_stage(stage, Project(args.project_dir), settings, progress=not args.no_progress,
@@ -356,7 +356,6 @@ def cmd_serve(args) -> int:
     from retro_ray.serve.config import ServeConfig
 
     cfg = C.build(ServeConfig, C.parse_overrides(args.overrides))
-    cfg.validate()
     serve_main(args.checkpoint, args.project_dir, cfg, blocking=True, address=args.address)
     return 0
 

@@ -25,14 +25,14 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
-from retro_ray.config import shipped_config_dir
+from retro_ray.config import config_class, shipped_config_dir
 from retro_ray.errors import RetroRayError
 
 
-@dataclass(frozen=True)
+@config_class
 class DemoConfig:
     train_steps: int = field(default=120, metadata={"help": "Optimizer steps for RETRO, the GPT baseline and the RETRO-fit."})
     retrofit_lr: float = field(

@@ -396,7 +396,6 @@ class Project:
                 "drop the override, or rerun `retro-ray prep ... --overwrite` to start over with it."
             )
         if conflicts:
-            wanted.validate()
             import logging
 
             for k, old, new in conflicts:

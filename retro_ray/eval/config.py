@@ -1,8 +1,9 @@
-"""Settings of ``retro-ray eval``: a frozen dataclass, YAML + ``key=value`` overrides like every stage."""
+"""Settings of ``retro-ray eval``: a config class (:func:`retro_ray.config.config_class`), YAML + ``key=value``
+overrides like every stage."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from retro_ray import config as C
@@ -14,40 +15,36 @@ GOAL_OFF_VS_GPT = 0.05        # RETRO with retrieval off within 5 % of the basel
 GOAL_KNOWLEDGE_UPDATE = 0.6   # held-out perplexity after add-docs <= 0.6 x before
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass(frozen=True)
+@C.config_class
 class EvalConfig:
     max_samples: int | None = field(
         default=128,
-        metadata=_help("Validation samples scored (the first ones of the valid split, seq_length tokens each); "
+        metadata=C.doc("Validation samples scored (the first ones of the valid split, seq_length tokens each); "
                        "empty = all. The default keeps the evaluation of a small model on CPUs short."),
     )
-    batch_size: int = field(default=8, metadata=_help("Samples per forward pass."))
+    batch_size: int = field(default=8, metadata=C.doc("Samples per forward pass."))
     ks: tuple[int, ...] = field(
         default=(1, 2, 4),
-        metadata=_help("Neighbour counts k for the perplexity-vs-k curve (RETRO fed the first k saved neighbours of "
+        metadata=C.doc("Neighbour counts k for the perplexity-vs-k curve (RETRO fed the first k saved neighbours of "
                        "every chunk); a k above what the query stage saved is reported as unavailable."),
     )
     alphas: tuple[float, ...] = field(
         default=(0.0, 0.125, 0.25, 0.5, 1.0),
-        metadata=_help("Leakage thresholds (fractions of chunk_length) of the filtered bits-per-byte curve "
+        metadata=C.doc("Leakage thresholds (fractions of chunk_length) of the filtered bits-per-byte curve "
                        "(Borgeaud et al. 2022, section 2.6); 1 = every chunk."),
     )
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda. auto = cuda when a GPU is visible."))
+    device: str = field(default="auto", metadata=C.doc("auto | cpu | cuda. auto = cuda when a GPU is visible."))
     num_threads: int | None = field(
-        default=None, metadata=_help("torch CPU threads for the forward passes; empty = torch's default.")
+        default=None, metadata=C.doc("torch CPU threads for the forward passes; empty = torch's default.")
     )
     heldout_neighbors_query: int | None = field(
         default=None,
-        metadata=_help("Knowledge update: candidates searched per held-out chunk, of which chunks added by add-docs are "
+        metadata=C.doc("Knowledge update: candidates searched per held-out chunk, of which chunks added by add-docs are "
                        "dropped for the 'before' figure; empty = the project's query.num_neighbors_query."),
     )
-    plots: bool = field(default=True, metadata=_help("Write the PNG plots beside report.md."))
+    plots: bool = field(default=True, metadata=C.doc("Write the PNG plots beside report.md."))
 
-    def validate(self) -> EvalConfig:
+    def __post_init__(self) -> None:
         if self.max_samples is not None and self.max_samples < 1:
             raise RetroRayError(f"max_samples={self.max_samples} must be at least 1 (or empty for all).")
         if self.batch_size < 1:
@@ -62,7 +59,6 @@ class EvalConfig:
             raise RetroRayError(f"num_threads={self.num_threads} must be at least 1 (or empty).")
         if self.heldout_neighbors_query is not None and self.heldout_neighbors_query < 1:
             raise RetroRayError(f"heldout_neighbors_query={self.heldout_neighbors_query} must be at least 1 (or empty).")
-        return self
 
 
 def load_eval_config(config: str | Path | dict | None = None, overrides: list[str] | dict | None = None) -> EvalConfig:
@@ -75,4 +71,4 @@ def load_eval_config(config: str | Path | dict | None = None, overrides: list[st
         base = C.load_yaml(config)
     if isinstance(overrides, list):
         overrides = C.parse_overrides(overrides)
-    return C.build(EvalConfig, C.merge(base, overrides or {})).validate()
+    return C.build(EvalConfig, C.merge(base, overrides or {}))

@@ -173,7 +173,6 @@ def run_eval(project_dir: str | Path | Project, exp_dir: str | Path, baseline_di
     from retro_ray.eval.report import write_report
 
     t_start = time.perf_counter()
-    cfg = cfg.validate()
     project = project_dir if isinstance(project_dir, Project) else Project(project_dir)
     pcfg = project.read_config()  # "not a project" error first
     project.require("query", "eval")

@@ -61,7 +61,6 @@ def _check_inputs(checkpoint: str | None, project_dir: str | None, cfg: ServeCon
 def make_app(checkpoint: str, project_dir: str | None, cfg: ServeConfig = ServeConfig(), *,
              token: str | None = None) -> Application:
     """The bound application (ingress → generator → embedder). ``token`` overrides $auth_token_env."""
-    cfg = cfg.validate()
     _check_inputs(checkpoint, project_dir, cfg)
     checkpoint = str(Path(checkpoint).expanduser().resolve())
     project_dir = str(Path(project_dir).expanduser().resolve()) if project_dir is not None else None

@@ -7,69 +7,66 @@ project_dir=... checkpoint=... max_batch_size=16``) or under ``args:`` of a Serv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from retro_ray import config as C
 from retro_ray.errors import RetroRayError
 
 INDEX_MODES = ("local", "sharded", "none")
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass(frozen=True)
+@C.config_class
 class ServeConfig:
     host: str = field(
         default="127.0.0.1",
-        metadata=_help("Address the HTTP proxy listens on (retro-ray serve only; 0.0.0.0 = every interface). "
+        metadata=C.doc("Address the HTTP proxy listens on (retro-ray serve only; 0.0.0.0 = every interface). "
                        "A Serve config file sets it under http_options instead."),
     )
-    port: int = field(default=8000, metadata=_help("HTTP port (retro-ray serve only; a Serve config file sets http_options.port)."))
-    route_prefix: str = field(default="/", metadata=_help("URL prefix of every endpoint, e.g. /retro."))
-    app_name: str = field(default="retro", metadata=_help("Name of the Serve application (serve status, serve delete)."))
+    port: int = field(default=8000, metadata=C.doc("HTTP port (retro-ray serve only; a Serve config file sets http_options.port)."))
+    route_prefix: str = field(default="/", metadata=C.doc("URL prefix of every endpoint, e.g. /retro."))
+    app_name: str = field(default="retro", metadata=C.doc("Name of the Serve application (serve status, serve delete)."))
     model_name: str | None = field(
         default=None,
-        metadata=_help("Model name served by /v1/models and checked in /v1/completions; empty = the generator's own name."),
+        metadata=C.doc("Model name served by /v1/models and checked in /v1/completions; empty = the generator's own name."),
     )
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda: where the generator and embedder replicas run the models."))
+    device: str = field(default="auto", metadata=C.doc("auto | cpu | cuda: where the generator and embedder replicas run the models."))
     index: str = field(
         default="local",
-        metadata=_help("local = the merged Faiss index inside each generator replica; sharded = the stage-2 IndexShard "
+        metadata=C.doc("local = the merged Faiss index inside each generator replica; sharded = the stage-2 IndexShard "
                        "actors (one per saved shard); none = no retrieval (requests must give their neighbours)."),
     )
     max_batch_size: int = field(
-        default=8, metadata=_help("Most requests decoded together in one batch by a generator replica (@serve.batch).")
+        default=8, metadata=C.doc("Most requests decoded together in one batch by a generator replica (@serve.batch).")
     )
     batch_wait_timeout_s: float = field(
-        default=0.01, metadata=_help("How long a generator replica waits for a batch to fill before decoding a partial one.")
+        default=0.01, metadata=C.doc("How long a generator replica waits for a batch to fill before decoding a partial one.")
     )
-    min_replicas: int = field(default=1, metadata=_help("Autoscaling: fewest generator replicas."))
-    max_replicas: int = field(default=2, metadata=_help("Autoscaling: most generator replicas."))
+    min_replicas: int = field(default=1, metadata=C.doc("Autoscaling: fewest generator replicas."))
+    max_replicas: int = field(default=2, metadata=C.doc("Autoscaling: most generator replicas."))
     target_ongoing_requests: float = field(
         default=8.0,
-        metadata=_help("Autoscaling: requests in flight per generator replica that the autoscaler aims for "
+        metadata=C.doc("Autoscaling: requests in flight per generator replica that the autoscaler aims for "
                        "(about max_batch_size keeps each replica's batches full)."),
     )
     generator_num_cpus: float = field(
-        default=0.5, metadata=_help("Ray CPUs reserved per generator replica (fractions let the app fit a 2-CPU laptop).")
+        default=0.5, metadata=C.doc("Ray CPUs reserved per generator replica (fractions let the app fit a 2-CPU laptop).")
     )
-    generator_num_gpus: float = field(default=0.0, metadata=_help("GPUs per generator replica; 0 = CPU."))
-    embedder_num_cpus: float = field(default=0.25, metadata=_help("Ray CPUs reserved by the embedder replica."))
-    embedder_num_gpus: float = field(default=0.0, metadata=_help("GPUs per embedder replica; 0 = CPU."))
-    ingress_num_cpus: float = field(default=0.1, metadata=_help("Ray CPUs reserved by the HTTP ingress replica."))
-    max_prompt_tokens: int = field(default=1024, metadata=_help("Longest prompt accepted, in GPT tokens; longer ones get 400."))
+    generator_num_gpus: float = field(default=0.0, metadata=C.doc("GPUs per generator replica; 0 = CPU."))
+    embedder_num_cpus: float = field(default=0.25, metadata=C.doc("Ray CPUs reserved by the embedder replica."))
+    embedder_num_gpus: float = field(default=0.0, metadata=C.doc("GPUs per embedder replica; 0 = CPU."))
+    ingress_num_cpus: float = field(default=0.1, metadata=C.doc("Ray CPUs reserved by the HTTP ingress replica."))
+    max_prompt_tokens: int = field(default=1024, metadata=C.doc("Longest prompt accepted, in GPT tokens; longer ones get 400."))
     max_tokens_to_generate: int = field(
-        default=512, metadata=_help("Largest tokens_to_generate (max_tokens on /v1/completions) accepted; more gets 400.")
+        default=512, metadata=C.doc("Largest tokens_to_generate (max_tokens on /v1/completions) accepted; more gets 400.")
     )
-    max_prompts_per_request: int = field(default=8, metadata=_help("Most prompts in one request; more gets 400."))
+    max_prompts_per_request: int = field(default=8, metadata=C.doc("Most prompts in one request; more gets 400."))
     auth_token_env: str = field(
         default="RETRO_RAY_API_TOKEN",
-        metadata=_help("Environment variable holding the bearer token. When it is set (where the app is built, or in "
+        metadata=C.doc("Environment variable holding the bearer token. When it is set (where the app is built, or in "
                        "the ingress replica's environment), every endpoint but /health needs 'Authorization: Bearer <token>'."),
     )
 
-    def validate(self) -> ServeConfig:
+    def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise RetroRayError(msg)
@@ -90,4 +87,3 @@ class ServeConfig:
         for name in ("max_prompt_tokens", "max_tokens_to_generate", "max_prompts_per_request"):
             need(getattr(self, name) >= 1, f"serve {name}={getattr(self, name)}; it must be at least 1.")
         need(bool(self.auth_token_env), "serve auth_token_env is empty; name an environment variable (e.g. RETRO_RAY_API_TOKEN).")
-        return self

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retro_ray.config import config_class
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
 from retro_ray.model.retro import RetroCache, RetroModel
@@ -105,7 +106,7 @@ class InferenceConfig:
             raise bad("retro_inference.retro_num_neighbors", k, "must be a whole number ≥ 1")
 
 
-@dataclass(frozen=True)
+@config_class
 class GenerateConfig:
     """`retro-ray generate` settings (NeMo's megatron_retro_inference.yaml names)."""
 

@@ -138,7 +138,7 @@ class RetroGenerator:
     """
 
     async def __init__(self, checkpoint: str, project_dir: str | None, cfg: dict, embedder=None) -> None:
-        self.cfg: ServeConfig = C.build(ServeConfig, cfg).validate()
+        self.cfg: ServeConfig = C.build(ServeConfig, cfg)
         self.checkpoint = checkpoint
         self.project_dir = project_dir
         self.embedder_handle = embedder

@@ -189,7 +189,7 @@ def _sse(obj: Any) -> str:
 class RetroIngress:
     def __init__(self, generator, cfg: dict, token_digest: str | None = None) -> None:
         self.generator = generator
-        self.cfg: ServeConfig = C.build(ServeConfig, cfg).validate()
+        self.cfg: ServeConfig = C.build(ServeConfig, cfg)
         # The token: given by the builder (as a digest, so no secret sits in the application config), or
         # found in this replica's own environment (a Kubernetes secret, a runtime_env env_var).
         env = self.cfg.auth_token_env

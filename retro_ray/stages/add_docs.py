@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from retro_ray.config import config_class
 from retro_ray.embedder import group_size
 from retro_ray.errors import RetroRayError
 from retro_ray.metrics import stage_metrics
@@ -92,7 +93,7 @@ KILL_POINTS = ("before-db-commit", "db-committed", "index-partial")
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
-@dataclass(frozen=True)
+@config_class
 class AddDocsConfig:
     """Settings of one ``add-docs`` call (what the documents look like, how to embed them)."""
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +37,25 @@ OPTIMIZERS = ("adamw",)
 MODEL_TRAINING_KEYS = ("micro_batch_size", "global_batch_size", "optim", "data")
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 # --------------------------------------------------------------------------------------------------
 # trainer
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@C.config_class
 class TrainerSettings:
     num_workers: int = field(
-        default=1, metadata=_help("Ray Train workers (data-parallel ranks); one GPU each when use_gpu.")
+        default=1, metadata=C.doc("Ray Train workers (data-parallel ranks); one GPU each when use_gpu.")
     )
     use_gpu: bool | str = field(
         default="auto",
-        metadata=_help("true | false | auto. auto = use GPUs when the Ray cluster has any."),
+        metadata=C.doc("true | false | auto. auto = use GPUs when the Ray cluster has any."),
     )
     # Measurements behind both defaults: benchmarks/README.md, section "train" (and its "Keeping
     # freed memory on CPU workers"); the current figures are in README.md, "Performance".
     compile: bool | str = field(
         default="auto",
-        metadata=_help(
+        metadata=C.doc(
             "true | false | auto. torch.compile the model inside the DeepSpeed engine (engine.compile; "
             "weights and checkpoints unchanged). auto = on GPU workers only: there it raises MFU, while "
             "on CPUs inductor's code ran slower than eager, after a long compile."
@@ -67,7 +63,7 @@ class TrainerSettings:
     )
     cpu_keep_freed_memory: bool = field(
         default=True,
-        metadata=_help(
+        metadata=C.doc(
             "CPU workers on Linux (glibc): keep freed memory in the process for the next step instead of "
             "returning large tensors to the system after each use (mallopt mmap/trim thresholds). Saves "
             "the page faults of mapping them afresh every step; the worker keeps its peak footprint. The "
@@ -76,42 +72,42 @@ class TrainerSettings:
     )
     cpus_per_worker: float = field(
         default=1.0,
-        metadata=_help("Ray CPUs reserved by each worker (fractions allowed, e.g. 0.5 to fit 2 workers on 1 CPU)."),
+        metadata=C.doc("Ray CPUs reserved by each worker (fractions allowed, e.g. 0.5 to fit 2 workers on 1 CPU)."),
     )
-    max_steps: int = field(default=1000, metadata=_help("Optimizer steps to train for (each is global_batch_size samples)."))
+    max_steps: int = field(default=1000, metadata=C.doc("Optimizer steps to train for (each is global_batch_size samples)."))
     precision: str = field(
         default="bf16",
-        metadata=_help("bf16 | fp16 | 32. On CPU use 32 (or bf16 where the CPU has bf16 instructions); fp16 needs a GPU."),
+        metadata=C.doc("bf16 | fp16 | 32. On CPU use 32 (or bf16 where the CPU has bf16 instructions); fp16 needs a GPU."),
     )
     val_check_interval: int = field(
-        default=100, metadata=_help("Validate every this many steps (and after the last step).")
+        default=100, metadata=C.doc("Validate every this many steps (and after the last step).")
     )
     limit_val_batches: int | None = field(
         default=None,
-        metadata=_help("Validation micro-batches per worker; empty = the whole valid split, 0 = no validation."),
+        metadata=C.doc("Validation micro-batches per worker; empty = the whole valid split, 0 = no validation."),
     )
     checkpoint_interval: int = field(
         default=500,
-        metadata=_help(
+        metadata=C.doc(
             "Save a DeepSpeed checkpoint (and report to Ray Train) every this many steps, and after the "
             "last step. Each one pauses training to write and report it, so keep this well above 1."
         ),
     )
     log_every_n_steps: int = field(
-        default=10, metadata=_help("Log train loss, lr, grad norm, tokens/s, MFU every this many steps.")
+        default=10, metadata=C.doc("Log train loss, lr, grad norm, tokens/s, MFU every this many steps.")
     )
-    seed: int = field(default=1234, metadata=_help("Seed for weight init, dropout and the data order."))
+    seed: int = field(default=1234, metadata=C.doc("Seed for weight init, dropout and the data order."))
     gradient_clip_val: float = field(
-        default=1.0, metadata=_help("Clip the global gradient norm to this value; 0 = no clipping.")
+        default=1.0, metadata=C.doc("Clip the global gradient norm to this value; 0 = no clipping.")
     )
     zero_stage: int = field(
         default=0,
-        metadata=_help("DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state), 2 (+ gradients), "
+        metadata=C.doc("DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state), 2 (+ gradients), "
                        "3 (+ the weights themselves, gathered layer by layer as they are used)."),
     )
     activation_checkpointing: bool = field(
         default=False,
-        metadata=_help(
+        metadata=C.doc(
             "Keep only each decoder layer's input during the forward pass and recompute the layer in "
             "backward: activation memory falls from every layer's intermediates to one layer's, for about "
             "one more forward pass of compute. Results are the same bit for bit (dropout included)."
@@ -119,25 +115,51 @@ class TrainerSettings:
     )
     peak_flops: float | None = field(
         default=None,
-        metadata=_help(
+        metadata=C.doc(
             "Peak FLOP/s of one worker's device, for MFU. Empty = a built-in table of GPUs (bf16/fp16 "
             "dense: H100 SXM 989e12, A100 312e12, ...); on CPU, or in fp32, MFU is null unless set."
         ),
     )
     max_failures: int = field(
         default=1,
-        metadata=_help("Worker failures to recover from (restart from the latest checkpoint); -1 = unlimited."),
+        metadata=C.doc("Worker failures to recover from (restart from the latest checkpoint); -1 = unlimited."),
     )
     num_checkpoints_to_keep: int = field(
-        default=2, metadata=_help("Checkpoints kept in the run directory (older ones are deleted).")
+        default=2, metadata=C.doc("Checkpoints kept in the run directory (older ones are deleted).")
     )
     check_cluster_resources: bool = field(
         default=True,
-        metadata=_help(
+        metadata=C.doc(
             "Refuse to start when the Ray cluster has fewer CPUs/GPUs than the workers need; set false on "
             "an autoscaling cluster that will grow to fit."
         ),
     )
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "max_steps", "val_check_interval", "checkpoint_interval", "log_every_n_steps",
+                     "num_checkpoints_to_keep"):
+            if getattr(self, name) < 1:
+                raise RetroRayError(f"trainer.{name}={getattr(self, name)} must be at least 1.")
+        if isinstance(self.use_gpu, str) and self.use_gpu != "auto":
+            raise RetroRayError(f"trainer.use_gpu={self.use_gpu!r} must be true, false or auto.")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise RetroRayError(f"trainer.compile={self.compile!r} must be true, false or auto.")
+        if not self.cpus_per_worker > 0:
+            raise RetroRayError(f"trainer.cpus_per_worker={self.cpus_per_worker} must be positive (e.g. 1 or 0.5).")
+        if self.precision not in PRECISIONS:
+            raise RetroRayError(
+                f"trainer.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; use bf16 on GPUs, 32 on CPUs."
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise RetroRayError(f"trainer.zero_stage={self.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
+        if self.limit_val_batches is not None and self.limit_val_batches < 0:
+            raise RetroRayError(f"trainer.limit_val_batches={self.limit_val_batches} must be >= 0, or empty for all.")
+        if self.gradient_clip_val < 0:
+            raise RetroRayError(f"trainer.gradient_clip_val={self.gradient_clip_val} must be >= 0 (0 = no clipping).")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise RetroRayError(f"trainer.peak_flops={self.peak_flops} must be positive, or empty.")
+        if self.max_failures < -1:
+            raise RetroRayError(f"trainer.max_failures={self.max_failures} must be -1 (unlimited) or >= 0.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,53 +167,79 @@ class TrainerSettings:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@C.config_class
 class SchedConfig:
     name: str = field(
         default="CosineAnnealing",
-        metadata=_help(
+        metadata=C.doc(
             "CosineAnnealing (linear warmup from 0, cosine decay to min_lr at max_steps - constant_steps, "
             "then min_lr) or constant (linear warmup, then lr)."
         ),
     )
-    warmup_steps: int = field(default=100, metadata=_help("Steps of linear warmup from 0 to optim.lr."))
-    min_lr: float = field(default=6e-5, metadata=_help("Learning rate at the end of the cosine decay."))
+    warmup_steps: int = field(default=100, metadata=C.doc("Steps of linear warmup from 0 to optim.lr."))
+    min_lr: float = field(default=6e-5, metadata=C.doc("Learning rate at the end of the cosine decay."))
     constant_steps: int = field(
-        default=0, metadata=_help("Steps at min_lr after the decay, at the end of the schedule.")
+        default=0, metadata=C.doc("Steps at min_lr after the decay, at the end of the schedule.")
     )
     max_steps: int | None = field(
-        default=None, metadata=_help("Length of the schedule in steps; empty = trainer.max_steps.")
+        default=None, metadata=C.doc("Length of the schedule in steps; empty = trainer.max_steps.")
     )
 
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULERS:
+            raise RetroRayError(f"model.optim.sched.name={self.name!r} is not one of {', '.join(SCHEDULERS)}.")
+        if self.warmup_steps < 0 or self.constant_steps < 0:
+            raise RetroRayError("model.optim.sched.warmup_steps and constant_steps must be >= 0.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RetroRayError(f"model.optim.sched.max_steps={self.max_steps} must be >= 1, or empty for trainer.max_steps.")
 
-@dataclass(frozen=True)
+
+@C.config_class
 class OptimConfig:
     name: str = field(
         default="adamw",
-        metadata=_help(
+        metadata=C.doc(
             "adamw (torch.optim.AdamW, decoupled weight decay; no decay on biases, LayerNorm and the "
             "embedding). NeMo's distributed_fused_adam has no counterpart here."
         ),
     )
-    lr: float = field(default=6e-4, metadata=_help("Peak learning rate."))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on matrix weights."))
-    betas: tuple[float, ...] = field(default=(0.9, 0.95), metadata=_help("AdamW (beta1, beta2)."))
-    eps: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
-    sched: SchedConfig = field(default_factory=SchedConfig, metadata=_help("Learning-rate schedule."))
+    lr: float = field(default=6e-4, metadata=C.doc("Peak learning rate."))
+    weight_decay: float = field(default=0.1, metadata=C.doc("AdamW weight decay on matrix weights."))
+    betas: tuple[float, ...] = field(default=(0.9, 0.95), metadata=C.doc("AdamW (beta1, beta2)."))
+    eps: float = field(default=1e-8, metadata=C.doc("AdamW epsilon."))
+    sched: SchedConfig = field(default_factory=SchedConfig, metadata=C.doc("Learning-rate schedule."))
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise RetroRayError(f"model.optim.name={self.name!r} is not supported; use adamw.")
+        if not self.lr > 0:
+            raise RetroRayError(f"model.optim.lr={self.lr} must be positive.")
+        if self.weight_decay < 0:
+            raise RetroRayError(f"model.optim.weight_decay={self.weight_decay} must be >= 0.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise RetroRayError(f"model.optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95].")
+        if not self.eps > 0:
+            raise RetroRayError(f"model.optim.eps={self.eps} must be positive, e.g. 1e-8.")
+        if self.sched.min_lr < 0 or self.sched.min_lr > self.lr:
+            raise RetroRayError(f"model.optim.sched.min_lr={self.sched.min_lr} must be between 0 and model.optim.lr={self.lr}.")
 
 
-@dataclass(frozen=True)
+@C.config_class
 class DataSettings:
     num_workers: int = field(
         default=0,
-        metadata=_help("DataLoader worker processes per training worker; 0 = load in the training process."),
+        metadata=C.doc("DataLoader worker processes per training worker; 0 = load in the training process."),
     )
     shuffle: bool = field(
-        default=True, metadata=_help("Shuffle the train split (seeded by trainer.seed and the epoch).")
+        default=True, metadata=C.doc("Shuffle the train split (seeded by trainer.seed and the epoch).")
     )
 
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise RetroRayError(f"model.data.num_workers={self.num_workers} must be >= 0.")
 
-@dataclass(frozen=True)
+
+@C.config_class
 class ModelConfig(RetroConfig):
     """RetroConfig's architecture fields, plus batch sizes, optimiser and data loading.
 
@@ -201,22 +249,22 @@ class ModelConfig(RetroConfig):
 
     vocab_size: int | None = field(
         default=None,
-        metadata=_help(
+        metadata=C.doc(
             "Embedding rows. Empty = the tokenizer's vocabulary padded up to a multiple of 64; a value "
             "given must be at least the tokenizer's."
         ),
     )
     seq_length: int | None = field(
         default=None,
-        metadata=_help("Empty = the project's seq_length (config.json); a value given must equal it."),
+        metadata=C.doc("Empty = the project's seq_length (config.json); a value given must equal it."),
     )
     chunk_length: int | None = field(
         default=None,
-        metadata=_help("Empty = the project's chunk_length (config.json); a value given must equal it."),
+        metadata=C.doc("Empty = the project's chunk_length (config.json); a value given must equal it."),
     )
     init_from: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=C.doc(
             "A pretrained decoder to RETRO-fit: a model.pt written by `retro-ray export` or `import-hf` (a GPT "
             "baseline, or a RETRO whose decoder is taken), or a local Hugging Face GPT-2 / Llama / Qwen2 "
             "directory. The decoder's shape comes from it (a shape setting that "
@@ -225,16 +273,16 @@ class ModelConfig(RetroConfig):
             "model.retro.freeze_decoder=true only the encoder and CCA train (Borgeaud et al. 2022, sec. 4.2)."
         ),
     )
-    micro_batch_size: int = field(default=4, metadata=_help("Samples per worker per forward/backward pass."))
+    micro_batch_size: int = field(default=4, metadata=C.doc("Samples per worker per forward/backward pass."))
     global_batch_size: int = field(
         default=8,
-        metadata=_help(
+        metadata=C.doc(
             "Samples per optimizer step over all workers; gradient accumulation steps = "
             "global_batch_size / (micro_batch_size * trainer.num_workers), which must be a whole number."
         ),
     )
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata=_help("Optimizer settings."))
-    data: DataSettings = field(default_factory=DataSettings, metadata=_help("Data loading settings."))
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=C.doc("Optimizer settings."))
+    data: DataSettings = field(default_factory=DataSettings, metadata=C.doc("Data loading settings."))
 
     def architecture_dict(self) -> dict[str, Any]:
         """The RetroConfig part (data-given fields possibly empty), as a plain dict."""
@@ -245,14 +293,18 @@ class ModelConfig(RetroConfig):
     def preview(self) -> RetroConfig:
         """The architecture with stand-ins where the data will decide (for validation only)."""
         chunk = self.chunk_length or 64
-        seq = self.seq_length or chunk * max(1, 2048 // chunk)
+        longest = self.max_position_embeddings if self.family == "gpt2" else 2048  # (gpt2: its position table)
+        seq = self.seq_length or chunk * max(1, min(2048, longest) // chunk)
         arch = self.architecture_dict()
         arch.update(seq_length=seq, chunk_length=chunk, vocab_size=self.vocab_size or VOCAB_MULTIPLE)
         return RetroConfig.from_dict(arch)
 
-    def validate(self) -> None:
-        """Validate the architecture (RetroConfig's checks); the data-given fields are checked by
-        :func:`resolve_model_config`."""
+    def __post_init__(self) -> None:
+        """Check the architecture (RetroConfig's checks, on :meth:`preview`); the data-given fields are
+        checked by :func:`resolve_model_config`."""
+        for name in ("micro_batch_size", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise RetroRayError(f"model.{name}={getattr(self, name)} must be at least 1.")
         self.preview()
 
 
@@ -261,24 +313,24 @@ class ModelConfig(RetroConfig):
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@C.config_class
 class ExpManagerConfig:
     exp_dir: str | None = field(
         default=None,
-        metadata=_help("Directory of the run (checkpoints, metrics, TensorBoard, plots); also Ray Train's storage_path."),
+        metadata=C.doc("Directory of the run (checkpoints, metrics, TensorBoard, plots); also Ray Train's storage_path."),
     )
-    name: str = field(default="retro", metadata=_help("Run name: the Ray Train run directory under exp_dir."))
+    name: str = field(default="retro", metadata=C.doc("Run name: the Ray Train run directory under exp_dir."))
     create_tensorboard_logger: bool = field(
-        default=True, metadata=_help("Write TensorBoard event files to <exp_dir>/tensorboard (rank 0).")
+        default=True, metadata=C.doc("Write TensorBoard event files to <exp_dir>/tensorboard (rank 0).")
     )
     create_wandb_logger: bool = field(
         default=False,
-        metadata=_help(
+        metadata=C.doc(
             "Log to Weights & Biases from rank 0 (needs `pip install wandb`). Without WANDB_MODE and "
             "WANDB_API_KEY it runs offline (WANDB_MODE=offline; `wandb sync` later)."
         ),
     )
-    wandb_project: str = field(default="retro-ray", metadata=_help("W&B project name."))
+    wandb_project: str = field(default="retro-ray", metadata=C.doc("W&B project name."))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,11 +338,11 @@ class ExpManagerConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@C.config_class
 class TrainConfig:
-    trainer: TrainerSettings = field(default_factory=TrainerSettings, metadata=_help("How to run."))
-    model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("Architecture and optimisation."))
-    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig, metadata=_help("Outputs and loggers."))
+    trainer: TrainerSettings = field(default_factory=TrainerSettings, metadata=C.doc("How to run."))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=C.doc("Architecture and optimisation."))
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig, metadata=C.doc("Outputs and loggers."))
 
     # ---- derived values --------------------------------------------------------------------------
 
@@ -311,40 +363,10 @@ class TrainConfig:
     def from_dict(cls, d: dict | None) -> TrainConfig:
         return C.build(cls, d or {})
 
-    # ---- validation ------------------------------------------------------------------------------
+    # ---- checks across sections (each section checks its own fields) -------------------------------
 
-    def validate(self) -> TrainConfig:
-        """Raise RetroRayError naming the first bad setting and its fix; return self."""
-        t, m, o = self.trainer, self.model, self.model.optim
-        for key, value in (("trainer.num_workers", t.num_workers), ("trainer.max_steps", t.max_steps),
-                           ("trainer.val_check_interval", t.val_check_interval),
-                           ("trainer.checkpoint_interval", t.checkpoint_interval),
-                           ("trainer.log_every_n_steps", t.log_every_n_steps),
-                           ("trainer.num_checkpoints_to_keep", t.num_checkpoints_to_keep),
-                           ("model.micro_batch_size", m.micro_batch_size),
-                           ("model.global_batch_size", m.global_batch_size)):
-            if value < 1:
-                raise RetroRayError(f"{key}={value} must be at least 1.")
-        if isinstance(t.use_gpu, str) and t.use_gpu != "auto":
-            raise RetroRayError(f"trainer.use_gpu={t.use_gpu!r} must be true, false or auto.")
-        if isinstance(t.compile, str) and t.compile != "auto":
-            raise RetroRayError(f"trainer.compile={t.compile!r} must be true, false or auto.")
-        if not t.cpus_per_worker > 0:
-            raise RetroRayError(f"trainer.cpus_per_worker={t.cpus_per_worker} must be positive (e.g. 1 or 0.5).")
-        if t.precision not in PRECISIONS:
-            raise RetroRayError(
-                f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}; use bf16 on GPUs, 32 on CPUs."
-            )
-        if t.zero_stage not in (0, 1, 2, 3):
-            raise RetroRayError(f"trainer.zero_stage={t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
-        if t.limit_val_batches is not None and t.limit_val_batches < 0:
-            raise RetroRayError(f"trainer.limit_val_batches={t.limit_val_batches} must be >= 0, or empty for all.")
-        if t.gradient_clip_val < 0:
-            raise RetroRayError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0 (0 = no clipping).")
-        if t.peak_flops is not None and not t.peak_flops > 0:
-            raise RetroRayError(f"trainer.peak_flops={t.peak_flops} must be positive, or empty.")
-        if t.max_failures < -1:
-            raise RetroRayError(f"trainer.max_failures={t.max_failures} must be -1 (unlimited) or >= 0.")
+    def __post_init__(self) -> None:
+        t, m, s = self.trainer, self.model, self.model.optim.sched
         per_step = m.micro_batch_size * t.num_workers
         if m.global_batch_size % per_step:
             lo = max(per_step, m.global_batch_size // per_step * per_step)
@@ -354,37 +376,12 @@ class TrainConfig:
                 f"model.global_batch_size to a multiple of {per_step} (e.g. {lo} or {lo + per_step}), or change "
                 "the micro batch size or the worker count."
             )
-        if o.name not in OPTIMIZERS:
-            raise RetroRayError(f"model.optim.name={o.name!r} is not supported; use adamw.")
-        if not o.lr > 0:
-            raise RetroRayError(f"model.optim.lr={o.lr} must be positive.")
-        if o.weight_decay < 0:
-            raise RetroRayError(f"model.optim.weight_decay={o.weight_decay} must be >= 0.")
-        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-            raise RetroRayError(f"model.optim.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95].")
-        if not o.eps > 0:
-            raise RetroRayError(f"model.optim.eps={o.eps} must be positive, e.g. 1e-8.")
-        s = o.sched
-        if s.name not in SCHEDULERS:
-            raise RetroRayError(f"model.optim.sched.name={s.name!r} is not one of {', '.join(SCHEDULERS)}.")
-        if s.min_lr < 0 or s.min_lr > o.lr:
-            raise RetroRayError(
-                f"model.optim.sched.min_lr={s.min_lr} must be between 0 and model.optim.lr={o.lr}."
-            )
-        if s.warmup_steps < 0 or s.constant_steps < 0:
-            raise RetroRayError("model.optim.sched.warmup_steps and constant_steps must be >= 0.")
-        if s.max_steps is not None and s.max_steps < 1:
-            raise RetroRayError(f"model.optim.sched.max_steps={s.max_steps} must be >= 1, or empty for trainer.max_steps.")
         if s.name == "CosineAnnealing" and s.warmup_steps + s.constant_steps >= self.sched_max_steps:
             raise RetroRayError(
                 f"model.optim.sched: warmup_steps={s.warmup_steps} + constant_steps={s.constant_steps} leave no "
                 f"steps for the cosine decay within max_steps={self.sched_max_steps}; lower them or raise "
                 "trainer.max_steps."
             )
-        if m.data.num_workers < 0:
-            raise RetroRayError(f"model.data.num_workers={m.data.num_workers} must be >= 0.")
-        self.model.validate()
-        return self
 
 
 def _architecture(cfg: TrainConfig, seq_length: int, chunk_length: int, vocab_size: int) -> RetroConfig:
@@ -403,7 +400,7 @@ def shipped_train_configs() -> list[Path]:
 
 
 def load_train_config(config: str | Path | dict | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
-    """A validated TrainConfig from a YAML file (a path, or a shipped name: tiny, demo, 125m), a dict
+    """A TrainConfig (validated, as every config) from a YAML file (a path, or a shipped name: tiny, demo, 125m), a dict
     or nothing (the defaults), with ``key.sub=value`` overrides (a list of strings or a nested dict)."""
     if config is None:
         base: dict = {}
@@ -420,7 +417,7 @@ def load_train_config(config: str | Path | dict | None = None, overrides: list[s
         base = C.load_yaml(path)
     if isinstance(overrides, list):
         overrides = C.parse_overrides(overrides)
-    return TrainConfig.from_dict(C.merge(base, overrides or {})).validate()
+    return TrainConfig.from_dict(C.merge(base, overrides or {}))
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:

@@ -329,7 +329,6 @@ def run(
     with the checkpoints. ``exp_dir`` defaults to exp_manager.exp_dir.
     """
     t_start = time.perf_counter()
-    train_cfg.validate()
     check_model_data(model_data)
     exp_dir = exp_dir if exp_dir is not None else train_cfg.exp_manager.exp_dir
     if not exp_dir:

@@ -46,9 +46,8 @@ def test_override_syntax_error():
 
 @pytest.mark.parametrize("split", ["abc", "1,2,3,4", "", "0,0,0", "-1,2"])
 def test_bad_split(split):
-    cfg = C.ProjectConfig(split=split)
     with pytest.raises(RetroRayError, match="split="):
-        cfg.validate()
+        C.ProjectConfig(split=split)  # checked on construction
 
 
 @pytest.mark.parametrize(
@@ -62,7 +61,7 @@ def test_bad_split(split):
 )
 def test_bad_lengths(kw, match):
     with pytest.raises(RetroRayError, match=match):
-        C.ProjectConfig(**kw).validate()
+        C.ProjectConfig(**kw)
 
 
 def test_optional_and_empty():
@@ -89,7 +88,7 @@ def test_every_shipped_yaml_loads():
         data = C.load_yaml(f)
         for section, cls in C.RUN_SECTIONS.items():
             project, run = C.split_run_settings(section, data)
-            C.build(C.ProjectConfig, project).validate()
+            C.build(C.ProjectConfig, project)
             C.build(cls, run)
 
 
@@ -132,3 +131,75 @@ def test_bad_yaml_file(tmp_path):
 def test_a_moved_key_names_where_it_went(key):
     with pytest.raises(RetroRayError, match=rf"{key.split('=')[0]} is no longer a setting; use embedder.batch_size"):
         C.split_run_settings("embed", C.parse_overrides([key]))
+
+
+# ---- validation on construction, and pydantic's errors as one line ---------------------------------
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: C.ProjectConfig(corpus=C.CorpusConfig(format="csv")), r"corpus\.format='csv' is not one of auto, jsonl"),
+    (lambda: C.CorpusConfig(holdout_fraction=1.0), r"corpus\.holdout_fraction=1\.0 must be in \[0, 1\)"),
+    (lambda: C.TokenizerConfig(vocab_size=100), r"tokenizer\.vocab_size=100 is too small"),
+    (lambda: C.EmbedderSettings(batch_size=0), r"embedder\.batch_size=0 must be positive"),
+    (lambda: C.IndexSettings(ntrain=0), r"index\.ntrain=0 must be positive"),
+    (lambda: C.QuerySettings(num_neighbors_query=5), r"query\.num_neighbors_query=5 must be >= query\.num_neighbors_save=20"),
+    (lambda: dataclasses.replace(C.ProjectConfig(), seq_length=100), "not a multiple of chunk_length"),
+    (lambda: C.ProjectConfig(seed="x"), r"seed='x' is not an int\."),
+    (lambda: C.QueryRunConfig(cpus_per_actor="lots"), r"cpus_per_actor='lots' is not a number\."),
+])
+def test_project_configs_are_checked_on_construction(make, match):
+    with pytest.raises(RetroRayError, match=match):
+        make()
+
+
+def test_eval_and_serve_configs_are_checked_on_construction():
+    from retro_ray.eval.config import EvalConfig
+    from retro_ray.serve.config import ServeConfig
+
+    with pytest.raises(RetroRayError, match=r"ks=\[0\] must be a non-empty list"):
+        EvalConfig(ks=(0,))
+    with pytest.raises(RetroRayError, match=r"batch_size=0 must be at least 1"):
+        C.build(EvalConfig, {"batch_size": 0})
+    with pytest.raises(RetroRayError, match=r"serve port=0 is not a TCP port"):
+        ServeConfig(port=0)
+    with pytest.raises(RetroRayError, match=r"serve index='remote' is not one of local, sharded, none"):
+        C.build(ServeConfig, {"index": "remote"})
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"corpus": {"txt_field": "body"}},
+     "unknown config key corpus.txt_field; accepted keys under corpus: path, format, text_field, title_field, "
+     "normalization, holdout_fraction."),
+    ({"chunk_len": 3}, "unknown config key chunk_len; accepted keys under the top level: corpus, tokenizer, split, seed, "
+                       "seq_length, chunk_length, embedder, index, query."),
+    ({"seed": "abc"}, "seed='abc' is not an int."),
+    ({"seed": True}, "seed=True is not an int."),
+    ({"corpus": {"holdout_fraction": "half"}}, "corpus.holdout_fraction='half' is not a number."),
+    ({"corpus": {"text_field": ["a"]}}, "corpus.text_field=['a'] is not a string."),
+    ({"index": {"ntrain": "many"}}, "index.ntrain='many' is not an int or empty."),
+    ({"tokenizer": 5}, "tokenizer is a section (path, vocab_size, min_frequency, eod_token), not a value."),
+])
+def test_validation_errors_are_one_line(settings, message):
+    with pytest.raises(RetroRayError) as e:
+        C.build(C.ProjectConfig, settings)
+    assert str(e.value) == message
+    assert "\n" not in str(e.value) and "pydantic" not in str(e.value).lower()
+
+
+def test_lenient_readings_of_yaml_and_overrides():
+    from retro_ray.eval.config import EvalConfig
+
+    cfg = C.build(C.ProjectConfig, C.parse_overrides(["split=98", "seed=1_000", "query.nprobe=3.0", "index.ntrain=",
+                                                      "tokenizer.eod_token="]))
+    assert (cfg.split, cfg.seed, cfg.query.nprobe, cfg.index.ntrain, cfg.tokenizer.eod_token) == ("98", 1000, 3, None, None)
+    ev = C.build(EvalConfig, C.parse_overrides(["ks=1,2", "alphas=0,1", "plots=false", "max_samples="]))
+    assert (ev.ks, ev.alphas, ev.plots, ev.max_samples) == ((1, 2), (0.0, 1.0), False, None)
+    with pytest.raises(RetroRayError, match=r"ks\[1\]='x' is not an int\."):
+        C.build(EvalConfig, {"ks": "1,x"})
+    with pytest.raises(RetroRayError, match=r"^ks=5 is not a list; write it as \[1,2,3\] or 1,2,3\.$"):
+        C.build(EvalConfig, {"ks": 5})
+    for not_a_bool in (1, "yes", "on"):
+        with pytest.raises(RetroRayError, match=r"plots=.* is not a bool; use true or false\."):
+            C.build(EvalConfig, {"plots": not_a_bool})
+    with pytest.raises(RetroRayError, match=r"^unknown config key embed\.batch; accepted keys under embed: chunks_per_block"):
+        C.build(C.EmbedRunConfig, {"batch": 1}, prefix="embed.")

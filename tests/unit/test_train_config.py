@@ -106,6 +106,44 @@ def test_other_validation_errors():
             TC.load_train_config(None, [override])
 
 
+def test_train_configs_are_checked_on_construction():
+    cases = [
+        (lambda: TC.TrainerSettings(max_steps=0), r"trainer\.max_steps=0 must be at least 1\."),
+        (lambda: TC.TrainerSettings(use_gpu="maybe"), r"trainer\.use_gpu='maybe' must be true, false or auto"),
+        (lambda: TC.SchedConfig(name="linear"), r"model\.optim\.sched\.name='linear' is not one of"),
+        (lambda: TC.OptimConfig(lr=0.0), r"model\.optim\.lr=0\.0 must be positive"),
+        (lambda: TC.DataSettings(num_workers=-1), r"model\.data\.num_workers=-1 must be >= 0"),
+        (lambda: TC.ModelConfig(hidden_size=100), r"hidden_size=100 is not divisible by num_attention_heads=12"),
+        (lambda: TC.ModelConfig(micro_batch_size=0), r"model\.micro_batch_size=0 must be at least 1"),
+        (lambda: TC.ExpManagerConfig(name=["x"]), r"name=\['x'\] is not a string\."),
+        (lambda: TC.TrainConfig(model=TC.ModelConfig(global_batch_size=6)), r"model\.global_batch_size=6 is not divisible"),
+        (lambda: dataclasses.replace(TC.TrainConfig(), trainer=TC.TrainerSettings(max_steps=50)),
+         "leave no steps for the cosine decay"),
+    ]
+    for make, match in cases:
+        with pytest.raises(RetroRayError, match=match):
+            make()
+
+
+def test_train_config_errors_name_the_nested_key():
+    with pytest.raises(RetroRayError) as e:
+        TC.TrainConfig.from_dict({"trainer": {"max_steps": "many"}})
+    assert str(e.value) == "trainer.max_steps='many' is not an int."
+    with pytest.raises(RetroRayError) as e:
+        TC.TrainConfig.from_dict({"model": {"retro": {"retro_num_neighbours": 2}}})
+    assert str(e.value).startswith("unknown config key model.retro.retro_num_neighbours; accepted keys under model.retro: "
+                                   "enabled, retro_encoder_num_layers,")
+    with pytest.raises(RetroRayError) as e:
+        TC.TrainConfig.from_dict({"model": {"optim": 0.1}})
+    assert str(e.value) == "model.optim is a section (name, lr, weight_decay, betas, eps, sched), not a value."
+    with pytest.raises(RetroRayError, match=r"^model\.retro\.freeze_decoder='sure' is not a bool; use true or false\.$"):
+        TC.load_train_config(None, ["model.retro.freeze_decoder=sure"])
+    cfg = TC.load_train_config("tiny", ["model.retro.retro_layers=2,4", "trainer.use_gpu=true", "model.retro.freeze_decoder=false",
+                                        "trainer.limit_val_batches=", "model.optim.betas=0.8,0.9"])
+    assert cfg.model.retro.retro_layers == (2, 4) and cfg.trainer.use_gpu is True
+    assert cfg.trainer.limit_val_batches is None and cfg.model.optim.betas == (0.8, 0.9)
+
+
 def test_resolve_takes_data_settings_and_rejects_conflicts():
     cfg = TC.load_train_config("tiny")
     model = TC.resolve_model_config(cfg, 128, 32, 1000)
