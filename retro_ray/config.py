@@ -394,12 +394,24 @@ class ProjectConfig:
 # --------------------------------------------------------------------------------------------
 
 
+KMEANS_CHOICES = ("auto", "faiss", "torch")
+
+
+def _positive(section: str, cfg: Any, name: str) -> None:
+    value = getattr(cfg, name)
+    if value <= 0:
+        raise RetroRayError(f"{section}.{name}={value} must be positive.")
+
+
 @config_class
 class PrepRunConfig:
     docs_per_block: int = field(
         default=2000, metadata=doc("Documents per block: the unit of parallel tokenization and of resume.")
     )
     cpus_per_task: float = field(default=1.0, metadata=doc("Ray CPUs reserved by each tokenization task."))
+
+    def __post_init__(self) -> None:
+        _positive("prep", self, "docs_per_block")
 
 
 @config_class
@@ -408,6 +420,9 @@ class DbRunConfig:
         default=2000, metadata=doc("Documents per block: the unit of parallel chunking and of resume.")
     )
     cpus_per_task: float = field(default=1.0, metadata=doc("Ray CPUs reserved by each chunking task."))
+
+    def __post_init__(self) -> None:
+        _positive("db", self, "docs_per_block")
 
 
 @config_class
@@ -431,6 +446,9 @@ class EmbedRunConfig:
     )
     use_gpu: str = field(default="auto", metadata=doc("auto | true | false: embed on GPUs (one actor per GPU)."))
 
+    def __post_init__(self) -> None:
+        _positive("embed", self, "chunks_per_block")
+
 
 @config_class
 class IndexRunConfig:
@@ -445,6 +463,11 @@ class IndexRunConfig:
                        "torch's reached the same objective faster than Faiss's)."),
     )
 
+    def __post_init__(self) -> None:
+        _positive("index", self, "num_shards")
+        if self.kmeans not in KMEANS_CHOICES:
+            raise RetroRayError(f"index.kmeans={self.kmeans!r} is not one of {', '.join(KMEANS_CHOICES)}.")
+
 
 @config_class
 class QueryRunConfig:
@@ -456,6 +479,9 @@ class QueryRunConfig:
                        "0.25-CPU index shards share 2 CPUs)."),
     )
     use_gpu: str = field(default="auto", metadata=doc("auto | true | false: embed query chunks on GPUs."))
+
+    def __post_init__(self) -> None:
+        _positive("query", self, "samples_per_block")
 
 
 # The section of overrides / YAML that holds each stage's run settings. `index` and `query` are

@@ -27,6 +27,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retro_ray.config import KMEANS_CHOICES
 from retro_ray.errors import RetroRayError
 
 logger = logging.getLogger("retro_ray.index")
@@ -247,9 +248,6 @@ def training_points_needed(index: faiss.Index) -> tuple[int, int, str]:
                 need = max(need, 256)
                 what.append(f"OPQ{vt.M} (256 centroids per sub-quantizer)")
     return need, need * FAISS_MIN_POINTS_PER_CENTROID, ", ".join(what)
-
-
-KMEANS_CHOICES = ("auto", "faiss", "torch")
 
 
 def kmeans_backend(use_gpu: bool | str = "auto", kmeans: str = "auto") -> str:

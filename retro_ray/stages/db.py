@@ -333,10 +333,6 @@ class Db(Stage):
     spec = STAGES["db"]
     run_config = C.DbRunConfig
 
-    def check(self, run: StageRun) -> None:
-        if run.cfg.docs_per_block <= 0:
-            raise RetroRayError(f"db.docs_per_block={run.cfg.docs_per_block} must be positive.")
-
     def temporaries(self, run: StageRun) -> list[Path]:
         p = run.project
         return [p.db_dir, p.merged_db_dir, *(p.db_blocks_dir(split) for split in DB_SPLITS)]

@@ -172,10 +172,6 @@ class Embed(Stage):
     run_config = C.EmbedRunConfig
     owns = ("embedder.batch_size",)  # until a first block is embedded: then embeddings/layout.json fixes it
 
-    def check(self, run: StageRun) -> None:
-        if run.cfg.chunks_per_block <= 0:
-            raise RetroRayError(f"embed.chunks_per_block={run.cfg.chunks_per_block} must be positive.")
-
     def settle(self, run: StageRun, done: bool) -> C.ProjectConfig:
         # A resumed run keeps the block size, group size and precision of the blocks already on disk.
         layout = None if done else _layout(run.project)

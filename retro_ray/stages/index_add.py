@@ -60,10 +60,6 @@ class IndexAdd(Stage):
     spec = STAGES["index-add"]
     run_config = C.IndexRunConfig
 
-    def check(self, run: StageRun) -> None:
-        if run.cfg.num_shards <= 0:
-            raise RetroRayError(f"index.num_shards={run.cfg.num_shards} must be positive.")
-
     def temporaries(self, run: StageRun) -> list[Path]:
         return [run.project.index_dir, run.project.index_shards_dir]  # never a finished file
 

@@ -70,12 +70,6 @@ class IndexTrain(Stage):
     run_config = C.IndexRunConfig
     owns = ("index.index_str",)  # until the index is trained: then it is fixed
 
-    def check(self, run: StageRun) -> None:
-        from retro_ray.retrieval.index import KMEANS_CHOICES
-
-        if run.cfg.kmeans not in KMEANS_CHOICES:
-            raise RetroRayError(f"index.kmeans={run.cfg.kmeans!r} is not one of {', '.join(KMEANS_CHOICES)}.")
-
     def work(self, run: StageRun) -> Report:
         import ray
 

@@ -175,8 +175,6 @@ class Prep(Stage):
 
     def check(self, run: StageRun) -> None:
         cfg = run.settings if isinstance(run.settings, C.ProjectConfig) else C.build(C.ProjectConfig, run.settings)
-        if run.cfg.docs_per_block <= 0:
-            raise RetroRayError(f"prep.docs_per_block={run.cfg.docs_per_block} must be positive.")
         check_project_config(run.project, cfg, run.overwrite)
         run.config = cfg
 

@@ -202,10 +202,6 @@ class Query(Stage):
     run_config = C.QueryRunConfig
     owns = ("query.",)  # the search settings, until the neighbours are made
 
-    def check(self, run: StageRun) -> None:
-        if run.cfg.samples_per_block <= 0:
-            raise RetroRayError(f"query.samples_per_block={run.cfg.samples_per_block} must be positive.")
-
     def temporaries(self, run: StageRun) -> list[Path]:
         return [run.project.samples_dir, *(neighbor_dir(run.project, split) for split in QUERY_SPLITS)]
 

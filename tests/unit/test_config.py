@@ -146,6 +146,13 @@ def test_a_moved_key_names_where_it_went(key):
     (lambda: dataclasses.replace(C.ProjectConfig(), seq_length=100), "not a multiple of chunk_length"),
     (lambda: C.ProjectConfig(seed="x"), r"seed='x' is not an int\."),
     (lambda: C.QueryRunConfig(cpus_per_actor="lots"), r"cpus_per_actor='lots' is not a number\."),
+    (lambda: C.PrepRunConfig(docs_per_block=0), r"prep\.docs_per_block=0 must be positive\."),
+    (lambda: C.DbRunConfig(docs_per_block=-1), r"db\.docs_per_block=-1 must be positive\."),
+    (lambda: C.EmbedRunConfig(chunks_per_block=0), r"embed\.chunks_per_block=0 must be positive\."),
+    (lambda: C.IndexRunConfig(num_shards=0), r"index\.num_shards=0 must be positive\."),
+    (lambda: C.build(C.IndexRunConfig, {"kmeans": "sklearn"}, prefix="index."),
+     r"index\.kmeans='sklearn' is not one of auto, faiss, torch\."),
+    (lambda: C.QueryRunConfig(samples_per_block=0), r"query\.samples_per_block=0 must be positive\."),
 ])
 def test_project_configs_are_checked_on_construction(make, match):
     with pytest.raises(RetroRayError, match=match):
