@@ -300,7 +300,6 @@ def cmd_generate(args) -> int:
     if "prompt" in settings and settings["prompt"] is None:
         settings["prompt"] = ""  # `prompt=` is an empty prompt (fine with inference.add_BOS=true)
     cfg = C.build(GenerateConfig, settings)
-    cfg.inference.validate()
     if args.index == "sharded":
         from retro_ray.runtime import connect
 

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@config_class
 class RetroInferenceSettings:
     """NeMo's ``inference.retro_inference`` block."""
 
@@ -68,8 +68,13 @@ class RetroInferenceSettings:
                           "and no neighbours are given; false = no retrieval."},
     )
 
+    def __post_init__(self) -> None:
+        if self.retro_num_neighbors < 1:
+            raise RetroRayError(f"inference.retro_inference.retro_num_neighbors={self.retro_num_neighbors!r}: must be a "
+                                "whole number ≥ 1.")
 
-@dataclass(frozen=True)
+
+@config_class
 class InferenceConfig:
     """Sampling settings; names follow NeMo's ``inference`` block."""
 
@@ -85,25 +90,22 @@ class InferenceConfig:
     retro_inference: RetroInferenceSettings = field(default_factory=RetroInferenceSettings,
                                                     metadata={"help": "Retrieval during generation."})
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         def bad(name: str, value: Any, want: str) -> RetroRayError:
             return RetroRayError(f"inference.{name}={value!r}: {want}.")
 
-        if not isinstance(self.tokens_to_generate, int) or self.tokens_to_generate < 1:
+        if self.tokens_to_generate < 1:
             raise bad("tokens_to_generate", self.tokens_to_generate, "give a whole number of tokens ≥ 1")
         if not self.temperature > 0:
             raise bad("temperature", self.temperature, "must be > 0 (use greedy=true for argmax decoding)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise bad("top_k", self.top_k, "must be a whole number ≥ 0 (0 = no limit)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "must be in (0, 1] (1 = off)")
-        if not isinstance(self.min_tokens_to_generate, int) or self.min_tokens_to_generate < 0:
+        if self.min_tokens_to_generate < 0:
             raise bad("min_tokens_to_generate", self.min_tokens_to_generate, "must be a whole number ≥ 0")
-        if any(not isinstance(s, str) or not s for s in self.end_strings):
+        if not all(self.end_strings):
             raise bad("end_strings", self.end_strings, "must be non-empty strings")
-        k = self.retro_inference.retro_num_neighbors
-        if not isinstance(k, int) or k < 1:
-            raise bad("retro_inference.retro_num_neighbors", k, "must be a whole number ≥ 1")
 
 
 @config_class
@@ -295,7 +297,6 @@ class Generator:
 
     def _start_row(self, index: int, req: GenerationRequest) -> _Row:
         cfg = req.inference
-        cfg.validate()
         if not isinstance(req.prompt, str):
             raise RetroRayError("prompt must be a string.")
         ids = self.tokenizer.encode(req.prompt).ids

@@ -202,9 +202,12 @@ class RetroGenerator:
         if "end_strings" in inf:
             inf["end_strings"] = tuple(inf["end_strings"])
         retro = {k: spec[k] for k in RETRO_KEYS if spec.get(k) is not None}
-        # The settings' ranges were checked by the request schema; the Generator checks them again
-        # before the first token (a RetroRayError there is a 400 for this prompt alone, see _decode).
-        inference = InferenceConfig(**inf, retro_inference=RetroInferenceSettings(**retro))
+        # The settings' ranges were checked by the request schema; the configs check them again on
+        # construction, and a refusal there is a 400 for this prompt alone.
+        try:
+            inference = InferenceConfig(**inf, retro_inference=RetroInferenceSettings(**retro))
+        except RetroRayError as e:
+            raise RequestError(str(e)) from None
         n = self.gen.count_tokens(spec["prompt"])
         if n > self.cfg.max_prompt_tokens:
             raise RequestError(f"the prompt is {n} tokens, over this server's limit of {self.cfg.max_prompt_tokens}; "

@@ -190,17 +190,24 @@ def test_grad_mode_is_not_changed_for_the_caller(gen):
     (GenerationRequest(""), "the prompt is empty"),
     (GenerationRequest("hi", neighbors="a neighbour"), "neighbors must be a list of strings"),
     (GenerationRequest("hi", neighbors=["ok", 3]), "neighbors must be a list of strings"),
-    (GenerationRequest("hi", inference=InferenceConfig(temperature=0.0)), r"temperature=0.0: must be > 0"),
-    (GenerationRequest("hi", inference=InferenceConfig(tokens_to_generate=0)), "tokens_to_generate=0"),
-    (GenerationRequest("hi", inference=InferenceConfig(top_p=1.5)), r"top_p=1.5: must be in \(0, 1\]"),
-    (GenerationRequest("hi", inference=InferenceConfig(top_k=-1)), "top_k=-1"),
-    (GenerationRequest("hi", inference=InferenceConfig(end_strings=("",))), "end_strings"),
-    (GenerationRequest("hi", inference=InferenceConfig(retro_inference=RetroInferenceSettings(retro_num_neighbors=0))),
-     "retro_num_neighbors=0"),
 ])
 def test_bad_requests(gen, request_, match):
     with pytest.raises(RetroRayError, match=match):
         gen.generate([request_])
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: InferenceConfig(temperature=0.0), r"inference\.temperature=0.0: must be > 0"),
+    (lambda: InferenceConfig(tokens_to_generate=0), r"inference\.tokens_to_generate=0: give a whole number"),
+    (lambda: InferenceConfig(top_p=1.5), r"inference\.top_p=1.5: must be in \(0, 1\]"),
+    (lambda: InferenceConfig(top_k=-1), r"inference\.top_k=-1: must be a whole number"),
+    (lambda: InferenceConfig(end_strings=("",)), r"inference\.end_strings=\(''\,\): must be non-empty strings"),
+    (lambda: RetroInferenceSettings(retro_num_neighbors=0), r"inference\.retro_inference\.retro_num_neighbors=0"),
+    (lambda: InferenceConfig(tokens_to_generate="many"), r"tokens_to_generate='many' is not an int"),
+])
+def test_bad_sampling_settings_are_refused_on_construction(make, match):
+    with pytest.raises(RetroRayError, match=match):
+        make()
 
 
 def test_gpt_rejects_neighbours_and_empty_prompt_with_bos_works(tokenizer):
