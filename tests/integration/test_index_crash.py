@@ -185,7 +185,6 @@ def test_half_written_shard_is_never_taken_as_complete(trained, clean, vectors, 
 def test_an_unknown_kmeans_choice_is_refused_before_any_work(tmp_path):
     p = Project(tmp_path / "proj")
     p.write_config(C.ProjectConfig(), derived={"chunks_per_split": {"train": N, "valid": 0}, "embed_dim": DIM})
-    bad = C.IndexRunConfig(num_shards=SHARDS, use_gpu="false", kmeans="sklearn")
     with pytest.raises(RetroRayError, match=r"index.kmeans='sklearn' is not one of auto, faiss, torch"):
-        index_train.run(p, bad, progress=False)
+        index_train.run(p, C.IndexRunConfig(num_shards=SHARDS, use_gpu="false", kmeans="sklearn"), progress=False)
     assert not p.is_done("index-train") and not (p.root / "index").exists()
