@@ -190,7 +190,7 @@ class PlainLoop:
             self.model.compile()  # in place, as the trainer's trainer.compile=auto does on GPU workers
         o = cfg.model.optim
         self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                     eps=o.eps, **({"fused": True} if device == "cuda" else {}))
+                                     eps=o.eps, fused=True)  # as the trainer (retro_ray.train.loop.build_engine)
         self.ds = factory("train")
         g = torch.Generator().manual_seed(cfg.trainer.seed)
         self.order = torch.randperm(len(self.ds), generator=g).tolist()

@@ -226,8 +226,10 @@ def build_engine(cfg: TrainConfig, model_cfg: RetroConfig, world_size: int, on_g
     o = cfg.model.optim
     optimizer = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-        # torch's fused CUDA kernel on GPU (no DeepSpeed build); the default for-each/loop on CPU.
-        **({"fused": True} if on_gpu else {}),
+        # torch's fused kernel (no DeepSpeed build): one pass over each tensor per step. On CUDA, and on
+        # CPU too, where torch's default (a loop of ~8 tensor ops per parameter) took 120 ms a step
+        # at the cpu50k shape on one thread, fused 40 ms (same updates to within a float32 ulp).
+        fused=True,
     )
     timings["model_optimizer_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

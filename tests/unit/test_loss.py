@@ -47,6 +47,23 @@ def test_equals_unfused_fp32(n, block, bias):
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
 
 
+def test_losses_beyond_float32_probabilities_are_exact():
+    """Rows whose target probability underflows float32 (losses of ~100 and ~1000 nats): the CPU path
+    takes -log(p[target]) and must redo these rows from the logits, not return inf."""
+    h, w, labels, _ = inputs(64, ignored=0.0)
+    with torch.no_grad():
+        w[labels[0]] -= 60 * h[0] / h[0].norm() ** 2  # moves the target's logit of row 0 down by ~60
+        w[labels[1]] -= 900 * h[1] / h[1].norm() ** 2
+    want = F.cross_entropy(F.linear(h, w).double(), labels, reduction="none")
+    assert want[0] > 90 and want[1] > 900
+    got = linear_cross_entropy(h, w, labels, block_rows=16)
+    torch.testing.assert_close(got.double(), want.sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(linear_cross_entropy(h, w, labels, reduction="none").double(), want,
+                               rtol=1e-6, atol=1e-5)
+    for g_want, g_got in zip(grads(reference(h, w, labels), h, w), grads(got, h, w)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
 def test_ignored_rows_get_zero_gradient_and_no_loss():
     h, w, labels, _ = inputs(200, ignored=0.5)
     got = linear_cross_entropy(h, w, labels, block_rows=32)
