@@ -126,7 +126,10 @@ class Load:
     def _client(self, c: int, n: int) -> None:
         for k in range(n):
             res = _call("POST", f"{self.url}/generate", {"prompt": f"The history of mathematics {c}.{k}",
-                                                          "tokens_to_generate": TOKENS})
+                                                          "tokens_to_generate": TOKENS,
+                                                          # every answer is TOKENS long: the end-of-document
+                                                          # token (an early stop by chance) is banned
+                                                          "min_tokens_to_generate": TOKENS})
             with self.lock:
                 self.results.append(res)
                 self.done += 1
@@ -182,7 +185,7 @@ def _check_generate_results(results: list[tuple], expected: int) -> Counter:
     assert not odd, f"answers other than 200 and the 503 replica_died error: {odd[:3]}"
     for status, body, _ in results:
         if status == 200:
-            assert len(body["generations"]) == 1 and body["generations"][0]["tokens"]
+            assert len(body["generations"]) == 1 and len(body["generations"][0]["tokens"]) == TOKENS, body
     return Counter(r[0] for r in results)
 
 
