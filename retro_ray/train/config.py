@@ -307,6 +307,11 @@ class ModelConfig(RetroConfig):
                 raise RetroRayError(f"model.{name}={getattr(self, name)} must be at least 1.")
         self.preview()
 
+    def validate(self) -> None:
+        """RetroConfig's checks, on :meth:`preview` (the inherited ones would refuse the data-given
+        fields left empty); construction already ran them."""
+        self.preview()
+
 
 # --------------------------------------------------------------------------------------------------
 # exp_manager
