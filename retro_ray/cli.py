@@ -284,7 +284,8 @@ def cmd_train_dry_run(args, train_cfg) -> int:
     model_cfg = resolve_model_config(dataclasses.replace(train_cfg, model=dataclasses.replace(
         train_cfg.model, seq_length=None, chunk_length=None)), seq, chunk, vocab)
     t = train_cfg.trainer
-    p = plan(model_cfg, num_gpus=t.num_workers, zero_stage=t.zero_stage, precision=t.precision,
+    precision = "bf16" if t.precision == "auto" else t.precision  # the plan is for GPUs, where auto is bf16
+    p = plan(model_cfg, num_gpus=t.num_workers, zero_stage=t.zero_stage, precision=precision,
              micro_batch_size=train_cfg.model.micro_batch_size, global_batch_size=train_cfg.model.global_batch_size,
              activation_checkpointing=t.activation_checkpointing, freeze_decoder=model_cfg.retro.freeze_decoder)
     print(format_plan(p, model_cfg, args.gpu_memory_gib), flush=True)

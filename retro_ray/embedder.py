@@ -28,6 +28,7 @@ import numpy as np
 
 from retro_ray.errors import RetroRayError
 from retro_ray.pretrained import read_config_json
+from retro_ray.runtime import cpu_has_native_bf16
 
 # Never reach for a model hub: every model here is a local directory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -182,35 +183,6 @@ def wordpiece_lengths(tokenizer, texts: Sequence[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # precision
 # --------------------------------------------------------------------------------------------------
-def cpu_has_native_bf16() -> tuple[bool, str]:
-    """Whether the CPU computes bf16 natively (AMX tiles or AVX512-BF16), and what told us."""
-    try:
-        import torch
-
-        amx = bool(torch.cpu._is_amx_tile_supported())
-        avx = bool(torch.cpu._is_avx512_bf16_supported())
-        if amx or avx:
-            return True, "AMX" if amx else "AVX512-BF16"
-        source = f"torch reports no AMX/AVX512-BF16 (cpu capability {torch.backends.cpu.get_cpu_capability()})"
-        return False, source
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        flags: set[str] = set()
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return False, "CPU flags unknown"
-    if "amx_bf16" in flags:
-        return True, "AMX (amx_bf16 flag)"
-    if "avx512_bf16" in flags:
-        return True, "AVX512-BF16 (avx512_bf16 flag)"
-    return False, "no amx_bf16/avx512_bf16 CPU flag"
-
-
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 

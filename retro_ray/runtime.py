@@ -211,3 +211,51 @@ def take_all_or_rerun(ds, stage: str) -> list[dict]:
             f"{stage} stopped: {type(e).__name__}: {first[:300]}; nothing was marked done: rerun "
             f"`retro-ray {stage}` to finish the missing blocks (the finished ones are kept)"
         ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# the CPU's bf16 support
+# --------------------------------------------------------------------------------------------------
+def cpu_has_native_bf16() -> tuple[bool, str]:
+    """Whether the CPU computes bf16 natively (AMX tiles or AVX512-BF16), and what told us."""
+    try:
+        import torch
+
+        amx = bool(torch.cpu._is_amx_tile_supported())
+        avx = bool(torch.cpu._is_avx512_bf16_supported())
+        if amx or avx:
+            return True, "AMX" if amx else "AVX512-BF16"
+        source = f"torch reports no AMX/AVX512-BF16 (cpu capability {torch.backends.cpu.get_cpu_capability()})"
+        return False, source
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        flags: set[str] = set()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return False, "CPU flags unknown"
+    if "amx_bf16" in flags:
+        return True, "AMX (amx_bf16 flag)"
+    if "avx512_bf16" in flags:
+        return True, "AVX512-BF16 (avx512_bf16 flag)"
+    return False, "no amx_bf16/avx512_bf16 CPU flag"
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX bf16 tiles: the bf16 matrix units that make bf16 training faster than
+    fp32 on a CPU (trainer.precision=auto picks bf16 only where they exist)."""
+    try:
+        import torch
+
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split(":", 1)[1].split() for line in f)
+    except OSError:
+        return False

@@ -29,7 +29,7 @@ from retro_ray.errors import RetroRayError
 from retro_ray.model.retro import RetroConfig
 
 VOCAB_MULTIPLE = 64
-PRECISIONS = ("bf16", "fp16", "32")
+PRECISIONS = ("auto", "bf16", "fp16", "32")
 SCHEDULERS = ("CosineAnnealing", "constant")
 OPTIMIZERS = ("adamw",)
 # Keys of ``model`` that only change how the model is trained, not which weights it has; everything
@@ -77,7 +77,12 @@ class TrainerSettings:
     max_steps: int = field(default=1000, metadata=C.doc("Optimizer steps to train for (each is global_batch_size samples)."))
     precision: str = field(
         default="bf16",
-        metadata=C.doc("bf16 | fp16 | 32. On CPU use 32 (or bf16 where the CPU has bf16 instructions); fp16 needs a GPU."),
+        metadata=C.doc(
+            "auto | bf16 | fp16 | 32. bf16: bf16 weights and activations, fp32 master weights and optimizer "
+            "state (DeepSpeed); fp16 the same with loss scaling, GPU only; 32: fp32 throughout. auto = bf16 on "
+            "GPU workers and on CPUs with AMX (bf16 matrix tiles), else 32; decided where training starts, "
+            "logged, and written in every checkpoint. A run resumes only in the precision it was started in."
+        ),
     )
     val_check_interval: int = field(
         default=100, metadata=C.doc("Validate every this many steps (and after the last step).")
@@ -148,7 +153,7 @@ class TrainerSettings:
             raise RetroRayError(f"trainer.cpus_per_worker={self.cpus_per_worker} must be positive (e.g. 1 or 0.5).")
         if self.precision not in PRECISIONS:
             raise RetroRayError(
-                f"trainer.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; use bf16 on GPUs, 32 on CPUs."
+                f"trainer.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; auto picks bf16 or 32 for the hardware."
             )
         if self.zero_stage not in (0, 1, 2, 3):
             raise RetroRayError(f"trainer.zero_stage={self.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")

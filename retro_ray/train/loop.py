@@ -278,14 +278,23 @@ def write_checkpoint(engine: Any, directory: Path, meta: dict[str, Any], history
         (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def check_resumable(meta: dict[str, Any], zero_stage: int, world_size: int) -> None:
-    """A ZeRO checkpoint is partitioned by rank: it loads only into the same number of workers."""
+def check_resumable(meta: dict[str, Any], zero_stage: int, world_size: int, precision: str | None = None) -> None:
+    """A ZeRO checkpoint is partitioned by rank: it loads only into the same number of workers. And
+    DeepSpeed keeps a bf16 / fp16 run's optimizer state (fp32 master weights) in another layout than
+    a 32 run's: a checkpoint loads only into the precision it was written in."""
     old_stage, old_world = int(meta.get("zero_stage", 0)), int(meta.get("world_size", world_size))
     if (old_stage > 0 or zero_stage > 0) and (old_world != world_size or old_stage != zero_stage):
         raise RetroRayError(
             f"the checkpoint was written by {old_world} workers with ZeRO stage {old_stage}; its optimizer "
             f"state is partitioned per worker, so resume it with trainer.num_workers={old_world} and "
             f"trainer.zero_stage={old_stage} (now {world_size} and {zero_stage})."
+        )
+    old_precision = meta.get("precision")
+    if precision is not None and old_precision is not None and old_precision != precision:
+        raise RetroRayError(
+            f"the checkpoint was written in precision {old_precision} and this run trains in {precision}; its "
+            f"optimizer state fits only its own precision, so resume it with trainer.precision={old_precision} "
+            "(or start a new run in another exp_dir)."
         )
 
 
@@ -404,7 +413,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                     "the checkpoint to resume from was trained with a different model config; start a "
                     "new run (another exp_manager.name or exp_dir) to train this one."
                 )
-            check_resumable(meta, cfg.trainer.zero_stage, world)
+            check_resumable(meta, cfg.trainer.zero_stage, world, cfg.trainer.precision)
             engine.load_checkpoint(d, tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True)
             history = read_history(Path(d) / CHECKPOINT_HISTORY)
         start_step, consumed = int(meta["train_step"]), int(meta["consumed_samples"])

@@ -31,7 +31,7 @@ from retro_ray.train.export import export, load_exported, read_export
 from retro_ray.train.synthetic import CrashOnceFactory, SyntheticDatasetFactory
 
 FACTORY = SyntheticDatasetFactory(n_train=512, n_valid=32)
-TWO_WORKERS = ["trainer.num_workers=2", "trainer.use_gpu=false"]
+TWO_WORKERS = ["trainer.num_workers=2", "trainer.use_gpu=false", "trainer.precision=32"]  # 32: the same on every CPU
 
 
 def history(exp_dir: Path) -> list[dict]:
@@ -180,6 +180,10 @@ def test_rerun_is_skipped_and_changes_need_resume(retro_run):
     zero = load_train_config("tiny", TWO_WORKERS + ["trainer.zero_stage=2"])
     with pytest.raises(RetroRayError, match=r"resume it with trainer\.num_workers=2 and trainer\.zero_stage=0"):
         trainer.run(zero, FACTORY, FACTORY.model_data(), exp_dir, resume=True)
+    bf16 = load_train_config("tiny", TWO_WORKERS + ["trainer.precision=bf16"])
+    with pytest.raises(RetroRayError, match=r"written in precision 32 and this run trains in bf16; .* resume it with "
+                                            r"trainer\.precision=32 \(or start a new run"):
+        trainer.run(bf16, FACTORY, FACTORY.model_data(), exp_dir, resume=True)
     # resume with a larger max_steps: continues from checkpoint 30, carrying the history
     resumed = trainer.run(longer, FACTORY, FACTORY.model_data(), exp_dir, resume=True)
     assert resumed.final_step == 34 and not resumed.skipped
@@ -258,6 +262,27 @@ def test_zero3_resumes_after_a_crash_and_exports_what_zero2_trains(train_ray_add
     assert clean.final_step == z2.final_step == 16 and clean.restarts == z2.restarts == 0
     assert torch.equal(logits["z3"], logits["z3-clean"])
     torch.testing.assert_close(logits["z3"], logits["z2"], rtol=0, atol=2e-6)
+
+
+def test_precision_auto_is_decided_at_the_start_and_written_in_checkpoints(train_ray_address, tmp_path):
+    """trainer.precision=auto: the workers train in bf16 on a CPU with AMX and in 32 on another (this
+    machine's CPU decides which one this test sees); config.json keeps the setting as given, every
+    checkpoint the precision it chose, and the export takes the fp32 weights either way."""
+    from retro_ray.runtime import cpu_has_amx
+
+    chosen = "bf16" if cpu_has_amx() else "32"
+    cfg = load_train_config("tiny", ["trainer.num_workers=1", "trainer.use_gpu=false", "trainer.precision=auto",
+                                     "trainer.max_steps=4", "trainer.checkpoint_interval=4",
+                                     "trainer.val_check_interval=4"])
+    report = trainer.run(cfg, FACTORY, FACTORY.model_data(), tmp_path)
+    assert report.final_step == 4 and math.isfinite(report.val_loss)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["trainer"]["precision"] == "auto"
+    meta = json.loads((Path(report.final_checkpoint) / "retro_ray.json").read_text())
+    assert meta["precision"] == chosen
+    exported = read_export(export(tmp_path, tmp_path / "model.pt"))
+    assert exported["weights_source"] == ("fp32 master weights (ZeRO 0, bf16)" if chosen == "bf16"
+                                          else "module weights (fp32, ZeRO 0)")
+    assert all(v.dtype == torch.float32 for v in exported["state_dict"].values())
 
 
 def test_more_workers_than_the_cluster_has(train_ray_address, tmp_path):

@@ -91,7 +91,7 @@ def test_global_batch_not_divisible():
 
 def test_other_validation_errors():
     cases = {
-        "trainer.precision=fp8": "trainer.precision='fp8' is not one of bf16, fp16, 32",
+        "trainer.precision=fp8": "trainer.precision='fp8' is not one of auto, bf16, fp16, 32",
         "trainer.zero_stage=4": "trainer.zero_stage=4 is not a ZeRO stage; use 0, 1, 2 or 3",
         "trainer.activation_checkpointing=sometimes": "trainer.activation_checkpointing='sometimes' is not a bool",
         "trainer.use_gpu=maybe": "trainer.use_gpu='maybe' must be true, false or auto",
