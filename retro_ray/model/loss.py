@@ -12,7 +12,8 @@ logits [R, V] are made, turned into the block's loss and, in the same pass, its 
 Backward then only scales the stored gradients by grad_output. The matmuls are the unfused path's
 (2NdV FLOPs forward, twice that for the two gradients), so RetroModel.flops_per_token is unchanged.
 
-Per block (logits in the input's dtype, softmax and loss in float32, or float64 for float64 input):
+Per block (logits in the input's dtype; softmax and loss in float32, or float64 for float64 input; on
+the CPU a bf16 block's softmax is computed in float32 and stored in bf16):
     logits = h @ W^T (+ b)                               [R, V]
     p      = softmax(logits)                             [R, V]
     lse    = max(logits) - log(max(p))                   [R]  (exact: p is largest at the largest
@@ -150,32 +151,39 @@ def _softmax_and_nll(logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor
     """A block's softmax p [R, V] in dtype and each row's lse - logits[target] [R], from its logits
     [R, V] (of h [R, d]) and targets [R, 1].
 
-    CPU: the softmax is written over the logits (in place: 38 ms against 55 ms for a new [1,024,
-    50,304] tensor on one thread, the same values), and the loss is -log(p[target]), one gather
-    instead of two passes over [R, V] for the row maxima (3 % of a training step at the cpu50k
-    shape). Exact to rounding while p[target] is a normal number (a loss below 87 nats in float32);
-    the rare rows beyond that are redone from their logits, made again from h.
-    Elsewhere (and under torch.compile, and where the softmax's dtype differs from the logits') the
-    form of the module docstring: no data-dependent branch, no host sync.
+    CPU, float32 and bf16 logits: the softmax is written over the logits (in place: 38 ms against 55
+    ms for a new [1,024, 50,304] float32 tensor on one thread, the same values), and the loss is
+    -log(p[target]), one gather instead of two passes over [R, V] for the row maxima (3 % of a
+    training step at the cpu50k shape). Exact to rounding while p[target] is a normal number (a loss
+    below 87 nats); the rare rows beyond that are redone from their logits, made again from h.
+    For bf16 logits torch's softmax computes in float32 and rounds p to bf16 once, the p the matmuls
+    take anyway; its float32 softmax, the bf16 copy of it and the two row maxima took 8x as long
+    (245 against 30 ms a block). The loss then carries p[target]'s bf16 rounding (at most 0.002 nats
+    a row), a tenth of what the bf16 logits themselves carry (a logit of 10 is rounded by up to 0.03).
+    Elsewhere (and under torch.compile, and for float16) the form of the module docstring: no
+    data-dependent branch, no host sync.
     """
     picked = logits.gather(1, target).squeeze(1).to(dtype)  # [R]
-    if logits.device.type != "cpu" or logits.dtype != dtype or torch.compiler.is_compiling():
+    if not _softmax_in_place(logits, dtype):
         p = torch.softmax(logits, dim=1, dtype=dtype)
         return p, logits.amax(dim=1).to(dtype) - p.amax(dim=1).log() - picked  # (see the module docstring)
     p = torch.softmax(logits, dim=1, out=logits)  # the logits are gone from here on
-    p_target = p.gather(1, target).squeeze(1)  # [R]
+    p_target = p.gather(1, target).squeeze(1).to(dtype)  # [R]
     nll = -p_target.log()
-    far = p_target < torch.finfo(dtype).tiny  # underflowed or subnormal: too few bits left
+    far = p_target < torch.finfo(p.dtype).tiny  # underflowed or subnormal: too few bits left
     if far.any():
         nll[far] = torch.logsumexp(_logits(h[far], weight, bias).to(dtype), dim=1) - picked[far]
     return p, nll
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    if out is None:
-        return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
-    return torch.mm(h, weight.t(), out=out) if bias is None else torch.addmm(bias, h, weight.t(), out=out)
+def _softmax_in_place(logits: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a block's softmax is written over its logits (see _softmax_and_nll)."""
+    return (logits.device.type == "cpu" and (logits.dtype == dtype or logits.dtype == torch.bfloat16)
+            and not torch.compiler.is_compiling())
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -196,24 +204,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         transposed = want_weight and hidden.dtype == acc and hidden.device.type == "cpu"
         d_weight = torch.zeros((d, V) if transposed else (V, d), dtype=acc, device=weight.device) if want_weight else None
         d_bias = torch.zeros(V, dtype=acc, device=weight.device) if want_bias else None
-        # CPU: every block's logits (then its softmax and g) live in one buffer, made once. A fresh
-        # [R, V] tensor a block made its matmul 1.2x slower on one thread (139 against 170 GFLOP/s at
-        # R = 1,024, V = 50,304), freed memory kept in the process or not.
-        buffer = torch.empty(min(rows, N), V, dtype=hidden.dtype, device=hidden.device) \
-            if hidden.device.type == "cpu" and hidden.dtype == dtype else None
         for s in range(0, N, rows):
             e = min(N, s + rows)
             h, t = hidden[s:e], labels[s:e]  # [R, d], [R]
             valid = t != IGNORE_INDEX  # [R]
             target = torch.where(valid, t, 0)[:, None]  # [R, 1]; a safe index for unlabelled rows
-            logits = _logits(h, weight, bias, None if buffer is None else buffer[:e - s])  # [R, V] in the input dtype
+            logits = _logits(h, weight, bias)  # [R, V] in the input dtype
             p, nll = _softmax_and_nll(logits, h, weight, bias, target, dtype)  # [R, V] (CPU: logits' memory), [R]
             total += torch.where(valid, nll, 0.0).sum()
             del logits
             # g = p - onehot(target) on labelled rows. Unlabelled rows keep p here; their share is
             # removed by zeroing their d_hidden rows and their h rows in d_weight's product (both
             # [R, d]: cheaper than another pass over [R, V]).
-            p.scatter_add_(1, target, -valid.to(dtype)[:, None])
+            # (index_put_: on the CPU, scatter_add_ and scatter_ copy all of a bf16 p twice, 100 ms a block)
+            rows_here = torch.arange(e - s, device=p.device)
+            p.index_put_((rows_here, target[:, 0]), -valid.to(p.dtype), accumulate=True)
             g = p if p.dtype == hidden.dtype else p.to(hidden.dtype)  # the matmuls in the input dtype
             del p
             if want_hidden:

@@ -38,7 +38,8 @@ What stays the same as torch's dropout:
 `attention()` is F.scaled_dot_product_attention with the same trade for attention dropout: on the
 CPU, SDPA with dropout runs its unfused math path and draws the mask with `bernoulli_`; here that
 path is written out (scores with the mask added by baddbmm, softmax in float32, fast mask,
-values), and every other case goes to SDPA.
+values), and every other case goes to SDPA: in float32 for bf16 inputs over at most 128 keys, where
+torch's bf16 CPU kernels are the slower ones (the values are then float32's, rounded to bf16 once).
 
 Keeping freed CPU memory inside the process
 -------------------------------------------
@@ -109,11 +110,23 @@ class FastDropout(Dropout):
         return dropout(x, self.p, self.training)
 
 
+# torch's CPU flash kernels for bf16 ran slower than its float32 ones over short keys, the casts
+# included (one thread, forward + backward, 4 heads of 64): 128 queries x 128 keys, batch 128: 175
+# ms in bf16 against 138 ms through float32; 128 x 64 keys: 153 against 77. At 64 queries x 256 keys
+# the two were even (64 / 67 ms), and over 512 causal keys bf16 was faster (42 / 59 ms).
+BF16_AS_FP32_MAX_KEYS = 128
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
     """The model's ``sdpa`` (retro_ray/model/retro.py: the same arguments and shapes), with attention
-    dropout drawn by `dropout()` on the CPU."""
+    dropout drawn by `dropout()` on the CPU, and bf16 attention over few keys computed in float32."""
     if dropout_p == 0.0 or not _uses_fast_mask(q):
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] <= BF16_AS_FP32_MAX_KEYS:
+            mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
+                                                 dropout_p=dropout_p)
+            return out.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     N, h, T, dh = q.shape
     S = k.shape[-2]

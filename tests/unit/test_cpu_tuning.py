@@ -130,6 +130,22 @@ def test_written_out_attention_in_bf16():
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=2e-2)
 
 
+@pytest.mark.parametrize("keys", [64, 128, 129, 256])
+def test_bf16_attention_over_few_keys_runs_in_float32(keys):
+    """Without dropout, bf16 attention over at most BF16_AS_FP32_MAX_KEYS keys is SDPA in float32
+    rounded to bf16 once; over more keys it is bf16 SDPA itself. Gradients reach q, k and v in bf16."""
+    q, k, v = (t.requires_grad_() for t in _qkv(16, keys, torch.bfloat16))
+    mask = torch.rand(2, 1, 1, keys, generator=torch.Generator().manual_seed(1)) > 0.3
+    out = attention(q, k, v, mask)
+    if keys <= cpu_tuning.BF16_AS_FP32_MAX_KEYS:
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(torch.bfloat16)
+    else:
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(g.dtype == torch.bfloat16 and g.abs().sum() > 0 for g in grads)
+
+
 def test_attention_dropout_drops_probabilities():
     q, k, v = _qkv(16, 16)
     v = torch.ones_like(v)  # each output row is then the sum of its kept, rescaled probabilities
