@@ -22,7 +22,7 @@ or the fused output layer + loss), then by what it is:
 ``--tree PATH`` profiles another source tree of this project (e.g. ``git archive COMMIT | tar -x -C
 PATH``) with that tree's bench_train.py and model, so that two commits can be compared.
 
-Run:  .venv/bin/python benchmarks/profile_train_step.py [--configs cpu50k|demo] [--gpt] [--threads 1]
+Run:  .venv/bin/python benchmarks/profile_train_step.py [--configs cpu50k|demo] [--gpt] [--bf16] [--threads 1]
       [--warmup 2] [--tree PATH] [--top 25] [--json OUT]
 cpu50k: issue 19's shape, one micro-batch of 8 sequences a step; demo: train_demo.yaml, 2 micro-batches of 4.
 """
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", dest="config", default="cpu50k", choices=sorted(BATCH))
     ap.add_argument("--gpt", action="store_true", help="the same decoder without retrieval")
+    ap.add_argument("--bf16", action="store_true",
+                    help="the model's weights in bf16, as DeepSpeed's bf16 engine holds them (AdamW then steps the "
+                         "bf16 weights themselves, without DeepSpeed's float32 master copies)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2, help="unprofiled steps first")
     ap.add_argument("--tree", default=None, help="another source tree of this project (default: this one)")
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     micro, global_batch = BATCH[args.config]
     cfg = bt.make_config(args.config, "cpu", args.warmup + 1, micro, global_batch, retro=not args.gpt, workers=1)
     loop = bt.PlainLoop(cfg, resolve_model_config(cfg, seq, chunk, vocab), bt.factory_for(args.config, 256), "cpu")
+    if args.bf16:
+        loop.model.to(torch.bfloat16)  # in place: the optimizer keeps the same parameters
     for s in range(args.warmup):
         loop.step(s)
     load = os.getloadavg()[0]
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[category(e)] += e.self_cpu_time_total / 1e3  # ms
     total = sum(rows.values())
     model = "GPT" if args.gpt else "RETRO"
+    model += ", bf16" if args.bf16 else ""
     print(f"{args.config} {model}, {args.threads} thread(s), tree {tree}: profiled step {wall * 1e3:,.0f} ms wall, "
           f"{total:,.0f} ms of operator self time; load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"| {'where the time goes':<22} | ms | share |\n|---|---|---|")

@@ -47,6 +47,20 @@ def test_drops_the_asked_fraction_and_keeps_the_expectation(p):
     assert abs(y.mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / n)
 
 
+def test_bf16_keeps_are_scaled_by_the_exact_keep_probability():
+    """bf16 cannot hold 1 / 0.9: each kept element is x times the exact scale, rounded to bf16 once (as
+    torch's own dropout), not x times a rounded scale; the gradient likewise."""
+    torch.manual_seed(3)
+    x = torch.randn(100_000).bfloat16().requires_grad_()
+    y = dropout(x, 0.1, training=True)
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    kept = y != 0
+    assert y.dtype == torch.bfloat16 and 0.09 < 1 - kept.float().mean().item() < 0.11
+    assert torch.equal(y[kept], (x.detach()[kept].float() * scale).bfloat16())
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, (kept.float() * scale).bfloat16())
+
+
 def test_backward_uses_the_forward_mask():
     torch.manual_seed(1)
     x = torch.randn(64, 33, requires_grad=True)
