@@ -164,7 +164,8 @@ def _softmax_and_nll(logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor
     data-dependent branch, no host sync.
     """
     picked = logits.gather(1, target).squeeze(1).to(dtype)  # [R]
-    if not _softmax_in_place(logits, dtype):
+    if (logits.device.type != "cpu" or logits.dtype not in (dtype, torch.bfloat16)
+            or torch.compiler.is_compiling()):
         p = torch.softmax(logits, dim=1, dtype=dtype)
         return p, logits.amax(dim=1).to(dtype) - p.amax(dim=1).log() - picked  # (see the module docstring)
     p = torch.softmax(logits, dim=1, out=logits)  # the logits are gone from here on
@@ -174,12 +175,6 @@ def _softmax_and_nll(logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor
     if far.any():
         nll[far] = torch.logsumexp(_logits(h[far], weight, bias).to(dtype), dim=1) - picked[far]
     return p, nll
-
-
-def _softmax_in_place(logits: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a block's softmax is written over its logits (see _softmax_and_nll)."""
-    return (logits.device.type == "cpu" and (logits.dtype == dtype or logits.dtype == torch.bfloat16)
-            and not torch.compiler.is_compiling())
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

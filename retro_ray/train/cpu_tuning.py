@@ -141,7 +141,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     dropout drawn by `dropout()` on the CPU, and bf16 attention over few keys computed in float32."""
     if dropout_p == 0.0 or not _uses_fast_mask(q):
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] <= BF16_AS_FP32_MAX_KEYS:
-            mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
                                                  dropout_p=dropout_p)
             return out.to(q.dtype)
