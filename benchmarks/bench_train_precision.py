@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import bench_train as bt  # noqa: E402
+import torch  # noqa: E402
 from benchlib import matmul_peak_flops  # noqa: E402
+
 from retro_ray.model.retro import RetroModel  # noqa: E402
 from retro_ray.runtime import cpu_has_amx, cpu_has_native_bf16  # noqa: E402
 from retro_ray.train.config import resolve_model_config  # noqa: E402

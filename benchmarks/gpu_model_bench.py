@@ -5,6 +5,13 @@ single-device model that Ray Train + DeepSpeed wrap. For each config, RETRO and 
 (same decoder, retrieval off) are timed in the same run, and the ratio printed.
 
     python benchmarks/gpu_model_bench.py --out results.json [--compile] [--configs 125m --batches 32,16]
+        [--loss-kernels retro_ray,liger,cce,unfused] [--max-batch]
+
+--loss-kernels times each variant with each output layer + loss (trainer.loss_kernel; unfused = the
+whole logits, then F.cross_entropy, as before issue 19). --max-batch first finds, per variant and
+kernel, the largest batch of --batch-ladder that trains 2 steps without running out of memory
+(eager, so the search takes seconds; a compiled step needs about as much or less): the batch the
+saved memory allows.
 
 MFU = model.flops_per_token() × tokens/s ÷ the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s,
 H200 989, A100 312; the peak is looked up by device name).
@@ -22,7 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retro_ray.errors import RetroRayError  # noqa: E402
 from retro_ray.model import RetroConfig, RetroModel  # noqa: E402
+from retro_ray.model.loss import fused_loss, loss_kernel  # noqa: E402
 from retro_ray.model.retro import RetroSettings  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -100,9 +109,42 @@ def kernel_profile(step, steps: int = 3, top: int = 25) -> dict:
                             for name, ms, n in sorted(events, key=lambda e: -e[1])[:top]]}
 
 
-def throughput(cfg: RetroConfig, batch: int, steps: int, device: str, compile_: bool, profile: bool = False) -> dict:
-    torch.manual_seed(0)
+def make_model(cfg: RetroConfig, kernel: str, device: str) -> RetroModel:
     model = RetroModel(cfg).to(device)
+    if kernel != "unfused":
+        model.loss_fn = loss_kernel(kernel)
+    return model
+
+
+def fits(cfg: RetroConfig, batch: int, kernel: str, device: str) -> bool:
+    """Whether 2 eager bf16 training steps at this batch run without running out of GPU memory."""
+    torch.manual_seed(0)
+    model = opt = None
+    try:
+        model = make_model(cfg, kernel, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        n, m, K = cfg.seq_length, cfg.chunk_length, cfg.retro.retro_num_neighbors
+        tokens = torch.randint(0, cfg.vocab_size, (batch, n + 1), device=device)
+        nb = torch.randint(0, cfg.vocab_size, (batch, n // m, K, 2 * m), device=device) if cfg.retro.enabled else None
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16), fused_loss(kernel != "unfused"):
+                out = model(tokens[:, :-1], nb, labels=tokens[:, 1:])
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def throughput(cfg: RetroConfig, batch: int, steps: int, device: str, compile_: bool, profile: bool = False,
+               kernel: str = "retro_ray") -> dict:
+    torch.manual_seed(0)
+    model = make_model(cfg, kernel, device)
     if compile_:
         # A fresh compile per (config, batch): without the reset, the second batch size would make
         # dynamo recompile with a symbolic batch dimension, and time slower generic kernels.
@@ -115,7 +157,7 @@ def throughput(cfg: RetroConfig, batch: int, steps: int, device: str, compile_: 
     nb = torch.randint(0, cfg.vocab_size, (batch, n // m, K, 2 * m), device=device) if cfg.retro.enabled else None
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), fused_loss(kernel != "unfused"):
             out = model(tokens[:, :-1], nb, labels=tokens[:, 1:])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -159,6 +201,12 @@ def main() -> None:
                     help="after timing, profile 3 steps: GPU time by kernel kind and the top kernels")
     ap.add_argument("--coordinate-descent", action="store_true",
                     help="let inductor tune its Triton kernels' block sizes (longer compile)")
+    ap.add_argument("--loss-kernels", default="retro_ray",
+                    help="comma-separated: retro_ray, liger, cce (trainer.loss_kernel), unfused")
+    ap.add_argument("--max-batch", action="store_true",
+                    help="first find the largest batch of --batch-ladder that fits, per variant and kernel")
+    ap.add_argument("--batch-ladder", default="8,12,16,24,32,40,48,64,80,96,128")
+    ap.add_argument("--max-batch-only", action="store_true", help="--max-batch, and no timing after it")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     if args.coordinate_descent:
@@ -186,31 +234,54 @@ def main() -> None:
     for name, (cfg, own_batch) in configs.items():
         if name not in args.configs.split(","):
             continue
+        kernels = args.loss_kernels.split(",")
+        variants = {v: {"retro": cfg,
+                        "gpt": replace(cfg, retro=replace(cfg.retro, enabled=False)),
+                        "retro_narrow": replace(cfg, retro=replace(cfg.retro,
+                                                                   retro_encoder_hidden_size=cfg.hidden_size // 2))}[v]
+                    for v in args.variants.split(",")}
+        if args.max_batch or args.max_batch_only:
+            for variant, c in variants.items():
+                for kernel in kernels:
+                    largest = None
+                    try:
+                        for b in (int(x) for x in args.batch_ladder.split(",")):
+                            if not fits(c, b, kernel, device):
+                                break
+                            largest = b
+                    except RetroRayError as e:  # a loss kernel that is not installed: go on
+                        print(f"{name} {variant} {kernel}: {e}", flush=True)
+                        continue
+                    results[f"{name}_{variant}_{kernel}_max_batch"] = largest
+                    print(f"{name} {variant} {kernel}: largest batch that fits {largest} "
+                          f"(ladder {args.batch_ladder}, eager)", flush=True)
+                    Path(args.out).write_text(json.dumps(results, indent=1))
         batches = [int(b) for b in args.batches.split(",")] if args.batches else [own_batch]
-        for batch in batches:
+        for batch in [] if args.max_batch_only else batches:
             tag = name if not args.batches else f"{name}_b{batch}"
-            for variant in args.variants.split(","):
-                if args.deadline_s and time.perf_counter() - started > args.deadline_s:
-                    print(f"deadline: skipping {tag} {variant}", flush=True)
-                    continue
-                c = {"retro": cfg,
-                     "gpt": replace(cfg, retro=replace(cfg.retro, enabled=False)),
-                     "retro_narrow": replace(cfg, retro=replace(cfg.retro,
-                                                                retro_encoder_hidden_size=cfg.hidden_size // 2))}[variant]
-                torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                try:
-                    r = throughput(c, batch, args.steps, device, args.compile, args.profile)
-                except torch.cuda.OutOfMemoryError as e:  # a batch too large for this card: go on
-                    print(f"{tag} {variant}: out of memory ({str(e)[:200]})", flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                r["wall_s_with_compile"] = time.perf_counter() - t0
-                results[f"{tag}_{variant}"] = {"batch": batch, **r}
-                print(tag, variant, json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
-                if "by_kind_ms" in r.get("kernels", {}):
-                    print(f"  GPU ms per step by kernel kind: {json.dumps(r['kernels']['by_kind_ms'])}", flush=True)
-                Path(args.out).write_text(json.dumps(results, indent=1))
+            for variant, c in variants.items():
+                for kernel in kernels:
+                    key = f"{tag}_{variant}" if kernel == "retro_ray" else f"{tag}_{variant}_{kernel}"
+                    if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+                        print(f"deadline: skipping {key}", flush=True)
+                        continue
+                    torch.cuda.reset_peak_memory_stats()
+                    t0 = time.perf_counter()
+                    try:
+                        r = throughput(c, batch, args.steps, device, args.compile, args.profile, kernel)
+                    except torch.cuda.OutOfMemoryError as e:  # a batch too large for this card: go on
+                        print(f"{key}: out of memory ({str(e)[:200]})", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
+                    except RetroRayError as e:
+                        print(f"{key}: {e}", flush=True)
+                        continue
+                    r["wall_s_with_compile"] = time.perf_counter() - t0
+                    results[key] = {"batch": batch, "loss_kernel": kernel, **r}
+                    print(key, json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
+                    if "by_kind_ms" in r.get("kernels", {}):
+                        print(f"  GPU ms per step by kernel kind: {json.dumps(r['kernels']['by_kind_ms'])}", flush=True)
+                    Path(args.out).write_text(json.dumps(results, indent=1))
             for variant in ("retro", "retro_narrow"):
                 if f"{tag}_{variant}" in results and f"{tag}_gpt" in results:
                     results[f"{tag}_{variant}_over_gpt_step_time"] = (results[f"{tag}_{variant}"]["step_s"]

@@ -34,18 +34,25 @@ The families in retro.py have no output bias; `bias` is supported for completene
 No grad needed (torch.no_grad, evaluation, validation): the blocks compute the loss only, with
 log_softmax as F.cross_entropy does, so per-token values match the unfused path's to rounding.
 
-On GPUs a Triton kernel of the same idea exists (liger-kernel's LigerFusedLinearCrossEntropyLoss).
-It is not used here: this project cannot install or test it on its CPU machines, and an untested
-path in the loss is worse than a slower tested one. Under torch.compile this Function is traced
-with its block loop unrolled (N is static per compiled graph).
+Under torch.compile this Function is traced with its block loop unrolled (N is static per compiled
+graph).
+
+Other kernels of the same loss (trainer.loss_kernel, CUDA only; see loss_kernel() below): liger-kernel's
+fused linear cross-entropy and Apple's cut-cross-entropy, both Triton. Each is called with this
+function's contract (sum over labelled rows, float32, gradients summed in float32, nothing dropped)
+and is an optional package. This function stays the default until a GPU measurement
+(benchmarks/bench_loss_kernels.py) says otherwise, and evaluation (reduction "none") always uses it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import importlib
+from collections.abc import Callable, Iterator
 
 import torch
+
+from retro_ray.errors import RetroRayError
 
 IGNORE_INDEX = -100  # a label that takes no part in the loss (the data pipeline's padding)
 
@@ -249,3 +256,54 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if d_bias is None else (d_bias * grad_total).to(b_dtype),
             None, None, None, None, None,
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Other kernels of the same loss (trainer.loss_kernel)
+# --------------------------------------------------------------------------------------------------
+
+# name -> (module to import, the package that provides it). retro_ray: linear_cross_entropy above.
+LOSS_KERNELS = {"retro_ray": (None, None), "liger": ("liger_kernel.transformers.functional", "liger-kernel"),
+                "cce": ("cut_cross_entropy", "cut-cross-entropy")}
+
+
+def loss_kernel(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss named by trainer.loss_kernel, as RetroModel.loss_fn: (hidden [N, d], weight
+    [V, d], labels [N]) -> float32 scalar, the loss summed over labelled rows, differentiable.
+
+    liger and cce are Triton kernels for CUDA tensors; their package is imported here, so a missing one
+    is refused in one line where training starts. Both are asked for this function's numerics: the
+    weight's gradient summed in float32 (liger: accum_dtype), no gradient entries dropped (cce's
+    default filter_eps skips small ones; here None)."""
+    if name not in LOSS_KERNELS:
+        raise RetroRayError(f"trainer.loss_kernel={name!r} is not one of {', '.join(LOSS_KERNELS)}.")
+    module_name, package = LOSS_KERNELS[name]
+    if module_name is None:
+        return linear_cross_entropy
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RetroRayError(
+            f"trainer.loss_kernel={name} needs the {package} package, which does not import here ({e}); "
+            f"pip install {package} on the GPU workers, or use trainer.loss_kernel=retro_ray."
+        ) from None
+
+    def external(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if hidden.device.type != "cuda":
+            raise RetroRayError(f"trainer.loss_kernel={name} runs on CUDA GPUs only; use trainer.loss_kernel=retro_ray "
+                                f"on {hidden.device.type} workers.")
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # as linear_cross_entropy: both operands in the autocast dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            if name == "liger":
+                loss = module.liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX,
+                                                               reduction="sum", accum_dtype=torch.float32)
+            else:
+                loss = module.linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX,
+                                                   reduction="sum", filter_eps=None)
+        return loss.float()
+
+    external.__name__ = f"{name}_linear_cross_entropy"
+    return external

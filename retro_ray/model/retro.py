@@ -54,7 +54,8 @@ Design choices:
     * With labels, the output layer and the loss are one fused step (model/loss.py) that walks the
       rows in blocks and never holds the [B, n, V] logits (824 MB at 8 x 512 tokens, V = 50,304):
       forward(..., labels=) returns the loss and no logits. token_nll() gives per-token losses the
-      same way, for evaluation.
+      same way, for evaluation. The training loss is the module's loss_fn, which a trainer may swap
+      for a GPU kernel of the same contract (trainer.loss_kernel).
     * Decoder families (config.family), so that pretrained GPT-2 / Llama / Qwen2 weights can be mapped
       in (model/hf.py maps the parameter names; the math matches transformers' modeling code):
         retro  the layout above: LayerNorm, erf GELU, RoPE theta^(-2i/dh), biases everywhere, tied.
@@ -1290,6 +1291,9 @@ class RetroModel(nn.Module):
         # Training setting, not architecture (so not in the config): keep only each decoder layer's
         # input in training forwards and recompute the rest in backward (trainer.activation_checkpointing).
         self.activation_checkpointing = False
+        # The fused output layer + loss of training forwards (model/loss.py): this project's, or another
+        # kernel of the same contract that the trainer swaps in (trainer.loss_kernel, loss.loss_kernel).
+        self.loss_fn = linear_cross_entropy  # (hidden [N, d], weight [V, d], labels [N]) -> float32 sum
         self._init_weights()
 
     @classmethod
@@ -1352,7 +1356,7 @@ class RetroModel(nn.Module):
             return RetroOutput(F.linear(x, weight), None)  # [B, n, V]
         count = (labels != IGNORE_INDEX).sum().clamp(min=1)
         if fused_loss_enabled():
-            total = linear_cross_entropy(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1))
+            total = self.loss_fn(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1))
             return RetroOutput(None, total / count)
         # The unfused reference (loss.fused_loss(False), for A/B runs): the whole logits, then the loss.
         # Sum / count rather than a plain mean so a batch with no labelled position gives 0, not NaN.

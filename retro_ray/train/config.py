@@ -26,6 +26,7 @@ from typing import Any
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
+from retro_ray.model.loss import LOSS_KERNELS
 from retro_ray.model.retro import RetroConfig
 
 VOCAB_MULTIPLE = 64
@@ -82,6 +83,16 @@ class TrainerSettings:
             "state (DeepSpeed); fp16 the same with loss scaling, GPU only; 32: fp32 throughout. auto = bf16 on "
             "GPU workers and on CPUs with AMX (bf16 matrix tiles), else 32; decided where training starts, "
             "logged, and written in every checkpoint. A run resumes only in the precision it was started in."
+        ),
+    )
+    loss_kernel: str = field(
+        default="retro_ray",
+        metadata=C.doc(
+            "retro_ray | liger | cce. The fused output layer + cross-entropy of training steps (the logits are "
+            "never stored whole): retro_ray, this project's (every device); liger (liger-kernel) or cce "
+            "(cut-cross-entropy), Triton kernels for CUDA workers, each an optional package (pip install "
+            "liger-kernel / cut-cross-entropy), asked for the same numerics (float32 gradient sums, no "
+            "gradient entries dropped). Evaluation always uses retro_ray's."
         ),
     )
     val_check_interval: int = field(
@@ -154,6 +165,11 @@ class TrainerSettings:
         if self.precision not in PRECISIONS:
             raise RetroRayError(
                 f"trainer.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; auto picks bf16 or 32 for the hardware."
+            )
+        if self.loss_kernel not in LOSS_KERNELS:
+            raise RetroRayError(
+                f"trainer.loss_kernel={self.loss_kernel!r} is not one of {', '.join(LOSS_KERNELS)}; retro_ray runs "
+                "everywhere, liger and cce on CUDA GPUs."
             )
         if self.zero_stage not in (0, 1, 2, 3):
             raise RetroRayError(f"trainer.zero_stage={self.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")

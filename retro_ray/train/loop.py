@@ -47,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from retro_ray.errors import RetroRayError
+from retro_ray.model.loss import loss_kernel
 from retro_ray.model.retro import IGNORE_INDEX, RetroConfig, RetroModel
 from retro_ray.train import cpu_tuning
 from retro_ray.train.config import TrainConfig, schedule_lr, schedule_params
@@ -213,6 +214,7 @@ def build_engine(cfg: TrainConfig, model_cfg: RetroConfig, world_size: int, on_g
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (DeepSpeed also broadcasts)
     model = RetroModel(model_cfg)
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
+    model.loss_fn = loss_kernel(cfg.trainer.loss_kernel)  # imports liger / cce here: a missing package fails at once
     if cfg.model.init_from:  # RETRO-fitting: the decoder from the base, CCA outputs at zero, maybe frozen
         from retro_ray.model.retrofit import retrofit
         from retro_ray.train.export import read_base

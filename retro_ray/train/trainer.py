@@ -247,6 +247,15 @@ def check_precision(train_cfg: TrainConfig, use_gpu: bool) -> None:
         )
 
 
+def check_loss_kernel(train_cfg: TrainConfig, use_gpu: bool) -> None:
+    kernel = train_cfg.trainer.loss_kernel
+    if kernel != "retro_ray" and not use_gpu:
+        raise RetroRayError(
+            f"trainer.loss_kernel={kernel} is a Triton kernel for CUDA GPUs and this run trains on CPUs; use "
+            "trainer.loss_kernel=retro_ray (or trainer.use_gpu=true on a cluster with GPUs)."
+        )
+
+
 def resolve_precision(precision: str, use_gpu: bool) -> tuple[str, str]:
     """The precision the workers train in, and why: trainer.precision, with auto decided here (on the
     machine that starts training): bf16 on GPUs and on CPUs with AMX, whose bf16 matrix units trained
@@ -387,6 +396,7 @@ def run(
     use_gpu = resolve_use_gpu(t.use_gpu, resources)
     check_cluster(train_cfg, use_gpu, resources)
     check_precision(train_cfg, use_gpu)
+    check_loss_kernel(train_cfg, use_gpu)
     precision, why = resolve_precision(t.precision, use_gpu)
     log.info("training in precision %s (%s)", precision, why)
 

@@ -297,6 +297,11 @@ def test_more_workers_than_the_cluster_has(train_ray_address, tmp_path):
     fp16 = load_train_config("tiny", ["trainer.use_gpu=false", "trainer.precision=fp16"])
     with pytest.raises(RetroRayError, match="trainer.precision=fp16 needs a GPU"):
         trainer.run(fp16, FACTORY, FACTORY.model_data(), tmp_path)
+    liger = load_train_config("tiny", ["trainer.use_gpu=false", "trainer.loss_kernel=liger"])
+    with pytest.raises(RetroRayError, match=r"trainer\.loss_kernel=liger is a Triton kernel for CUDA GPUs and this run "
+                                            r"trains on CPUs; use trainer\.loss_kernel=retro_ray"):
+        trainer.run(liger, FACTORY, FACTORY.model_data(), tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_checks_before_ray(tmp_path):

@@ -217,3 +217,63 @@ def test_model_token_nll_equals_the_logits(monkeypatch):
         got = model.token_nll(tokens, labels)
     assert got.shape == labels.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_model_trains_with_its_loss_fn():
+    """RetroModel.loss_fn is what a training forward calls (trainer.loss_kernel swaps it); evaluation
+    (token_nll) keeps this project's loss."""
+    torch.manual_seed(0)
+    config = RetroConfig.tiny()
+    model = RetroModel(config)
+    assert model.loss_fn is linear_cross_entropy
+    tokens = torch.randint(0, config.vocab_size, (2, config.seq_length))
+    labels = tokens.roll(-1, dims=1)
+    calls = []
+
+    def unfused(h, w, t):
+        calls.append(tuple(h.shape))
+        return reference(h, w, t)
+
+    want = model(tokens, labels=labels).loss
+    model.loss_fn = unfused
+    got = model(tokens, labels=labels).loss
+    assert calls == [(2 * config.seq_length, config.hidden_size)]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        model.token_nll(tokens, labels)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name, package", [("liger", "liger_kernel"), ("cce", "cut_cross_entropy")])
+def test_gpu_loss_kernels_are_refused_in_one_line_where_they_cannot_run(name, package):
+    import importlib.util
+
+    from retro_ray.errors import RetroRayError
+
+    assert loss_module.loss_kernel("retro_ray") is linear_cross_entropy
+    if importlib.util.find_spec(package) is None:  # this project's CPU machines: the package is not installed
+        with pytest.raises(RetroRayError, match=rf"trainer\.loss_kernel={name} needs the .* package, which does not "
+                                                rf"import here \(.*\); pip install .* on the GPU workers, or use "
+                                                rf"trainer\.loss_kernel=retro_ray\.$"):
+            loss_module.loss_kernel(name)
+        return
+    h, w, labels, _ = inputs(8)  # installed: CPU tensors are refused before the Triton kernel sees them
+    with pytest.raises(RetroRayError, match=rf"trainer\.loss_kernel={name} runs on CUDA GPUs only"):
+        loss_module.loss_kernel(name)(h, w, labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: liger and cce are Triton kernels")
+@pytest.mark.parametrize("name, package", [("liger", "liger_kernel"), ("cce", "cut_cross_entropy")])
+def test_gpu_loss_kernels_equal_ours(name, package):
+    pytest.importorskip(package, reason=f"trainer.loss_kernel={name} needs {package} installed")
+    for dtype, rtol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        h, w, labels, _ = inputs(300, dtype=torch.float32)
+        h, w = (t.detach().cuda().to(dtype).requires_grad_() for t in (h, w))
+        labels = labels.cuda()
+        want = linear_cross_entropy(h, w, labels)
+        got = loss_module.loss_kernel(name)(h, w, labels)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-2)
+        for g_want, g_got in zip(grads(want, h, w), grads(got, h, w)):
+            scale = g_want.float().abs().max()
+            assert (g_got.float() - g_want.float()).abs().max() <= rtol * scale

@@ -96,6 +96,7 @@ def test_other_validation_errors():
         "trainer.activation_checkpointing=sometimes": "trainer.activation_checkpointing='sometimes' is not a bool",
         "trainer.use_gpu=maybe": "trainer.use_gpu='maybe' must be true, false or auto",
         "trainer.compile=fast": "trainer.compile='fast' must be true, false or auto",
+        "trainer.loss_kernel=triton": "trainer.loss_kernel='triton' is not one of retro_ray, liger, cce; retro_ray runs",
         "model.optim.sched.min_lr=1": "min_lr=1.0 must be between 0 and model.optim.lr",
         "model.optim.sched.warmup_steps=5000": "leave no steps for the cosine decay",
         "model.hidden_size=100": "hidden_size=100 is not divisible by num_attention_heads=12",
