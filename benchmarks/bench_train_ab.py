@@ -18,7 +18,7 @@ and the ratio of each variant's tokens/s to the first variant's; plus the load a
 after. Identical shapes, threads, warm-up and step counts on both sides.
 
 Run:  .venv/bin/python benchmarks/bench_train_ab.py --tree old=/tmp/old --tree new=. \\
-          [--configs cpu50k] [--threads 1] [--rounds 3] [--warmup 1] [--steps 3]
+          [--configs cpu50k] [--threads 1] [--rounds 3] [--warmup 1] [--steps 3] [--bf16]
 cpu50k: issue 19's shape, one micro-batch of 8 sequences a step (as bench_train.py's --configs cpu50k
 command); demo: train_demo.yaml (dropouts 0.1, 8 heads), 2 micro-batches of 4.
 """
@@ -51,7 +51,8 @@ def child(args: argparse.Namespace) -> None:
     from retro_ray.train.config import resolve_model_config
 
     cpu_tuning.keep_freed_memory()  # as retro-ray train's CPU workers and bench_train.py's plain loops
-    peak = matmul_peak_flops(args.threads)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = matmul_peak_flops(args.threads, dtype=dtype)
     seq, chunk, vocab = bt.DATA[args.config]
     micro, global_batch = BATCH[args.config]
     steps = args.warmup + args.steps
@@ -60,6 +61,8 @@ def child(args: argparse.Namespace) -> None:
         cfg = bt.make_config(args.config, "cpu", steps, micro, global_batch, retro=model == "retro", workers=1)
         model_cfg = resolve_model_config(cfg, seq, chunk, vocab)
         loops[model] = bt.PlainLoop(cfg, model_cfg, bt.factory_for(args.config, max(256, steps * global_batch)), "cpu")
+        if args.bf16:  # in place, as profile_train_step.py --bf16: AdamW then steps the bf16 weights
+            loops[model].model.to(torch.bfloat16)
         flops[model] = loops[model].model.flops_per_token()
     wall: dict[str, list[float]] = {m: [] for m in loops}
     cpu: dict[str, list[float]] = {m: [] for m in loops}
@@ -68,7 +71,7 @@ def child(args: argparse.Namespace) -> None:
             c0 = time.process_time()
             wall[model].append(loop.step(s))
             cpu[model].append(time.process_time() - c0)
-    peak_cpu = cpu_time_peak()
+    peak_cpu = cpu_time_peak(dtype=dtype)
     out = {"peak_flops": peak, "peak_flops_cpu_time": peak_cpu, "threads": torch.get_num_threads(),
            "torch": torch.__version__}
     for model, loop in loops.items():
@@ -81,12 +84,12 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def cpu_time_peak(n: int = 2048, repeats: int = 20) -> float:
+def cpu_time_peak(n: int = 2048, repeats: int = 20, dtype=None) -> float:
     """benchlib.matmul_peak_flops by this process's CPU time: the best of ``repeats`` torch.mm of n x n,
     FLOPs per CPU second (with one thread, what a busy machine's time slicing does not change)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -100,7 +103,7 @@ def run_variant(label: str, tree: Path, args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = [sys.executable, str(HERE / "bench_train_ab.py"), "--child", "--tree-path", str(tree),
            "--configs", args.config, "--threads", str(args.threads), "--warmup", str(args.warmup),
-           "--steps", str(args.steps)]
+           "--steps", str(args.steps)] + (["--bf16"] if args.bf16 else [])
     load0 = os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    ap.add_argument("--bf16", action="store_true",
+                    help="the models' weights in bf16 (as profile_train_step.py --bf16; AdamW steps them without "
+                         "float32 master copies), MFU against the bf16 matmul peak")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tree-path", dest="tree_path", default=None, help=argparse.SUPPRESS)

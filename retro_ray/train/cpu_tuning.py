@@ -38,8 +38,8 @@ What stays the same as torch's dropout:
 `attention()` is F.scaled_dot_product_attention with the same trade for attention dropout: on the
 CPU, SDPA with dropout runs its unfused math path and draws the mask with `bernoulli_`; here that
 path is written out (scores with the mask added by baddbmm, softmax in float32, fast mask,
-values), and every other case goes to SDPA: in float32 for bf16 inputs over at most 128 keys, where
-torch's bf16 CPU kernels are the slower ones (the values are then float32's, rounded to bf16 once).
+values). bf16 attention over at most 512 keys takes the same written-out path without dropout,
+where torch's bf16 flash kernels are 2-4x slower; every other case goes to SDPA.
 
 Keeping freed CPU memory inside the process
 -------------------------------------------
@@ -128,22 +128,27 @@ class FastDropout(Dropout):
         return dropout(x, self.p, self.training)
 
 
-# torch's CPU flash kernels for bf16 ran slower than its float32 ones over short keys, the casts
-# included (one thread, forward + backward, 4 heads of 64): 128 queries x 128 keys, batch 128: 175
-# ms in bf16 against 138 ms through float32; 128 x 64 keys: 153 against 77. At 64 queries x 256 keys
-# the two were even (64 / 67 ms), and over 512 causal keys bf16 was faster (42 / 59 ms).
-BF16_AS_FP32_MAX_KEYS = 128
+# bf16 attention on the CPU over at most this many keys is written out (bmm on the AMX tiles, torch's
+# bf16 softmax, bmm), with or without dropout: torch's CPU flash kernels for bf16 are slower there, and
+# so is SDPA in float32. Forward + backward, one thread, 4 heads of 64 (benchmarks/README.md, "bf16
+# training on CPUs with AMX"): 128 neighbours x 128 keys 185 ms bf16 flash, 134 ms float32 flash,
+# 43 ms written out; 256 queries x 64 keys 95 / 69 / 22 ms; 64 queries x 256 masked keys 68 / 69 /
+# 25 ms; 8 x 512 causal keys 51 / 71 / 29-43 ms. Over 1,024 causal keys and more bf16 flash is faster
+# (70 against 81 ms; 160 against 349 at 2,048), and the written-out scores [N*h, T, S] grow with T x S.
+# The written-out scores are rounded to bf16 before the softmax (flash keeps them in float32): the
+# outputs' largest error against float64 was 1.3-1.9e-2 against flash's 0.6-1.4e-2, what training
+# with attention dropout has always had here.
+BF16_WRITTEN_OUT_MAX_KEYS = 512
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
-    """The model's ``sdpa`` (retro_ray/model/retro.py: the same arguments and shapes), with attention
-    dropout drawn by `dropout()` on the CPU, and bf16 attention over few keys computed in float32."""
-    if dropout_p == 0.0 or not _uses_fast_mask(q):
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] <= BF16_AS_FP32_MAX_KEYS:
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
-                                                 dropout_p=dropout_p)
-            return out.to(q.dtype)
+    """The model's ``sdpa`` (retro_ray/model/retro.py: the same arguments and shapes), written out on the
+    CPU where that is faster: with attention dropout (drawn by `dropout()`), and in bf16 over at most
+    BF16_WRITTEN_OUT_MAX_KEYS keys."""
+    written_out = _uses_fast_mask(q) and (
+        dropout_p > 0.0 or (q.dtype == torch.bfloat16 and k.shape[-2] <= BF16_WRITTEN_OUT_MAX_KEYS))
+    if not written_out:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     N, h, T, dh = q.shape
     S = k.shape[-2]
@@ -165,7 +170,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         probs = torch.softmax(scores, dim=-1)
     else:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    probs = dropout(probs, dropout_p, True)
+    if dropout_p > 0.0:
+        probs = dropout(probs, dropout_p, True)
     return (probs @ v3).view(N, h, T, dh)
 
 

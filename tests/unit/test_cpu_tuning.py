@@ -144,18 +144,22 @@ def test_written_out_attention_in_bf16():
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=2e-2)
 
 
-@pytest.mark.parametrize("keys", [64, 128, 129, 256])
-def test_bf16_attention_over_few_keys_runs_in_float32(keys):
-    """Without dropout, bf16 attention over at most BF16_AS_FP32_MAX_KEYS keys is SDPA in float32
-    rounded to bf16 once; over more keys it is bf16 SDPA itself. Gradients reach q, k and v in bf16."""
-    q, k, v = (t.requires_grad_() for t in _qkv(16, keys, torch.bfloat16))
-    mask = torch.rand(2, 1, 1, keys, generator=torch.Generator().manual_seed(1)) > 0.3
-    out = attention(q, k, v, mask)
-    if keys <= cpu_tuning.BF16_AS_FP32_MAX_KEYS:
-        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(torch.bfloat16)
+@pytest.mark.parametrize("keys", [64, 256, 512, 513])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_attention_over_few_keys_is_written_out(keys, causal):
+    """Without dropout, bf16 attention over at most BF16_WRITTEN_OUT_MAX_KEYS keys takes the written-out
+    path (attention dropout's: p = 1e-6 drops nothing), over more keys it is bf16 SDPA itself; both are
+    SDPA within bf16 rounding, and gradients reach q, k and v in bf16."""
+    q, k, v = (t.requires_grad_() for t in _qkv(keys if causal else 16, keys, torch.bfloat16))
+    mask = None if causal else torch.rand(2, 1, 1, keys, generator=torch.Generator().manual_seed(1)) > 0.3
+    out = attention(q, k, v, mask, causal)
+    if keys <= cpu_tuning.BF16_WRITTEN_OUT_MAX_KEYS:
+        want = attention(q, k, v, mask, causal, dropout_p=1e-6)
     else:
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, is_causal=causal)
+    assert (out.double() - exact).abs().max() < 3e-2
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     assert all(g.dtype == torch.bfloat16 and g.abs().sum() > 0 for g in grads)
 
