@@ -5,7 +5,7 @@ frozen), its training FLOPs per token (``RetroModel.flops_per_token``, checked a
 counter in the tests) and an estimate of the memory one GPU holds. The model is built on the meta
 device, so a 9.5B config costs nothing to plan.
 
-Memory per GPU = model states + activations of one micro-batch + its logits:
+Memory per GPU = model states + activations of one micro-batch + its output layer and loss:
 
   model states   the ZeRO paper's accounting (Rajbhandari et al. 2020, sec. 3.1): per trainable
                  parameter, 16-bit weight 2 + 16-bit gradient 2 + fp32 master weight, Adam m and v
@@ -23,7 +23,13 @@ Memory per GPU = model states + activations of one micro-batch + its logits:
                  see 2K tokens per decoder token (K neighbours of 2m tokens per m-token chunk). With
                  activation checkpointing only each decoder block's input (2 bytes per element) is
                  kept, plus one block's full activations while it is recomputed.
-  logits         B x n x V: the 16-bit logits, their fp32 copy for the loss and its gradient.
+  output + loss  the fused loss (model/loss.py, trainer.loss_kernel=retro_ray) holds one block of R =
+                 min(B n, loss.BLOCK_ROWS["cuda"]) rows at a time: its logits (2 bytes in bf16/fp16, 4
+                 in fp32) beside their float32 softmax (4) per row per vocabulary entry (at 16 bits the
+                 16-bit gradient of the logits then takes the freed logits' place); plus the float32 sum
+                 of the output weight's gradient (V x d x 4, when it trains) and the gradient of the
+                 hidden states (B n x d at the weights' width). The unfused path held B x n x V 16-bit
+                 logits, their fp32 copy and its gradient.
 
 These are estimates for planning (allocator slack, communication buffers and the CUDA context come
 on top); the measured peak of a real step is the number to trust once a GPU is at hand.
@@ -36,6 +42,7 @@ from typing import Any
 
 import torch
 
+from retro_ray.model.loss import BLOCK_ROWS
 from retro_ray.model.retro import RetroConfig, RetroModel
 
 GIB = 1024**3
@@ -56,12 +63,12 @@ class Plan:
     activation_checkpointing: bool
     model_states_bytes: float     # per GPU
     activation_bytes: float       # per GPU, one micro-batch
-    logits_bytes: float           # per GPU, one micro-batch
+    loss_bytes: float             # per GPU, one micro-batch: the fused output layer + loss
     deepspeed_model_states_bytes: float | None  # DeepSpeed's estimator, stages 2 and 3
 
     @property
     def total_bytes(self) -> float:
-        return self.model_states_bytes + self.activation_bytes + self.logits_bytes
+        return self.model_states_bytes + self.activation_bytes + self.loss_bytes
 
     @property
     def flops_per_step(self) -> float:
@@ -116,9 +123,14 @@ def activation_bytes(config: RetroConfig, micro_batch_size: int, precision: str,
     return kept_inputs + block * (1 + (1 / 3 if cca_layers else 0)) + encoder
 
 
-def logits_bytes(config: RetroConfig, micro_batch_size: int, precision: str) -> float:
+def loss_bytes(config: RetroConfig, micro_batch_size: int, precision: str, output_trains: bool = True) -> float:
+    """The fused output layer + loss's working set (see the module docstring)."""
     width = 2 if precision in ("bf16", "fp16") else 4
-    return micro_batch_size * config.seq_length * config.vocab_size * (width + 4 + 4)
+    rows = micro_batch_size * config.seq_length
+    block = min(rows, BLOCK_ROWS["cuda"])
+    per_entry = width + 4  # logits beside the float32 softmax; then the 16-bit gradient beside the softmax
+    weight_sum = config.vocab_size * config.hidden_size * 4 if output_trains else 0
+    return block * config.vocab_size * per_entry + weight_sum + rows * config.hidden_size * width
 
 
 def plan(config: RetroConfig, *, num_gpus: int, zero_stage: int, precision: str, micro_batch_size: int,
@@ -139,7 +151,7 @@ def plan(config: RetroConfig, *, num_gpus: int, zero_stage: int, precision: str,
         precision=precision, micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing,
         model_states_bytes=model_states_bytes(trainable, total - trainable, num_gpus, zero_stage, precision),
         activation_bytes=activation_bytes(config, micro_batch_size, precision, activation_checkpointing),
-        logits_bytes=logits_bytes(config, micro_batch_size, precision),
+        loss_bytes=loss_bytes(config, micro_batch_size, precision, output_trains=model._output_weight().requires_grad),
         deepspeed_model_states_bytes=deepspeed_model_states_bytes(total, largest, num_gpus, zero_stage),
     )
 
@@ -168,7 +180,8 @@ def format_plan(p: Plan, config: RetroConfig, gpu_memory_gib: float) -> str:
         + (f"  (DeepSpeed's estimator: {gib(p.deepspeed_model_states_bytes)})"
            if p.deepspeed_model_states_bytes is not None else ""),
         f"    activations          {gib(p.activation_bytes)}",
-        f"    logits               {gib(p.logits_bytes)}",
+        f"    output layer + loss  {gib(p.loss_bytes)}  (fused, {min(p.micro_batch_size * config.seq_length, BLOCK_ROWS['cuda']):,} "
+        "rows at a time)",
         f"    total                {gib(p.total_bytes)} of {gpu_memory_gib:g} GiB: "
         + ("fits" if fits else "does NOT fit; raise trainer.zero_stage or trainer.num_workers, turn on "
                                "trainer.activation_checkpointing, or lower model.micro_batch_size"),

@@ -80,3 +80,20 @@ def test_dry_run_prints_the_plan_and_whether_it_fits():
     r = _cli("--config", "demo")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "retro-ray: error: train needs --project-dir and --exp-dir (or --dry-run, which trains nothing).")
+
+
+def test_the_fused_loss_holds_one_block_of_logits():
+    """The output layer + loss is one block of BLOCK_ROWS["cuda"] rows however large the micro-batch
+    (only the hidden states' gradient grows with it), where the unfused logits grew B x n x V."""
+    from retro_ray.model.loss import BLOCK_ROWS
+    from retro_ray.train.plan import loss_bytes
+
+    model, _ = _plan("410m")
+    V, d, n = model.vocab_size, model.hidden_size, model.seq_length
+    assert BLOCK_ROWS["cuda"] <= 2 * n  # micro-batches 2 and 16 both fill a whole block
+    small, large = loss_bytes(model, 2, "bf16"), loss_bytes(model, 16, "bf16")
+    assert large - small == 14 * n * d * 2  # the hidden states' gradient, in bf16
+    assert small == BLOCK_ROWS["cuda"] * V * (2 + 4) + V * d * 4 + 2 * n * d * 2
+    assert large < 16 * n * V * (2 + 4 + 4) / 4  # the unfused path's logits, their fp32 copy and its gradient
+    assert loss_bytes(model, 2, "bf16", output_trains=False) == small - V * d * 4  # a frozen output layer
+    assert loss_bytes(model, 2, "32") == BLOCK_ROWS["cuda"] * V * (4 + 4) + V * d * 4 + 2 * n * d * 4
