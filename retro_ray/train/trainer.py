@@ -260,8 +260,9 @@ def resolve_precision(precision: str, use_gpu: bool) -> tuple[str, str]:
     """The precision the workers train in, and why: trainer.precision, with auto decided here (on the
     machine that starts training): bf16 on GPUs and on CPUs with AMX, whose bf16 matrix units trained
     the demo's models 1.6-1.7x as fast as fp32 on this project's CPU (benchmarks/README.md); 32 on
-    other CPUs (bf16 without native support ran several times slower than fp32 in the embedder's
-    measurements; CPUs with AVX512-BF16 but no AMX were not measured, so auto keeps them on 32)."""
+    other CPUs: bf16 without native support ran several times slower than fp32 in the embedder's
+    measurements, and with AVX512-BF16 but no AMX (this CPU with oneDNN held to AVX512-BF16 kernels)
+    the demo's trainings ran at 0.83-0.90x of fp32."""
     from retro_ray.runtime import cpu_has_amx, cpu_has_native_bf16
 
     if precision != "auto":
