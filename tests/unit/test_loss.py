@@ -266,7 +266,8 @@ def test_gpu_loss_kernels_are_refused_in_one_line_where_they_cannot_run(name, pa
 @pytest.mark.parametrize("name, package", [("liger", "liger_kernel"), ("cce", "cut_cross_entropy")])
 def test_gpu_loss_kernels_equal_ours(name, package):
     pytest.importorskip(package, reason=f"trainer.loss_kernel={name} needs {package} installed")
-    for dtype, rtol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+    # float32 within TF32's rounding (Triton's dot may take float32 inputs as TF32), bf16 within bf16's
+    for dtype, rtol in ((torch.float32, 5e-3), (torch.bfloat16, 2e-2)):
         h, w, labels, _ = inputs(300, dtype=torch.float32)
         h, w = (t.detach().cuda().to(dtype).requires_grad_() for t in (h, w))
         labels = labels.cuda()
