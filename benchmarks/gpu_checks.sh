@@ -14,7 +14,7 @@
 #      2,048 tokens: retro_ray (this project's) against liger-kernel, cut-cross-entropy and the unfused
 #      path; time, memory, error against float32 (benchmarks/bench_loss_kernels.py)
 #   2. the largest batch of the 125M RETRO model that trains, per loss kernel (unfused = before issue
-#      19), eager bf16 (benchmarks/gpu_model_bench.py --max-batch-only)
+#      19), eager bf16 (benchmarks/gpu_model_bench.py --max-batch)
 #   3. the 125M RETRO model (with retro_ray's loss and with the external kernel) and its GPT baseline,
 #      bf16, torch.compile, batch ${BATCHES:-32}: tokens/s, MFU, RETRO/GPT step time, and a kernel
 #      profile of 3 steps (GPU time by kernel kind) (benchmarks/gpu_model_bench.py --profile)
@@ -34,7 +34,7 @@ loss)
     timeout "${LOSS_TIMEOUT_S:-150}" python3 benchmarks/bench_loss_kernels.py --out "$OUT/bench_loss_kernels.json" 2>&1 \
         | tee "$OUT/loss_kernels.log" | cut -c1-300
     echo "loss kernels exit ${PIPESTATUS[0]}"
-    timeout "${MAX_BATCH_TIMEOUT_S:-240}" python3 benchmarks/gpu_model_bench.py --configs 125m --variants retro --max-batch-only \
+    timeout "${MAX_BATCH_TIMEOUT_S:-240}" python3 benchmarks/gpu_model_bench.py --configs 125m --variants retro --max-batch \
         --loss-kernels unfused,retro_ray,liger,cce --batch-ladder "${LADDER:-8,16,24,32,48,64,80,96,128}" \
         --out "$OUT/gpu_model_bench_max_batch.json" > "$OUT/max_batch.log" 2>&1
     echo "max batch exit $?"

@@ -8,10 +8,10 @@ single-device model that Ray Train + DeepSpeed wrap. For each config, RETRO and 
         [--loss-kernels retro_ray,liger,cce,unfused] [--max-batch]
 
 --loss-kernels times each variant with each output layer + loss (trainer.loss_kernel; unfused = the
-whole logits, then F.cross_entropy, as before issue 19). --max-batch first finds, per variant and
-kernel, the largest batch of --batch-ladder that trains 2 steps without running out of memory
-(eager, so the search takes seconds; a compiled step needs about as much or less): the batch the
-saved memory allows.
+whole logits, then F.cross_entropy, as before issue 19). --max-batch, instead of timing, finds per
+variant and kernel the largest batch of --batch-ladder that trains 2 steps without running out of
+memory (eager, so the search takes seconds; a compiled step needs about as much or less): the batch
+the saved memory allows.
 
 MFU = model.flops_per_token() × tokens/s ÷ the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s,
 H200 989, A100 312; the peak is looked up by device name).
@@ -204,9 +204,8 @@ def main() -> None:
     ap.add_argument("--loss-kernels", default="retro_ray",
                     help="comma-separated: retro_ray, liger, cce (trainer.loss_kernel), unfused")
     ap.add_argument("--max-batch", action="store_true",
-                    help="first find the largest batch of --batch-ladder that fits, per variant and kernel")
-    ap.add_argument("--batch-ladder", default="8,12,16,24,32,40,48,64,80,96,128")
-    ap.add_argument("--max-batch-only", action="store_true", help="--max-batch, and no timing after it")
+                    help="instead of timing, find the largest batch of --batch-ladder that fits, per variant and kernel")
+    ap.add_argument("--batch-ladder", default="8,16,24,32,48,64,80,96,128")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     if args.coordinate_descent:
@@ -240,7 +239,7 @@ def main() -> None:
                         "retro_narrow": replace(cfg, retro=replace(cfg.retro,
                                                                    retro_encoder_hidden_size=cfg.hidden_size // 2))}[v]
                     for v in args.variants.split(",")}
-        if args.max_batch or args.max_batch_only:
+        if args.max_batch:
             for variant, c in variants.items():
                 for kernel in kernels:
                     largest = None
@@ -257,7 +256,7 @@ def main() -> None:
                           f"(ladder {args.batch_ladder}, eager)", flush=True)
                     Path(args.out).write_text(json.dumps(results, indent=1))
         batches = [int(b) for b in args.batches.split(",")] if args.batches else [own_batch]
-        for batch in [] if args.max_batch_only else batches:
+        for batch in [] if args.max_batch else batches:
             tag = name if not args.batches else f"{name}_b{batch}"
             for variant, c in variants.items():
                 for kernel in kernels:
