@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_model_bench import peak_flops  # noqa: E402  (the bf16 peak table; imports torch and the model only)
+
 from retro_ray.errors import RetroRayError  # noqa: E402
 from retro_ray.model import loss as L  # noqa: E402
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -123,7 +124,7 @@ def main() -> int:
                                 else "unfused,retro_ray")).split(",")
     dtype = DTYPES[args.dtype]
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if cuda else None
+    peak = peak_flops(name) if cuda else None
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference is float32
     results = {"device": name, "torch": torch.__version__, "dtype": args.dtype, "hidden": args.hidden,

@@ -292,11 +292,10 @@ def loss_kernel(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor
         if hidden.device.type != "cuda":
             raise RetroRayError(f"trainer.loss_kernel={name} runs on CUDA GPUs only; use trainer.loss_kernel=retro_ray "
                                 f"on {hidden.device.type} workers.")
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):  # as linear_cross_entropy: both operands in the autocast dtype
-            dtype = torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled("cuda"):  # as linear_cross_entropy: both operands in the autocast dtype
+            dtype = torch.get_autocast_dtype("cuda")
             hidden, weight = hidden.to(dtype), weight.to(dtype)
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast("cuda", enabled=False):
             if name == "liger":
                 loss = module.liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX,
                                                                reduction="sum", accum_dtype=torch.float32)
