@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import textwrap
+from pathlib import Path
 
 from retro_ray import config as C
 from retro_ray.errors import RetroRayError
@@ -118,13 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="one-file checkpoint (model.pt) from an experiment, for inference")
     p.add_argument("--exp-dir", required=True, help="experiment directory, run directory or checkpoint")
     p.add_argument("--out", required=True, help="output file, e.g. model.pt")
-    p = sub.add_parser("import-hf", help="a local Hugging Face GPT-2 / Llama / Qwen2 directory as a model.pt",
+    p = sub.add_parser("import-hf", help="a local Hugging Face GPT-2 / Llama / Qwen2 directory or GGUF file as a model.pt",
                        description="Read config.json and the safetensors of a local GPT2LMHeadModel, "
-                                   "LlamaForCausalLM or Qwen2ForCausalLM directory (nothing is downloaded, no code "
-                                   "from it runs) and write a model.pt whose logits equal transformers' own. Use it "
-                                   "as model.init_from to RETRO-fit it, or with generate / eval as a baseline.")
-    p.add_argument("model_dir", help="the directory save_pretrained wrote")
+                                   "LlamaForCausalLM or Qwen2ForCausalLM directory, or a GGUF file of the llama, qwen2 "
+                                   "or gpt2 architecture (as llama.cpp, Ollama and LM Studio keep them; quantised "
+                                   "tensors are dequantised to float32), and write a model.pt whose logits equal "
+                                   "transformers' own load of it. Nothing is downloaded and no code from it runs. Use "
+                                   "it as model.init_from to RETRO-fit it, or with generate / eval as a baseline. A "
+                                   "GGUF file's tokenizer is written as a Hugging Face tokenizer directory, for prep's "
+                                   "tokenizer.path=.")
+    p.add_argument("model_dir", metavar="model", help="the directory save_pretrained wrote, or a .gguf file")
     p.add_argument("--out", required=True, help="output file, e.g. runs/smol/base.pt")
+    p.add_argument("--tokenizer-dir", help="for a GGUF file: where its tokenizer goes (tokenizer.json, "
+                                           "tokenizer_config.json with the chat template); default <out without .pt>-tokenizer")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="seq_length= (default: the model's positions, a multiple of chunk_length), chunk_length=")
     p = _command(sub, "generate", "generate text with a trained model, neighbours given or retrieved",
@@ -156,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project-dir", required=True)
     p.add_argument("--exp-dir", required=True, help="the RETRO run: experiment directory, checkpoint or model.pt")
     p.add_argument("--baseline", help="the GPT baseline: a run (same forms), a model.pt from import-hf, or a local Hugging Face "
-                   "directory (imported in memory, its tokenizer checked against the project's); for a RETRO-fit, "
+                   "directory or .gguf file (imported in memory, its tokenizer checked against the project's); for a RETRO-fit, "
                    "its base. Without it GPT figures are left out")
     p.add_argument("--heldout", help="held-out documents (jsonl); default: <project>/data/heldout.jsonl if prep wrote one")
     p.add_argument("--no-heldout", action="store_true", help="skip the knowledge update")
@@ -369,7 +376,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from retro_ray.train.export import import_hf
+    from retro_ray.train.export import import_hf, read_export
 
     allowed = {"seq_length", "chunk_length"}
     overrides = C.parse_overrides(args.overrides)
@@ -377,8 +384,11 @@ def cmd_import_hf(args) -> int:
     if bad:
         raise RetroRayError(f"import-hf takes only {', '.join(sorted(allowed))}, not {bad[0]}: the rest of the "
                             "shape comes from the checkpoint's config.json")
-    out = import_hf(args.model_dir, args.out, **{k: int(v) for k, v in overrides.items()})
+    out = import_hf(args.model_dir, args.out, tokenizer_dir=args.tokenizer_dir, **{k: int(v) for k, v in overrides.items()})
     print(f"imported {args.model_dir} -> {out}")
+    tok = read_export(out)["data"].get("tokenizer_path")
+    if tok:
+        print(f"its tokenizer: {Path(tok).parent} (prep tokenizer.path={Path(tok).parent})")
     return 0
 
 

@@ -1,10 +1,10 @@
 """Loading the models to compare: an experiment directory (or one of its checkpoints), a model.pt, or
-(a baseline) a local Hugging Face directory.
+(a baseline) a local Hugging Face directory or GGUF file.
 
 An experiment directory is consolidated in memory (the same fp32 weights ``retro-ray export`` would
 write), so evaluating a run needs no export step. The run's logged history comes along for the
 loss-curve plot when it can be found. A Hugging Face directory is imported in memory, as
-``retro-ray import-hf`` would write it, after its tokenizer is checked against the project's.
+``retro-ray import-hf`` would write it, after its tokenizer is checked against the project's; so is a GGUF file.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def _history(*candidates: Path) -> list[dict[str, Any]]:
 
 
 def load_model(path: str | Path, project: Project, role: str) -> LoadedModel:
-    """A model from ``path`` (experiment dir, run dir, checkpoint dir, model.pt, or a local Hugging Face
-    directory), checked against the project's tokenizer and chunk length. ``role`` names the argument in
+    """A model from ``path`` (experiment dir, run dir, checkpoint dir, model.pt, a local Hugging Face
+    directory or a GGUF file), checked against the project's tokenizer and chunk length. ``role`` names the argument in
     error messages."""
-    from retro_ray.model.hf import is_hf_directory
+    from retro_ray.model.hf import is_pretrained
     from retro_ray.model.retro import RetroConfig, RetroModel
     from retro_ray.train.export import (
         base_of,
@@ -79,18 +79,18 @@ def load_model(path: str | Path, project: Project, role: str) -> LoadedModel:
     p = Path(path).expanduser()
     if not p.exists():
         raise RetroRayError(f"{role} {p} does not exist; give an experiment directory (exp_manager.exp_dir), a "
-                            "model.pt, or a local Hugging Face model directory.")
+                            "model.pt, a local Hugging Face model directory or a .gguf file.")
     vocab = int(project.derived().get("vocab_size", 0)) or None
     if p.is_dir() and (p / "model.pt").is_file() and not (p / "train_report.json").is_file():
         p = p / "model.pt"
-    if is_hf_directory(p):
+    if is_pretrained(p):
         pcfg = project.read_config()
         config, state_dict, data = read_base(p, seq_length=pcfg.seq_length, chunk_length=pcfg.chunk_length)
         if vocab is not None:
             check_base_tokenizer(p, data, vocab, project.tokenizer_path)
         model = RetroModel(config)
         model.load_state_dict(state_dict, strict=True)
-        loaded = LoadedModel(model.eval(), str(p), 0, data, [], f"huggingface:{p.resolve()}")
+        loaded = LoadedModel(model.eval(), str(p), 0, data, [], f"{data['source']}:{p.resolve()}")
     elif p.is_file():
         payload = read_export(p)
         model = load_exported(p, expected_vocab_size=vocab)

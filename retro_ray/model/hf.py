@@ -2,7 +2,8 @@
 
 The gpt2, llama and qwen2 families (model/retro.py) compute what GPT2LMHeadModel, LlamaForCausalLM
 and Qwen2ForCausalLM compute; this module maps one onto the other, and reads a local checkpoint
-directory (``load_hf_directory``: config.json and safetensors). It never downloads anything and
+directory (``load_hf_directory``: config.json and safetensors) or, through model/gguf.py, a GGUF file
+(``load_pretrained`` takes either). It never downloads anything and
 never runs code from a checkpoint (no remote code).
 
 Parameter names, HF -> ours (layer i; "transformer." / "model." prefixes as HF writes them):
@@ -176,6 +177,17 @@ class HFCheckpoint:
     tokenizer_path: Path | None          # <dir>/tokenizer.json when there is one
     tokenizer_vocab_size: int | None     # its token count, added tokens included
     eos_token: str | None                # the checkpoint's end-of-text token
+    tokenizer: Any = None                # a GGUF file's tokenizer (tokenizers.Tokenizer), made from its metadata
+    chat_template: str | None = None     # a GGUF file's chat template
+    hf_tokenizer: Any = None             # a GGUF file's tokenizer as transformers made it (to save_pretrained)
+
+    def load_tokenizer(self):
+        """The checkpoint's tokenizers.Tokenizer, or None when it has none."""
+        if self.tokenizer is None and self.tokenizer_path is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+        return self.tokenizer
 
 
 def is_hf_directory(path: str | Path) -> bool:
@@ -186,6 +198,22 @@ def is_hf_directory(path: str | Path) -> bool:
         return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
     except (OSError, ValueError, TypeError):
         return False
+
+
+def load_pretrained(path: str | Path, *, weights: bool = True, **overrides: Any) -> HFCheckpoint:
+    """A local Hugging Face directory (``load_hf_directory``) or a GGUF file (``model/gguf.py``), read."""
+    from retro_ray.model.gguf import is_gguf_file, read_gguf
+
+    if is_gguf_file(path):
+        return read_gguf(path, weights=weights, **overrides)
+    return load_hf_directory(path, weights=weights, **overrides)
+
+
+def is_pretrained(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint of another project: an HF directory or a GGUF file."""
+    from retro_ray.model.gguf import is_gguf_file
+
+    return is_hf_directory(path) or is_gguf_file(path)
 
 
 def _safetensors_files(d: Path) -> list[Path]:
@@ -219,8 +247,9 @@ def load_hf_directory(path: str | Path, *, weights: bool = True, **overrides: An
 
     d = Path(path).expanduser()
     if not d.is_dir():
-        raise RetroRayError(f"{d} is not a directory; give a local Hugging Face model directory (config.json and "
-                            "*.safetensors, as save_pretrained writes it); nothing is downloaded")
+        what = "is not a directory" if d.exists() else "does not exist"
+        raise RetroRayError(f"{d} {what}; give a local Hugging Face model directory (config.json and *.safetensors, "
+                            "as save_pretrained writes it) or a .gguf file; nothing is downloaded")
     raw = read_config_json(d, fix="give the directory save_pretrained wrote")
     kind = raw.get("model_type")
     if kind not in SUPPORTED_MODEL_TYPES:

@@ -287,8 +287,8 @@ class ModelConfig(RetroConfig):
         default=None,
         metadata=C.doc(
             "A pretrained decoder to RETRO-fit: a model.pt written by `retro-ray export` or `import-hf` (a GPT "
-            "baseline, or a RETRO whose decoder is taken), or a local Hugging Face GPT-2 / Llama / Qwen2 "
-            "directory. The decoder's shape comes from it (a shape setting that "
+            "baseline, or a RETRO whose decoder is taken), a local Hugging Face GPT-2 / Llama / Qwen2 "
+            "directory, or a GGUF file of those architectures. The decoder's shape comes from it (a shape setting that "
             "disagrees is refused, naming both values) and so do its weights; the encoder and CCA are new, "
             "with CCA outputs at zero so that step 0 equals the base exactly. With "
             "model.retro.freeze_decoder=true only the encoder and CCA train (Borgeaud et al. 2022, sec. 4.2)."

@@ -160,59 +160,97 @@ def base_of(meta: dict[str, Any]) -> str:
     return str((meta.get("train_config") or {}).get("model", {}).get("init_from") or "")
 
 
+def _export_path(out_path: str | Path) -> Path:
+    out = Path(out_path).expanduser()
+    return out / "model.pt" if out.is_dir() or str(out_path).endswith("/") else out
+
+
 def write_export(out_path: str | Path, config: RetroConfig, state_dict: dict[str, torch.Tensor], *, data: dict,
                  weights_source: str, train_step: int = 0, checkpoint: str = "", init_from: str = "") -> Path:
     """Write the model.pt format atomically (a directory ``out_path`` gets ``model.pt`` inside)."""
     payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "config": config.to_dict(), "state_dict": state_dict,
                "train_step": int(train_step), "data": dict(data), "weights_source": weights_source,
                "checkpoint": checkpoint, "init_from": init_from}
-    out = Path(out_path).expanduser()
-    if out.is_dir() or str(out_path).endswith("/"):
-        out = out / "model.pt"
+    out = _export_path(out_path)
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(out, buf.getvalue())
     return out
 
 
-def import_hf(model_dir: str | Path, out_path: str | Path, **overrides: Any) -> Path:
-    """``retro-ray import-hf``: a local HF GPT-2 / Llama / Qwen2 directory as a model.pt (a GPT: retro
-    off) whose logits equal transformers' own; its tokenizer facts are recorded as a run's would be,
-    so that RETRO-fitting can check a project against them."""
-    from retro_ray.model.hf import load_hf_directory
+def import_hf(model_path: str | Path, out_path: str | Path, *, tokenizer_dir: str | Path | None = None,
+              **overrides: Any) -> Path:
+    """``retro-ray import-hf``: a local HF GPT-2 / Llama / Qwen2 directory, or a GGUF file of those
+    architectures, as a model.pt (a GPT: retro off) whose logits equal transformers' own; its tokenizer
+    facts are recorded as a run's would be, so that RETRO-fitting can check a project against them.
 
-    ck = load_hf_directory(model_dir, **overrides)
+    A GGUF file's tokenizer lives in its metadata: it is written as a Hugging Face tokenizer directory
+    (``tokenizer_dir``, default ``<out without .pt>-tokenizer`` beside the model.pt), which the model.pt
+    records and ``prep tokenizer.path=`` takes. A directory's own tokenizer.json is recorded in place."""
+    from retro_ray.model.gguf import write_tokenizer_dir
+    from retro_ray.model.hf import load_pretrained
+
+    ck = load_pretrained(model_path, **overrides)
+    if tokenizer_dir and ck.hf_tokenizer is None:
+        raise RetroRayError(f"--tokenizer-dir is for a GGUF file, whose tokenizer lives in its metadata; {model_path} "
+                            "is a directory and its own tokenizer.json is recorded in place")
     model = RetroModel(ck.config)
     model.load_state_dict(ck.state_dict, strict=True)  # a mapping bug fails here, before anything is written
-    return write_export(out_path, ck.config, model.state_dict(), data=_hf_data(ck), weights_source=f"huggingface:{ck.path}")
+    out = _export_path(out_path)
+    if ck.hf_tokenizer is not None:
+        tok_dir = Path(tokenizer_dir).expanduser() if tokenizer_dir else out.with_name(out.stem + "-tokenizer")
+        ck.tokenizer_path = (write_tokenizer_dir(ck.hf_tokenizer, tok_dir) / "tokenizer.json").resolve()
+    return write_export(out, ck.config, model.state_dict(), data=_hf_data(ck), weights_source=_weights_source(ck))
+
+
+def _weights_source(ck) -> str:
+    from retro_ray.model.gguf import is_gguf_file
+
+    return f"{'gguf' if is_gguf_file(ck.path) else 'huggingface'}:{ck.path}"
 
 
 def _hf_data(ck) -> dict[str, Any]:
     """What a run records about its data, for an imported checkpoint: its tokenizer and end-of-text id."""
     data: dict[str, Any] = {"seq_length": ck.config.seq_length, "chunk_length": ck.config.chunk_length,
-                            "source": "huggingface"}
-    if ck.tokenizer_path is not None:
-        from tokenizers import Tokenizer
-
-        data.update(vocab_size=ck.tokenizer_vocab_size, tokenizer_path=str(ck.tokenizer_path))
-        eos = Tokenizer.from_file(str(ck.tokenizer_path)).token_to_id(ck.eos_token) if ck.eos_token else None
+                            "source": _weights_source(ck).split(":")[0]}
+    tok = ck.load_tokenizer()
+    if tok is not None:
+        data["vocab_size"] = tok.get_vocab_size()
+        if ck.tokenizer_path is not None:
+            data["tokenizer_path"] = str(ck.tokenizer_path)
+        eos = tok.token_to_id(ck.eos_token) if ck.eos_token else None
         if eos is not None:
             data["eod_id"] = int(eos)
+        if ck.chat_template:
+            data["chat_template"] = ck.chat_template
     return data
 
 
 def read_base(path: str | Path, *, weights: bool = True, **overrides: Any) -> tuple[RetroConfig, dict[str, torch.Tensor], dict]:
     """A decoder to RETRO-fit: (config, state dict, data) of a model.pt, or of a local Hugging Face
-    directory imported in memory. ``weights=False``: the config and data only (cheap for a directory).
-    ``overrides``: seq_length / chunk_length for a directory (a model.pt has its own)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        from retro_ray.model.hf import load_hf_directory
+    directory or GGUF file imported in memory. ``weights=False``: the config and data only (cheap for a
+    directory). ``overrides``: seq_length / chunk_length for a directory or GGUF file (a model.pt has its own)."""
+    from retro_ray.model.hf import is_pretrained, load_pretrained
 
-        ck = load_hf_directory(p, weights=weights, **overrides)
+    p = Path(path).expanduser()
+    if is_pretrained(p):
+        ck = load_pretrained(p, weights=weights, **overrides)
         return ck.config, ck.state_dict, _hf_data(ck)
     payload = read_export(p)
     return RetroConfig.from_dict(payload["config"]), payload["state_dict"], payload.get("data") or {}
+
+
+def base_tokenizer(path: str | Path, data: dict[str, Any]):
+    """The tokenizers.Tokenizer a base model (``data``: what ``read_base`` returns) was trained with, or None."""
+    from retro_ray.model.gguf import is_gguf_file, read_gguf_tokenizer
+    from retro_ray.tokenizer import load_tokenizer
+
+    theirs = data.get("tokenizer_path")
+    if theirs and Path(theirs).is_file():
+        return load_tokenizer(Path(theirs))
+    if is_gguf_file(path) and Path(path).expanduser().is_file():
+        return read_gguf_tokenizer(path)[0]
+    return None
 
 
 def check_base_tokenizer(path: str | Path, data: dict[str, Any], vocab_size: int, tokenizer_path: str | Path | None) -> None:
@@ -221,16 +259,19 @@ def check_base_tokenizer(path: str | Path, data: dict[str, Any], vocab_size: int
     from retro_ray.tokenizer import load_tokenizer, vocabulary_difference
 
     if data.get("vocab_size") is not None and int(data["vocab_size"]) != int(vocab_size):
+        hint = data.get("tokenizer_path") or (f"the tokenizer directory `retro-ray import-hf {path}` writes"
+                                              if str(path).endswith(".gguf") else "that model's tokenizer")
         raise RetroRayError(
             f"{path} was trained with a tokenizer of {data['vocab_size']} tokens but this project's has "
-            f"{vocab_size}; prepare the project with that model's tokenizer (tokenizer.path=...)."
+            f"{vocab_size}; prepare the project with that model's tokenizer (tokenizer.path={hint})."
         )
-    theirs, ours = data.get("tokenizer_path"), tokenizer_path
-    if theirs and ours and Path(theirs).is_file() and Path(ours).is_file() and Path(theirs).resolve() != Path(ours).resolve():
-        diff = vocabulary_difference(load_tokenizer(Path(ours)), load_tokenizer(Path(theirs)), ("the project's", "the base's"))
+    theirs = data.get("tokenizer_path")
+    if tokenizer_path and Path(tokenizer_path).is_file() and not (theirs and Path(theirs).resolve() == Path(tokenizer_path).resolve()):
+        base = base_tokenizer(path, data)
+        diff = vocabulary_difference(load_tokenizer(Path(tokenizer_path)), base, ("the project's", "the base's")) if base else None
         if diff:
             raise RetroRayError(f"this project's tokenizer is not the one {path} was trained with: {diff}; prepare "
-                                f"the project with tokenizer.path={theirs}.")
+                                f"the project with tokenizer.path={theirs or 'the tokenizer directory import-hf writes'}.")
 
 
 def read_export(path: str | Path) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def project_model_data(project: Project, num_neighbors_available: int) -> dict[s
 
 
 def retrofit_base(train_cfg: TrainConfig, model_data: dict[str, Any]) -> TrainConfig:
-    """Check ``model.init_from`` (a model.pt or a local HF directory, trained with the project's tokenizer)
+    """Check ``model.init_from`` (a model.pt, a local HF directory or a GGUF file, trained with the project's tokenizer)
     and take its decoder's shape."""
     from retro_ray.train.config import decoder_from_base
     from retro_ray.train.export import check_base_tokenizer, read_base

@@ -106,7 +106,7 @@ def test_bad_directories_are_one_line_and_write_nothing(saved, tmp_path):
     out = tmp_path / "never.pt"
     gpt2, _ = saved["gpt2"]
     cases = []
-    cases.append((tmp_path / "nowhere", r"nowhere is not a directory; give a local Hugging Face model directory"))
+    cases.append((tmp_path / "nowhere", r"nowhere does not exist; give a local Hugging Face model directory"))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "weights.bin").write_bytes(b"")

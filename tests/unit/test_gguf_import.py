@@ -1,0 +1,273 @@
+"""GGUF files: tiny random Llama (GQA) and Qwen2 models written here with ``gguf.GGUFWriter`` the way
+llama.cpp's converter lays them out (llama.cpp's tensor names, q/k rows permuted for Llama, a BPE
+tokenizer and a chat template in the metadata), in float32 and quantised. ``import-hf`` must give
+transformers' own GGUF load to 1e-5 and the same greedy tokens through our KV cache; bad files are
+one line each, with nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retro_ray.errors import RetroRayError
+from retro_ray.train.export import import_hf, load_exported, read_base, read_export
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is a dependency of retro-ray; install it")
+Q = gguf.GGMLQuantizationType
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def _bpe(texts: list[str]):
+    """A byte-level BPE of ~300 tokens (ids 0-2 special), as llama.cpp's 'gpt2' tokenizer stores one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tok, tokens, merges
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's row order for Llama's q/k projections (pairs of rotary halves interleaved per head)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, hf, tokens: list[str], merges: list[str], qtype=Q.F32) -> Path:
+    """``hf`` (LlamaForCausalLM or Qwen2ForCausalLM) as a GGUF file; 2-D weights in ``qtype``."""
+    c = hf.config
+    arch = c.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(TEMPLATE)
+
+    def put(name: str, t: torch.Tensor) -> None:
+        a = t.detach().float().numpy()
+        if a.ndim == 2 and qtype != Q.F32:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
+
+    sd = hf.state_dict()
+    put("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q = torch.from_numpy(_permute(q.numpy(), c.num_attention_heads))
+            k = torch.from_numpy(_permute(k.numpy(), c.num_key_value_heads))
+        for name, t in (("attn_norm", sd[p + "input_layernorm.weight"]), ("attn_q", q), ("attn_k", k),
+                        ("attn_v", sd[p + "self_attn.v_proj.weight"]), ("attn_output", sd[p + "self_attn.o_proj.weight"]),
+                        ("ffn_norm", sd[p + "post_attention_layernorm.weight"]), ("ffn_gate", sd[p + "mlp.gate_proj.weight"]),
+                        ("ffn_up", sd[p + "mlp.up_proj.weight"]), ("ffn_down", sd[p + "mlp.down_proj.weight"])):
+            put(b + name + ".weight", t)
+        if arch == "qwen2":
+            for x in "qkv":
+                put(b + f"attn_{x}.bias", sd[p + f"self_attn.{x}_proj.bias"])
+    put("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        put("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok, tokens, merges = _bpe(["The capital of France is Paris. " * 3, "retrieval reads its neighbours " * 3,
+                                "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9"])
+    shape = dict(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
+    d = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for name, make, qtype in (
+        ("llama_f32", lambda: LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=2, tie_word_embeddings=False,
+                                                           rope_parameters={"rope_theta": 10000.0})), Q.F32),
+        ("llama_q8_0", lambda: LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=2, tie_word_embeddings=True,
+                                                            rope_parameters={"rope_theta": 50000.0})), Q.Q8_0),
+        ("qwen2_q4_0", lambda: Qwen2ForCausalLM(Qwen2Config(**shape, num_key_value_heads=2, tie_word_embeddings=True,
+                                                            rope_parameters={"rope_theta": 10000.0})), Q.Q4_0),
+    ):
+        torch.manual_seed(len(out))
+        hf = make().eval()
+        with torch.no_grad():
+            for p in hf.parameters():  # biases and norm scales must map too, not only HF's init values
+                p.normal_(0.0, 0.2)
+        out[name] = write_gguf(d / f"{name}.gguf", hf, tokens, merges, qtype)
+    return out
+
+
+def _transformers(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", ["llama_f32", "llama_q8_0", "qwen2_q4_0"])
+def test_gguf_import_has_transformers_logits_and_greedy_tokens(files, name, tmp_path):
+    f = files[name]
+    out = import_hf(f, tmp_path / "base.pt", chunk_length=16)
+    payload = read_export(out)
+    assert payload["config"]["family"] == name.split("_")[0] and payload["weights_source"] == f"gguf:{f.resolve()}"
+    assert payload["config"]["num_key_value_heads"] == 2
+    model, hf = load_exported(out), _transformers(f)
+    tokens = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = hf(tokens).logits, model(tokens).logits
+    assert want.abs().max() > 0.5
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    prompt, n = tokens[:1, :9], 20
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+        cache = model.new_cache(1, prompt.shape[1] + n)
+        logits = model(prompt, cache=cache, positions=0, logits_to_keep=1).logits[:, -1]
+        ours = []
+        for pos in range(prompt.shape[1], prompt.shape[1] + n):
+            t = logits.argmax(-1)
+            ours.append(int(t))
+            logits = model(t[:, None], cache=cache, positions=pos, logits_to_keep=1).logits[:, -1]
+    assert ours == ref
+
+
+def test_gguf_tokenizer_is_written_as_a_hugging_face_directory(files, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    f = files["llama_f32"]
+    out = import_hf(f, tmp_path / "smol.pt", chunk_length=16)
+    data = read_export(out)["data"]
+    tok_dir = tmp_path / "smol-tokenizer"
+    assert data["tokenizer_path"] == str((tok_dir / "tokenizer.json").resolve())
+    assert data["vocab_size"] == 300 and data["eod_id"] == 2 and data["chat_template"] == TEMPLATE
+    ref = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    ours = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    text = "The capital of France is Paris, and retrieval reads its neighbours."
+    assert ours.encode(text).ids == ref(text)["input_ids"] and len(ours.encode(text).ids) < len(text)
+    again = AutoTokenizer.from_pretrained(str(tok_dir))
+    assert again.eos_token == "<|im_end|>" and again.chat_template == TEMPLATE
+    assert again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n"
+    # A project prepared with it records the end-of-text token the checkpoint declares.
+    from retro_ray.config import TokenizerConfig
+    from retro_ray.tokenizer import load_user_tokenizer, resolve_eod_token
+
+    cfg = TokenizerConfig(path=str(tok_dir))
+    assert resolve_eod_token(cfg) == "<|im_end|>" and load_user_tokenizer(str(tok_dir), cfg).get_vocab_size() == 300
+    # --tokenizer-dir puts it elsewhere; a Hugging Face directory has its own and refuses the flag.
+    import_hf(f, tmp_path / "b.pt", tokenizer_dir=tmp_path / "elsewhere", chunk_length=16)
+    assert (tmp_path / "elsewhere" / "tokenizer.json").is_file()
+    cfg2, sd, data2 = read_base(f, chunk_length=16)
+    assert cfg2.family == "llama" and data2["vocab_size"] == 300 and "tokenizer_path" not in data2 and sd
+
+
+def _truncated(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 3])
+    return dst
+
+
+def _other_arch(dst: Path) -> Path:
+    w = gguf.GGUFWriter(str(dst), "phi3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def _undequantisable(src: Path, dst: Path) -> Path:
+    """``src`` with its first 2-D tensor stored as Q8_K (which the gguf library cannot dequantise)."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        value = field.contents()
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, value, vtype)
+    swapped = False
+    for t in r.tensors:
+        shape = [int(x) for x in reversed(t.shape)]
+        if not swapped and len(shape) == 2:
+            block, size = gguf.GGML_QUANT_SIZES[Q.Q8_K]
+            raw = np.zeros((shape[0], shape[1] // block * size), dtype=np.uint8)
+            w.add_tensor(t.name, raw, raw_dtype=Q.Q8_K)
+            swapped = True
+        else:
+            w.add_tensor(t.name, np.array(t.data).reshape(shape), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_bad_gguf_files_are_one_line_and_write_nothing(files, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # A tensor type gguf cannot dequantise needs rows of 256 (Q8_K's block): a model that wide.
+    torch.manual_seed(0)
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    _, tokens, merges = _bpe(["abc " * 10])
+    wide_file = write_gguf(tmp_path / "wide.gguf", wide.eval(), (tokens + [f"<x{i}>" for i in range(300)])[:300], merges)
+    cases = [
+        (_truncated(files["llama_f32"], tmp_path / "cut.gguf"), r"cut.gguf is not a readable GGUF file \(.*\); it may "
+                                                                r"be truncated: copy or download it again"),
+        (_other_arch(tmp_path / "phi.gguf"), r"phi.gguf holds a GGUF model of architecture 'phi3', which does not map "
+                                             r"onto a retro-ray family; supported: llama, qwen2, gpt2"),
+        (_undequantisable(wide_file, tmp_path / "q8k.gguf"), r"q8k.gguf has tensors quantised as Q8_K, which the gguf "
+                                                            r"library cannot dequantise; use a file quantised as F32"),
+        (tmp_path / "absent.gguf", r"absent.gguf does not exist; give a .gguf file"),
+    ]
+    out = tmp_path / "never.pt"
+    for path, match in cases:
+        with pytest.raises(RetroRayError, match=match):
+            import_hf(path, out, tokenizer_dir=tmp_path / "never-tok")
+        assert not out.exists() and not (tmp_path / "never-tok").exists()
+
+
+def test_cli_imports_a_gguf_file(files, tmp_path):
+    f = files["qwen2_q4_0"]
+    run = [sys.executable, "-m", "retro_ray.cli", "import-hf", str(f), "--out", str(tmp_path / "m.pt"), "chunk_length=16"]
+    r = subprocess.run(run, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"its tokenizer: {tmp_path / 'm-tokenizer'}" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "retro_ray.cli", "import-hf", str(tmp_path / "m-tokenizer"), "--out",
+                        str(tmp_path / "x.pt"), "--tokenizer-dir", str(tmp_path / "t")], capture_output=True, text=True)
+    assert r.returncode == 2 and "has no config.json" in r.stderr and not (tmp_path / "x.pt").exists()
