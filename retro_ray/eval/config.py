@@ -13,6 +13,9 @@ from retro_ray.errors import RetroRayError
 GOAL_RETRO_VS_GPT = 0.9       # RETRO perplexity <= 0.9 x the GPT baseline's
 GOAL_OFF_VS_GPT = 0.05        # RETRO with retrieval off within 5 % of the baseline
 GOAL_KNOWLEDGE_UPDATE = 0.6   # held-out perplexity after add-docs <= 0.6 x before
+GOAL_READS = 0.5              # with an oracle neighbour <= 0.5 x with another sample's: the model reads
+GOAL_RETRIEVAL_PAYS = 0.98    # with its saved neighbours <= 0.98 x with another sample's
+GOAL_VS_IN_CONTEXT = 1.1      # RETRO within 10 % of In-Context RALM's perplexity
 
 
 @C.config_class
@@ -43,6 +46,30 @@ class EvalConfig:
                        "dropped for the 'before' figure; empty = the project's query.num_neighbors_query."),
     )
     plots: bool = field(default=True, metadata=C.doc("Write the PNG plots beside report.md."))
+    controls: bool = field(
+        default=True,
+        metadata=C.doc("Score RETRO also with another sample's neighbours (relevance removed: what its new weights "
+                       "give alone) and with an oracle neighbour (the chunk's own continuation: does it read?), on "
+                       "valid and in the knowledge update."),
+    )
+    in_context: bool = field(
+        default=True,
+        metadata=C.doc("Score In-Context RALM (Ram et al. 2023) on the same tokens: the --baseline decoder, frozen, "
+                       "with each chunk's retrieved neighbours' text prepended (retrieval every chunk_length tokens, "
+                       "from the last complete chunk), and its inference cost beside RETRO's. Needs --baseline."),
+    )
+    in_context_neighbors: int | None = field(
+        default=None,
+        metadata=C.doc("Neighbours prepended per retrieval in In-Context RALM (the best nearest the text); empty = "
+                       "RETRO's k. Those that do not fit the context window beside the text to score are left out, "
+                       "the lowest-ranked first."),
+    )
+    in_context_window: int | None = field(
+        default=None,
+        metadata=C.doc("Most tokens one In-Context RALM forward holds (prefix tokens are dropped from the start past "
+                       "it); empty = the baseline's own context: the positions an imported model was trained for, "
+                       "seq_length for a model trained here."),
+    )
 
     def __post_init__(self) -> None:
         if self.max_samples is not None and self.max_samples < 1:
@@ -57,6 +84,10 @@ class EvalConfig:
             raise RetroRayError(f"device={self.device!r} is not one of auto, cpu, cuda (or cuda:<n>).")
         if self.num_threads is not None and self.num_threads < 1:
             raise RetroRayError(f"num_threads={self.num_threads} must be at least 1 (or empty).")
+        for name in ("in_context_neighbors", "in_context_window"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RetroRayError(f"{name}={value} must be at least 1 (or empty).")
         if self.heldout_neighbors_query is not None and self.heldout_neighbors_query < 1:
             raise RetroRayError(f"heldout_neighbors_query={self.heldout_neighbors_query} must be at least 1 (or empty).")
 

@@ -128,11 +128,55 @@ def verbatim_fraction(windows: np.ndarray, real: np.ndarray, neighbor_tokens: np
     return float((runs >= m).mean()), len(rows)
 
 
+def _controls(model, baseline, windows: np.ndarray, real_labels: np.ndarray, before: tuple[np.ndarray, np.ndarray],
+              after: tuple[np.ndarray, np.ndarray], after_ppl: float | None, m: int, eod: int, device: torch.device,
+              batch_size: int, controls: bool, in_context: tuple[int, int] | None) -> dict[str, Any]:
+    """The knowledge update's controls (eval/controls.py) on the same windows and tokens; ``after_ppl``:
+    RETRO's with the neighbours retrieved after add-docs."""
+    from retro_ray.eval.controls import in_context_nll, oracle_neighbors, other_sample_order
+
+    out: dict[str, Any] = {}
+
+    def ppl(nll_count: tuple[float, int]) -> float | None:
+        return perplexity(*nll_count)
+
+    order = other_sample_order(len(windows)) if controls else None
+    if order is not None:
+        out["other_after_ppl"] = ppl(score_windows(model, windows, real_labels, after[0][order], after[1][order],
+                                                   device, batch_size))
+    if controls:
+        out["oracle_ppl"] = ppl(score_windows(model, windows, real_labels,
+                                              *oracle_neighbors(windows, *after, m, eod), device, batch_size))
+    if baseline is not None:
+        out["base_ppl"] = ppl(score_windows(baseline.model, windows, real_labels, None, None, device, batch_size))
+        if in_context is not None:
+            k_ctx, window = in_context
+            for name, (nt, nm) in (("before", before), ("after", after)):
+                total, count, used = 0.0, 0, 0
+                for s in range(0, len(windows), batch_size):
+                    sl = slice(s, s + batch_size)
+                    nll, n_used = in_context_nll(baseline.model, windows[sl], real_labels[sl], nt[sl, :, :k_ctx],
+                                                 nm[sl, :, :k_ctx], m, eod, window, device)
+                    total, count, used = total + float(nll.sum()), count + int(real_labels[sl].sum()), used + n_used
+                out[f"in_context_{name}_ppl"] = perplexity(total, count)
+                out[f"in_context_{name}_tokens_per_token"] = used / count if count else None
+    other, oracle = out.get("other_after_ppl"), out.get("oracle_ppl")
+    out["after_over_other_after"] = after_ppl / other if other and after_ppl else None
+    out["oracle_over_other_after"] = oracle / other if other and oracle else None
+    b, a = out.get("in_context_before_ppl"), out.get("in_context_after_ppl")
+    out["in_context_after_over_before"] = a / b if a and b else None
+    return out
+
+
 def knowledge_update(project: Project, retro, docs: list[dict[str, str]], k: int, *, batch_size: int,
                      device: torch.device, neighbors_query: int | None = None, embed_device: str = "auto",
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, controls: bool = True, baseline=None,
+                     in_context: tuple[int, int] | None = None) -> dict[str, Any]:
     """Held-out perplexity before and after add-docs (see the module docstring); returns the figures.
-    ``docs``: what :func:`read_heldout` returns."""
+    ``docs``: what :func:`read_heldout` returns. ``controls``: RETRO also with another window's
+    neighbours after add-docs and with an oracle neighbour (eval/controls.py). ``baseline`` (a LoadedModel):
+    its perplexity on the windows, and with ``in_context`` = (neighbours, window) In-Context RALM on it
+    with the neighbours retrieved before and after."""
     from retro_ray.retrieval.retriever import Retriever
     from retro_ray.stages.add_docs import AddDocsConfig, add_documents
 
@@ -164,6 +208,9 @@ def knowledge_update(project: Project, retro, docs: list[dict[str, str]], k: int
     after = score_windows(retro.model, windows, real_labels, nt_after, ids_after >= 0, device, batch_size)
     t_after = time.perf_counter() - t2
 
+    extra = _controls(retro.model, baseline, windows, real_labels, (nt_before, ids_before >= 0),
+                      (nt_after, ids_after >= 0), perplexity(*after), m, eod, device, batch_size, controls, in_context)
+
     vb_before, n_chunks = verbatim_fraction(windows, real, nt_before, ids_before >= 0, m, eod)
     vb_after, _ = verbatim_fraction(windows, real, nt_after, ids_after >= 0, m, eod)
     before_ppl, after_ppl = perplexity(*before), perplexity(*after)
@@ -178,6 +225,7 @@ def knowledge_update(project: Project, retro, docs: list[dict[str, str]], k: int
         "chunks_with_neighbours_after": int((ids_after >= 0).any(axis=-1).sum()),
         "neighbour_ids_at_or_above_base_before": int((ids_before >= base).sum()),
         "neighbour_ids_at_or_above_base_after": int((ids_after >= base).sum()),
+        "controls": extra,
         "verbatim_chunks_counted": n_chunks, "verbatim_fraction_before": vb_before, "verbatim_fraction_after": vb_after,
         "add_docs": added_summary if isinstance(added_summary, (dict, list, str, int, float, type(None))) else str(added_summary),
         "timings": {"before_s": round(t_before, 3), "add_docs_s": round(t_add, 3), "after_s": round(t_after, 3)},

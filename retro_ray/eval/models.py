@@ -38,6 +38,14 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def context_window(self) -> int:
+        """The most tokens one forward should hold: the positions an imported model was trained for, else
+        the seq_length it was trained at (and never more than a learned position table has)."""
+        c = self.model.config
+        window = int(self.data.get("context_length") or c.seq_length)
+        return min(window, c.max_position_embeddings) if c.family == "gpt2" else window
+
+    @property
     def is_retro(self) -> bool:
         return bool(self.model.config.retro.enabled)
 

@@ -73,7 +73,9 @@ def plot_bpb_by_alpha(by_alpha: dict[str, Any], path: Path) -> str | None:
         return None
     fig, ax = figure()
     xs = [100 * r["alpha"] for r in rows]
-    for key, label, style in (("retro", "RETRO", "o-"), ("retro_off", "RETRO, retrieval off", "s--"), ("gpt", "GPT", "^-")):
+    for key, label, style in (("retro", "RETRO", "o-"), ("retro_off", "RETRO, retrieval off", "s--"), ("gpt", "GPT", "^-"),
+                              ("retro_other", "RETRO, another sample's neighbours", "x:"),
+                              ("in_context", "In-Context RALM", "d-.")):
         pts = [(x, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), style, label=label)
@@ -100,6 +102,54 @@ def _goal_rows(goals: dict[str, Any]) -> list[list[str]]:
         result = "not measured" if g["met"] is None else ("met" if g["met"] else "**not met**")
         rows.append([g["goal"], num(g["value"]), num(g["target"]), result])
     return rows
+
+
+CONTROL_ROWS = (
+    ("saved", "RETRO, its retrieved neighbours"),
+    ("other_sample", "RETRO, another sample's neighbours (relevance removed)"),
+    ("oracle", "RETRO, oracle neighbour (the chunk's own continuation)"),
+    ("blank", "RETRO, neighbours blanked"),
+    ("base", "base ({base})"),
+    ("in_context", "In-Context RALM on the base ({k} neighbours, window {window})"),
+)
+
+
+def _retrieval_section(r: dict[str, Any]) -> list[str]:
+    """The neighbour controls, the gain split into adaptation and retrieval, and the inference cost."""
+    rf = r.get("retrieval")
+    if not rf:
+        return []
+    cost = rf["inference_cost"]
+    ctx = cost.get("in_context") or {}
+    base = "the GPT baseline" if rf["base"] == "gpt" else "RETRO with retrieval blanked"
+    L = ["## Retrieval, told from adaptation", ""]
+    L += ["The same tokens with four neighbour settings, the base, and In-Context RALM. Another sample's "
+          "neighbours keep what the new weights (encoder, CCA) give without relevant text; the oracle asks "
+          "whether the model reads its neighbours at all.", ""]
+    rows = []
+    for key, label in CONTROL_ROWS:
+        if rf["ppl"].get(key) is None:
+            continue
+        rows.append([label.format(base=base, k=num(ctx.get("neighbors")), window=num(ctx.get("window"))),
+                     num(rf["ppl"][key]), num(rf["bpb"][key])])
+    L += _table(["model and neighbours", "perplexity", "bits/byte"], rows)
+    if rf["retrieval_nats_per_token"] is not None:
+        L += [f"Gain over the base: {num(rf['gain_nats_per_token'])} nats/token = adaptation "
+              f"{num(rf['adaptation_nats_per_token'])} (base -> another sample's neighbours) + retrieval "
+              f"{num(rf['retrieval_nats_per_token'])} (another sample's -> its own). Saved / other-sample: "
+              f"{num(rf['saved_over_other'])}; oracle / other-sample: {num(rf['oracle_over_other'])}.", ""]
+    rc = cost["retro"]
+    crow = [["RETRO", num(rc["decoder_tokens_per_token"]),
+             f"{num(rc['encoder_tokens_per_token'])} ({num(rc['encoder_layers'])} layers of width {num(rc['encoder_width'])})",
+             num(rc["forward_gflops_per_token"])]]
+    if cost.get("base"):
+        crow.append(["base", num(cost["base"]["decoder_tokens_per_token"]), "", num(cost["base"]["forward_gflops_per_token"])])
+    if ctx:
+        crow.append(["In-Context RALM", num(ctx["decoder_tokens_per_token"]), "", num(ctx["forward_gflops_per_token"])])
+    L += ["Inference cost per scored token (forward GFLOPs: matrix products, attention over seq_length keys; "
+          "In-Context RALM runs one forward of neighbours + prefix per chunk):", ""]
+    L += _table(["", "decoder tokens", "encoder tokens", "forward GFLOPs"], crow)
+    return L
 
 
 def render(results: dict[str, Any], plots: dict[str, str | None]) -> str:
@@ -145,6 +195,8 @@ def render(results: dict[str, Any], plots: dict[str, str | None]) -> str:
     if r["comparability"]:
         L += ["The GPT baseline is not a like-for-like comparison: " + "; ".join(r["comparability"]) + ".", ""]
 
+    L += _retrieval_section(r)
+
     L += ["## Perplexity and bits-per-byte", ""]
     L += _table(["model", "perplexity", "bits/byte"], [
         [f"RETRO (k = {num(k)})", num(r["retro_ppl"]), num(r["retro_bpb"])],
@@ -164,9 +216,11 @@ def render(results: dict[str, Any], plots: dict[str, str | None]) -> str:
 
     L += ["## Leakage-filtered bits-per-byte", ""]
     if r["bpb_by_alpha"]:
-        L += _table(["alpha", "max leakage (tokens)", "chunks", "RETRO", "RETRO off", "GPT"], [
+        L += _table(["alpha", "max leakage (tokens)", "chunks", "RETRO", "RETRO off", "GPT", "RETRO, other sample's",
+                     "In-Context RALM"], [
             [f"{100 * row['alpha']:g} %", num(row["max_leakage_tokens"]), num(row["chunks"]), num(row.get("retro")),
-             num(row.get("retro_off")), num(row.get("gpt"))] for row in r["bpb_by_alpha"].values()])
+             num(row.get("retro_off")), num(row.get("gpt")), num(row.get("retro_other")), num(row.get("in_context"))]
+            for row in r["bpb_by_alpha"].values()])
         empty = [f"{100 * row['alpha']:g} %" for row in r["bpb_by_alpha"].values() if row["chunks"] == 0]
         if empty:
             L += [f"alpha = {', '.join(empty)}: no chunk overlaps its neighbours that little (alpha = 0 keeps only "
@@ -195,6 +249,18 @@ def render(results: dict[str, Any], plots: dict[str, str | None]) -> str:
             ["after add-docs", num(ku["after_ppl"]), num(ku["verbatim_fraction_after"]), num(ku["database_chunks_after"])],
             ["retrieval off (reference)", num(ku["retrieval_off_ppl"]), "", ""],
         ])
+        kc = ku.get("controls") or {}
+        rows = [[label, num(kc[key])] for key, label in (
+            ("other_after_ppl", "RETRO, another window's neighbours (after add-docs)"),
+            ("oracle_ppl", "RETRO, oracle neighbour"), ("base_ppl", "the baseline"),
+            ("in_context_before_ppl", "In-Context RALM, before add-docs"),
+            ("in_context_after_ppl", "In-Context RALM, after add-docs")) if kc.get(key) is not None]
+        if rows:
+            L += ["Controls on the same held-out tokens:", ""]
+            L += _table(["", "perplexity"], rows)
+            if kc.get("after_over_other_after") is not None:
+                L += [f"After add-docs, its own neighbours / another window's: {num(kc['after_over_other_after'])}; "
+                      f"oracle / another window's: {num(kc['oracle_over_other_after'])}.", ""]
         counts = ku["add_docs"].get("counts", {}) if isinstance(ku["add_docs"], dict) else {}
         if counts:
             L += [f"add-docs: {num(counts.get('docs_added', 0))} documents added "
@@ -224,7 +290,8 @@ def render(results: dict[str, Any], plots: dict[str, str | None]) -> str:
 def format_results(results: dict[str, Any]) -> str:
     """A few lines for the terminal: the headline figures, the goals, where the report is."""
     rows = ["eval: done"]
-    for key in ("retro_ppl", "retro_off_ppl", "gpt_ppl", "knowledge_update_before_ppl", "knowledge_update_after_ppl"):
+    for key in ("retro_ppl", "retro_off_ppl", "gpt_ppl", "retro_other_ppl", "retro_oracle_ppl", "in_context_ppl",
+                "knowledge_update_before_ppl", "knowledge_update_after_ppl"):
         rows.append(f"  {key:<30} {num(results.get(key))}")
     rows.append(f"  {'ppl_by_k':<30} " + ", ".join(f"k={k}: {num(v)}" for k, v in results["ppl_by_k"].items()))
     for name, g in results["goals"].items():

@@ -85,7 +85,7 @@ def read_gguf(path: str | Path, *, weights: bool = True, **overrides: Any):
     ``overrides``: seq_length, chunk_length."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from retro_ray.model.hf import HFCheckpoint, config_from_hf, state_dict_from_hf
+    from retro_ray.model.hf import HFCheckpoint, config_from_hf, context_length, state_dict_from_hf
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -112,7 +112,8 @@ def read_gguf(path: str | Path, *, weights: bool = True, **overrides: Any):
                         tokenizer_vocab_size=len(hf_tok) if hf_tok is not None else None,
                         eos_token=hf_tok.eos_token if hf_tok is not None else None,
                         tokenizer=hf_tok.backend_tokenizer if hf_tok is not None else None,
-                        chat_template=getattr(hf_tok, "chat_template", None), hf_tokenizer=hf_tok)
+                        chat_template=getattr(hf_tok, "chat_template", None), hf_tokenizer=hf_tok,
+                        context_length=context_length(hf_config))
 
 
 def _hf_tokenizer(p: Path):

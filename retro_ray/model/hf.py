@@ -36,6 +36,11 @@ from retro_ray.model.retro import RetroConfig, RetroSettings
 from retro_ray.pretrained import read_config_json
 
 
+def context_length(hf_config: Any) -> int:
+    """The positions an HF model was trained for."""
+    return int(hf_config.n_positions if hf_config.model_type == "gpt2" else hf_config.max_position_embeddings)
+
+
 def config_from_hf(hf_config: Any, **overrides: Any) -> RetroConfig:
     """The RetroConfig of an HF GPT2Config / LlamaConfig / Qwen2Config (retro disabled; overrides win).
 
@@ -180,6 +185,7 @@ class HFCheckpoint:
     tokenizer: Any = None                # a GGUF file's tokenizer (tokenizers.Tokenizer), made from its metadata
     chat_template: str | None = None     # a GGUF file's chat template
     hf_tokenizer: Any = None             # a GGUF file's tokenizer as transformers made it (to save_pretrained)
+    context_length: int | None = None    # the positions the model was trained for (max_position_embeddings)
 
     def load_tokenizer(self):
         """The checkpoint's tokenizers.Tokenizer, or None when it has none."""
@@ -276,4 +282,5 @@ def load_hf_directory(path: str | Path, *, weights: bool = True, **overrides: An
 
     return HFCheckpoint(path=d.resolve(), config=config, state_dict=sd,
                         tokenizer_path=tok_file.resolve() if tok_file.is_file() else None,
-                        tokenizer_vocab_size=vocab, eos_token=checkpoint_eos_token(d))
+                        tokenizer_vocab_size=vocab, eos_token=checkpoint_eos_token(d),
+                        context_length=context_length(hf_config))

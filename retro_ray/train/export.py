@@ -212,7 +212,7 @@ def _weights_source(ck) -> str:
 def _hf_data(ck) -> dict[str, Any]:
     """What a run records about its data, for an imported checkpoint: its tokenizer and end-of-text id."""
     data: dict[str, Any] = {"seq_length": ck.config.seq_length, "chunk_length": ck.config.chunk_length,
-                            "source": _weights_source(ck).split(":")[0]}
+                            "source": _weights_source(ck).split(":")[0], "context_length": ck.context_length}
     tok = ck.load_tokenizer()
     if tok is not None:
         data["vocab_size"] = tok.get_vocab_size()

@@ -92,6 +92,12 @@ def _report_numbers(results: dict) -> list[tuple[str, object]]:
     for a, row in results["bpb_by_alpha"].items():
         rows += [(f"bpb_by_alpha.{a}.{k}", row[k]) for k in ("chunks", "retro", "retro_off", "gpt")]
     rows += [(f"data.{k}", results["data"][k]) for k in ("samples", "tokens", "bytes")]
+    rf = results["retrieval"]
+    rows += [(f"retrieval.ppl.{k}", v) for k, v in rf["ppl"].items() if v is not None]
+    rows += [(f"retrieval.{k}", rf[k]) for k in ("gain_nats_per_token", "adaptation_nats_per_token",
+                                                 "retrieval_nats_per_token", "saved_over_other", "oracle_over_other")]
+    if rf["inference_cost"]["in_context"]:
+        rows += [("in_context tokens", rf["inference_cost"]["in_context"]["decoder_tokens_per_token"])]
     ku = results["knowledge_update"]
     if ku:
         rows += [(f"knowledge_update.{k}", ku[k]) for k in ("before_ppl", "after_ppl", "retrieval_off_ppl", "ratio",
@@ -165,6 +171,54 @@ def test_figures_are_consistent_and_recomputed(base, project, models):
     assert full["gpt"] == pytest.approx(full["retro_off"], rel=1e-9) and full["retro"] > 0
 
 
+def test_controls_and_in_context_are_recomputed(base, project, models):
+    """Other-sample and oracle neighbours, recomputed here with the model's own forward; In-Context RALM
+    through its scorer (tests/unit/test_eval_controls.py checks that one against forwards written out)."""
+    from retro_ray.eval.controls import in_context_nll, oracle_neighbors
+    from retro_ray.train.dataset import RetroDataset
+    from retro_ray.train.export import load_exported
+
+    results, _ = base
+    cfg = project.read_config()
+    m, eod = cfg.chunk_length, int(project.derived()["eod_id"])
+    ds = RetroDataset(project, "valid", 2)
+    retro, gpt = load_exported(models["retro"]), load_exported(models["gpt"])
+    other_nll, oracle_nll, ctx_nll, used = [], [], [], 0
+    with torch.no_grad():
+        for i in range(6):
+            it, theirs = ds[i], ds[(i + 3) % 6]  # 6 samples: the other sample is 3 along
+            text = torch.from_numpy(it["text"].astype(np.int64))[None]
+            nt = torch.from_numpy(theirs["neighbor_tokens"])[None]
+            nm = torch.from_numpy(theirs["neighbor_mask"])[None]
+            other_nll.append(retro(text[:, :-1], nt, nm, labels=text[:, 1:]).loss.item())
+            ot, om = oracle_neighbors(it["text"][None], it["neighbor_tokens"][None], it["neighbor_mask"][None], m, eod)
+            assert (ot[0, 0, 0, :m] == it["text"][:m]).all() and (ot[0, 1, 0] == it["text"][m:3 * m]).all()
+            oracle_nll.append(retro(text[:, :-1], torch.from_numpy(ot), torch.from_numpy(om), labels=text[:, 1:]).loss.item())
+            nll, u = in_context_nll(gpt, it["text"][None], np.ones((1, cfg.seq_length), bool), it["neighbor_tokens"][None],
+                                    it["neighbor_mask"][None], m, eod, cfg.seq_length, torch.device("cpu"))
+            ctx_nll.append(nll.mean())
+            used += u
+    assert results["retro_other_ppl"] == pytest.approx(math.exp(sum(other_nll) / 6), rel=1e-5)
+    assert results["retro_oracle_ppl"] == pytest.approx(math.exp(sum(oracle_nll) / 6), rel=1e-5)
+    assert results["in_context_ppl"] == pytest.approx(math.exp(sum(ctx_nll) / 6), rel=1e-5)
+    rf = results["retrieval"]
+    cost = rf["inference_cost"]
+    assert cost["in_context"]["window"] == cfg.seq_length and cost["in_context"]["neighbors"] == 2
+    assert cost["in_context"]["decoder_tokens_per_token"] == pytest.approx(used / results["data"]["tokens"])
+    assert cost["in_context"]["decoder_tokens_per_token"] > 2 and cost["retro"]["encoder_tokens_per_token"] == 4
+    # the gain over the base splits exactly into adaptation and retrieval; the base here is the GPT
+    assert rf["base"] == "gpt" and rf["ppl"]["base"] == results["gpt_ppl"]
+    assert rf["gain_nats_per_token"] == pytest.approx(rf["adaptation_nats_per_token"] + rf["retrieval_nats_per_token"])
+    assert rf["retrieval_nats_per_token"] == pytest.approx(math.log(results["retro_other_ppl"] / results["retro_ppl"]))
+    assert results["goals"]["reads"]["value"] == pytest.approx(results["retro_oracle_ppl"] / results["retro_other_ppl"])
+    assert results["goals"]["vs_in_context"]["value"] == pytest.approx(results["retro_ppl"] / results["in_context_ppl"])
+    # without controls or a baseline those passes are not run, and say n/a
+    bare = run_eval(project.root, models["retro"], None, EvalConfig(max_samples=2, ks=(2,), controls=False),
+                    out_dir=project.root / "bare-eval", heldout=False, progress=False)
+    assert bare["retro_other_ppl"] is None and bare["in_context_ppl"] is None and bare["goals"]["reads"]["met"] is None
+    assert bare["retrieval"]["base"] == "retro_off" and bare["retrieval"]["inference_cost"]["in_context"] is None
+
+
 def test_numbers_change_with_the_data(base, project, models, tmp_path):
     results, out = base
     other = evaluate(project, models["retro_seed1"], models["gpt"], SMALL, tmp_path / "seed1")
@@ -188,6 +242,10 @@ def test_zero_cca_makes_retrieval_a_no_op(project, models, tmp_path):
     r = evaluate(project, models["zero_cca"], models["gpt_of_zero"], EvalConfig(max_samples=4, ks=(1, 2, 4)), tmp_path)
     assert r["retro_ppl"] == pytest.approx(r["retro_off_ppl"], rel=1e-12)
     assert all(v == pytest.approx(r["retro_off_ppl"], rel=1e-12) for v in r["ppl_by_k"].values())
+    # the controls too: with CCA adding nothing, no neighbour setting moves anything
+    assert r["retro_other_ppl"] == pytest.approx(r["retro_off_ppl"], rel=1e-12)
+    assert r["retro_oracle_ppl"] == pytest.approx(r["retro_off_ppl"], rel=1e-12)
+    assert r["retrieval"]["retrieval_nats_per_token"] == pytest.approx(0.0, abs=1e-9)
     assert r["gpt_ppl"] == pytest.approx(r["retro_off_ppl"], rel=1e-9)
     goals = r["goals"]
     assert goals["retro_off_vs_gpt"]["met"] is True and goals["retro_vs_gpt"]["met"] is False
@@ -362,6 +420,12 @@ def test_knowledge_update_end_to_end(project, models, tmp_path):
     assert ku["before_ppl"] != ku["after_ppl"] and ku["ratio"] == pytest.approx(ku["after_ppl"] / ku["before_ppl"])
     goal = r["goals"]["knowledge_update"]
     assert goal["met"] is (ku["ratio"] <= 0.6)
+    # its controls, on the same held-out tokens: the GPT is RETRO's decoder, so the baseline equals retrieval off
+    kc = ku["controls"]
+    assert kc["base_ppl"] == pytest.approx(ku["retrieval_off_ppl"], rel=1e-9)
+    assert kc["other_after_ppl"] not in (None, ku["after_ppl"]) and kc["oracle_ppl"] not in (None, ku["after_ppl"])
+    assert kc["after_over_other_after"] == pytest.approx(ku["after_ppl"] / kc["other_after_ppl"])
+    assert kc["in_context_before_ppl"] != kc["in_context_after_ppl"] and kc["in_context_after_tokens_per_token"] > 1
     report = (tmp_path / "first" / "report.md").read_text()
     for where, value in _report_numbers(r):
         assert num(value) in report, f"{where}={value} is not in the report as {num(value)}"
