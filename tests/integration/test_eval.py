@@ -217,6 +217,11 @@ def test_controls_and_in_context_are_recomputed(base, project, models):
                     out_dir=project.root / "bare-eval", heldout=False, progress=False)
     assert bare["retro_other_ppl"] is None and bare["in_context_ppl"] is None and bare["goals"]["reads"]["met"] is None
     assert bare["retrieval"]["base"] == "retro_off" and bare["retrieval"]["inference_cost"]["in_context"] is None
+    # in bf16 the same figures move in their last digits only
+    bf16 = run_eval(project.root, models["retro"], None, EvalConfig(max_samples=2, ks=(2,), controls=False, precision="bf16"),
+                    out_dir=project.root / "bare-eval-bf16", heldout=False, progress=False)
+    assert bf16["precision"] == "bf16" and bare["precision"] == "32"
+    assert bf16["retro_ppl"] != bare["retro_ppl"] and bf16["retro_ppl"] == pytest.approx(bare["retro_ppl"], rel=0.02)
 
 
 def test_numbers_change_with_the_data(base, project, models, tmp_path):
@@ -290,6 +295,10 @@ def test_bad_input_is_one_clear_error(project, models, tmp_path):
         load_eval_config(None, ["ks=[0]"])
     with pytest.raises(RetroRayError, match="max_samples=0 must be at least 1"):
         load_eval_config(None, ["max_samples=0"])
+    with pytest.raises(RetroRayError, match="precision='fp16' is not one of 32, bf16, auto"):
+        load_eval_config(None, ["precision=fp16"])
+    with pytest.raises(RetroRayError, match="in_context_window=0 must be at least 1"):
+        load_eval_config(None, ["in_context_window=0"])
     with pytest.raises(RetroRayError, match="unknown config key nope"):
         load_eval_config(None, ["nope=1"])
     with pytest.raises(RetroRayError, match="alphas=.* must be fractions in"):
