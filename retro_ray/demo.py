@@ -7,8 +7,9 @@
                   baseline's decoder, frozen, with a new encoder and CCA trained for the same steps
     3. export     model.pt, model-gpt.pt and model-retrofit.pt
     4. eval       perplexity / bits-per-byte of RETRO and of the RETRO-fit against the GPT baseline,
-                  at k = 1, 2, 4, the leakage-filtered curve, and the knowledge update: held-out
-                  documents before and after `add-docs` (eval/ and eval-retrofit/)
+                  with the neighbour controls (another sample's, an oracle) and In-Context RALM on
+                  the GPT, at k = 1, 2, 4, the leakage-filtered curve, and the knowledge update:
+                  held-out documents before and after `add-docs` (eval/ and eval-retrofit/)
     5. serve      the Ray Serve app on localhost:8000, one sample request; it keeps answering until
                   Ctrl-C (or stops at once with --stop)
 
@@ -137,6 +138,10 @@ class Demo:
               f"GPT baseline {fmt('gpt_ppl')}")
         print(f"  perplexity: RETRO-fit of the GPT baseline {fmt('retro_ppl', retrofit)}, with retrieval off "
               f"{fmt('retro_off_ppl', retrofit)} (its frozen decoder: the GPT's own)")
+        for name, r in (("RETRO", results), ("RETRO-fit", retrofit)):
+            print(f"  controls, {name}: another sample's neighbours {fmt('retro_other_ppl', r)}, an oracle neighbour (the "
+                  f"chunk's own continuation) {fmt('retro_oracle_ppl', r)}, its own {fmt('retro_ppl', r)}")
+        print(f"  In-Context RALM (the GPT baseline reading the same neighbours as text): {fmt('in_context_ppl')}")
         print(f"  held-out documents: perplexity {fmt('knowledge_update_before_ppl')} before add-docs, "
               f"{fmt('knowledge_update_after_ppl')} after (no retraining); RETRO-fit "
               f"{fmt('knowledge_update_before_ppl', retrofit)} -> {fmt('knowledge_update_after_ppl', retrofit)}")

@@ -134,10 +134,11 @@ def _retrieval_section(r: dict[str, Any]) -> list[str]:
                      num(rf["ppl"][key]), num(rf["bpb"][key])])
     L += _table(["model and neighbours", "perplexity", "bits/byte"], rows)
     if rf["retrieval_nats_per_token"] is not None:
-        L += [f"Gain over the base: {num(rf['gain_nats_per_token'])} nats/token = adaptation "
-              f"{num(rf['adaptation_nats_per_token'])} (base -> another sample's neighbours) + retrieval "
-              f"{num(rf['retrieval_nats_per_token'])} (another sample's -> its own). Saved / other-sample: "
-              f"{num(rf['saved_over_other'])}; oracle / other-sample: {num(rf['oracle_over_other'])}.", ""]
+        L += [f"Gain over the base: {num(rf['gain_nats_per_token'])} nats/token = the weights "
+              f"{num(rf['adaptation_nats_per_token'])} (base -> RETRO with another sample's neighbours: for a "
+              f"RETRO-fit, adaptation to the corpus) + retrieval {num(rf['retrieval_nats_per_token'])} (another "
+              f"sample's neighbours -> its own). Saved / other-sample: {num(rf['saved_over_other'])}; oracle / "
+              f"other-sample: {num(rf['oracle_over_other'])}.", ""]
     rc = cost["retro"]
     crow = [["RETRO", num(rc["decoder_tokens_per_token"]),
              f"{num(rc['encoder_tokens_per_token'])} ({num(rc['encoder_layers'])} layers of width {num(rc['encoder_width'])})",

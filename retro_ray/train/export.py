@@ -249,7 +249,7 @@ def base_tokenizer(path: str | Path, data: dict[str, Any]):
     if theirs and Path(theirs).is_file():
         return load_tokenizer(Path(theirs))
     if is_gguf_file(path) and Path(path).expanduser().is_file():
-        return read_gguf_tokenizer(path)[0]
+        return read_gguf_tokenizer(path)
     return None
 
 

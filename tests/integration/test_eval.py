@@ -363,6 +363,30 @@ def test_retrofit_against_its_frozen_base_and_a_hugging_face_baseline(project, m
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_gguf_file_is_a_baseline_and_in_context_base(project, models, tmp_path):
+    """A Llama written as a GGUF file (llama.cpp's layout) with the project's tokenizer in its metadata:
+    eval --baseline reads it as it is, the same as its import-hf model.pt, In-Context RALM included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retro_ray.train.export import import_hf
+    from tests.support import write_gguf
+
+    bpe = json.loads(project.tokenizer_path.read_text())["model"]
+    tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    f = write_gguf(tmp_path / "base.gguf", hf.eval(), tokens, merges)
+    cfg = EvalConfig(max_samples=2, ks=(2,))
+    r = evaluate(project, models["retro"], f, cfg, tmp_path / "gguf")
+    assert r["models"]["gpt"]["weights_source"] == f"gguf:{f.resolve()}"
+    assert r["retrieval"]["inference_cost"]["in_context"]["window"] == 512  # the file's context, not seq_length
+    pt = import_hf(f, tmp_path / "base.pt", chunk_length=project.read_config().chunk_length)
+    r2 = evaluate(project, models["retro"], pt, cfg, tmp_path / "pt")
+    assert r["gpt_ppl"] == r2["gpt_ppl"] and r["in_context_ppl"] == r2["in_context_ppl"] != r["gpt_ppl"]
+
+
 @pytest.fixture(scope="module")
 def trained(project, train_ray_address, tmp_path_factory) -> Path:
     """A real 30-step RETRO run (Ray Train + DeepSpeed, 2 workers) on the project's stage-3 data, validating
