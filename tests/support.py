@@ -141,25 +141,33 @@ def _permute(w, heads: int):
 
 
 def write_gguf(path: Path, hf, tokens: list[str], merges: list[str], qtype=None) -> Path:
-    """``hf`` (LlamaForCausalLM or Qwen2ForCausalLM) as a GGUF file in llama.cpp's layout (its tensor names,
-    Llama's q/k rows permuted, a BPE tokenizer with end-of-text id 2 and a chat template in the metadata);
-    2-D weights in ``qtype`` (a gguf.GGMLQuantizationType; default F32)."""
+    """``hf`` (LlamaForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel) as a GGUF file in llama.cpp's layout
+    (its tensor names, Llama's q/k rows permuted, GPT-2's Conv1D weights as [out, in], a BPE tokenizer with
+    end-of-text id 2 and a chat template in the metadata); 2-D weights in ``qtype`` (a
+    gguf.GGMLQuantizationType; default F32)."""
     import gguf
-    import torch
 
     qtype = qtype or gguf.GGMLQuantizationType.F32
     c = hf.config
     arch = c.model_type
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "gpt2":
+        w.add_context_length(c.n_positions)
+        w.add_embedding_length(c.n_embd)
+        w.add_block_count(c.n_layer)
+        w.add_feed_forward_length(c.n_inner or 4 * c.n_embd)
+        w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+    else:
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
@@ -169,34 +177,56 @@ def write_gguf(path: Path, hf, tokens: list[str], merges: list[str], qtype=None)
     w.add_eos_token_id(2)
     w.add_chat_template(GGUF_TEMPLATE)
 
-    def put(name: str, t: torch.Tensor) -> None:
-        a = t.detach().float().numpy()
+    def put(name: str, t) -> None:
+        a = t.detach().float().numpy().copy()
         if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, a)
 
-    sd = hf.state_dict()
-    put("token_embd.weight", sd["model.embed_tokens.weight"])
+    for name, t in _gguf_tensors(hf):
+        put(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _gguf_tensors(hf):
+    """(llama.cpp name, tensor) of every weight of ``hf``, in llama.cpp's layout."""
+    import torch
+
+    c, sd, arch = hf.config, hf.state_dict(), hf.config.model_type
+    if arch == "gpt2":
+        yield "token_embd.weight", sd["transformer.wte.weight"]
+        yield "position_embd.weight", sd["transformer.wpe.weight"]
+        for i in range(c.n_layer):
+            p, b = f"transformer.h.{i}.", f"blk.{i}."
+            for ours, theirs in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
+                yield b + theirs + ".weight", sd[p + ours + ".weight"]
+                yield b + theirs + ".bias", sd[p + ours + ".bias"]
+            for ours, theirs in (("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"),
+                                 ("mlp.c_proj", "ffn_down")):
+                yield b + theirs + ".weight", sd[p + ours + ".weight"].t()  # Conv1D keeps [in, out]
+                yield b + theirs + ".bias", sd[p + ours + ".bias"]
+        yield "output_norm.weight", sd["transformer.ln_f.weight"]
+        yield "output_norm.bias", sd["transformer.ln_f.bias"]
+        return
+    yield "token_embd.weight", sd["model.embed_tokens.weight"]
     for i in range(c.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
         if arch == "llama":
             q = torch.from_numpy(_permute(q.numpy(), c.num_attention_heads))
             k = torch.from_numpy(_permute(k.numpy(), c.num_key_value_heads))
-        for name, t in (("attn_norm", sd[p + "input_layernorm.weight"]), ("attn_q", q), ("attn_k", k),
-                        ("attn_v", sd[p + "self_attn.v_proj.weight"]), ("attn_output", sd[p + "self_attn.o_proj.weight"]),
-                        ("ffn_norm", sd[p + "post_attention_layernorm.weight"]), ("ffn_gate", sd[p + "mlp.gate_proj.weight"]),
-                        ("ffn_up", sd[p + "mlp.up_proj.weight"]), ("ffn_down", sd[p + "mlp.down_proj.weight"])):
-            put(b + name + ".weight", t)
+        yield from ((b + name + ".weight", t) for name, t in (
+            ("attn_norm", sd[p + "input_layernorm.weight"]), ("attn_q", q), ("attn_k", k),
+            ("attn_v", sd[p + "self_attn.v_proj.weight"]), ("attn_output", sd[p + "self_attn.o_proj.weight"]),
+            ("ffn_norm", sd[p + "post_attention_layernorm.weight"]), ("ffn_gate", sd[p + "mlp.gate_proj.weight"]),
+            ("ffn_up", sd[p + "mlp.up_proj.weight"]), ("ffn_down", sd[p + "mlp.down_proj.weight"])))
         if arch == "qwen2":
-            for x in "qkv":
-                put(b + f"attn_{x}.bias", sd[p + f"self_attn.{x}_proj.bias"])
-    put("output_norm.weight", sd["model.norm.weight"])
+            yield from ((b + f"attn_{x}.bias", sd[p + f"self_attn.{x}_proj.bias"]) for x in "qkv")
+    yield "output_norm.weight", sd["model.norm.weight"]
     if not c.tie_word_embeddings:
-        put("output.weight", sd["lm_head.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        yield "output.weight", sd["lm_head.weight"]

@@ -22,8 +22,8 @@ import torch
 from retro_ray.errors import RetroRayError
 
 GGUF_MAGIC = b"GGUF"
-# llama.cpp's general.architecture -> our family (= transformers' model_type).
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+# llama.cpp's general.architecture values we map: each is also transformers' model_type and our family.
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -93,9 +93,13 @@ def read_gguf(path: str | Path, *, weights: bool = True, **overrides: Any):
     meta = _metadata(p)
     raw = dict(meta["config"])
     kind = raw.pop("model_type", None)
-    if kind not in GGUF_ARCHITECTURES.values():
+    if kind not in GGUF_ARCHITECTURES:
         raise RetroRayError(f"{p} holds a GGUF model of architecture {kind!r}, which does not map onto a retro-ray "
                             f"family; supported: {', '.join(GGUF_ARCHITECTURES)}")
+    if kind == "gpt2":  # transformers names these GGUF keys n_ctx and feed_forward_length, which GPT2Config ignores
+        for ours, theirs in (("n_positions", "n_ctx"), ("n_inner", "feed_forward_length")):
+            if theirs in raw:
+                raw[ours] = raw.pop(theirs)
     try:
         hf_config = AutoConfig.for_model(kind, **{k: v for k, v in raw.items() if not k.startswith("_")})
     except (ValueError, TypeError) as e:

@@ -41,7 +41,7 @@ def _bpe(texts: list[str]):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok, tokens, merges = _bpe(["The capital of France is Paris. " * 3, "retrieval reads its neighbours " * 3,
                                 "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9"])
@@ -56,6 +56,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
                                                             rope_parameters={"rope_theta": 50000.0})), Q.Q8_0),
         ("qwen2_q4_0", lambda: Qwen2ForCausalLM(Qwen2Config(**shape, num_key_value_heads=2, tie_word_embeddings=True,
                                                             rope_parameters={"rope_theta": 10000.0})), Q.Q4_0),
+        # 1,024 positions: transformers' own GGUF reader leaves GPT2Config.n_positions at its default (our
+        # import reads the file's context_length); the reference must load the file too.
+        ("gpt2_q8_0", lambda: GPT2LMHeadModel(GPT2Config(vocab_size=len(tokens), n_embd=64, n_layer=2, n_head=4,
+                                                          n_positions=1024)), Q.Q8_0),
     ):
         torch.manual_seed(len(out))
         hf = make().eval()
@@ -72,13 +76,13 @@ def _transformers(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("name", ["llama_f32", "llama_q8_0", "qwen2_q4_0"])
+@pytest.mark.parametrize("name", ["llama_f32", "llama_q8_0", "qwen2_q4_0", "gpt2_q8_0"])
 def test_gguf_import_has_transformers_logits_and_greedy_tokens(files, name, tmp_path):
     f = files[name]
     out = import_hf(f, tmp_path / "base.pt", chunk_length=16)
     payload = read_export(out)
     assert payload["config"]["family"] == name.split("_")[0] and payload["weights_source"] == f"gguf:{f.resolve()}"
-    assert payload["config"]["num_key_value_heads"] == 2
+    assert payload["config"]["num_key_value_heads"] == (None if name.startswith("gpt2") else 2)
     model, hf = load_exported(out), _transformers(f)
     tokens = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -211,3 +215,20 @@ def test_cli_imports_a_gguf_file(files, tmp_path):
     r = subprocess.run([sys.executable, "-m", "retro_ray.cli", "import-hf", str(tmp_path / "m-tokenizer"), "--out",
                         str(tmp_path / "x.pt"), "--tokenizer-dir", str(tmp_path / "t")], capture_output=True, text=True)
     assert r.returncode == 2 and "has no config.json" in r.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_a_gpt2_file_keeps_its_own_context_length(tmp_path):
+    """transformers reads a GPT-2 file's context_length into a name GPT2Config ignores (so its own load
+    of a 128-position file fails); ours reads it, and equals the model the file was written from."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tokens, merges = _bpe(["abc def ghi " * 10])
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokens), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                    n_inner=96)).eval()
+    f = write_gguf(tmp_path / "g.gguf", hf, tokens, merges)
+    model = load_exported(import_hf(f, tmp_path / "g.pt", chunk_length=16))
+    assert model.config.max_position_embeddings == 128 and model.config.ffn_hidden_size == 96
+    x = torch.randint(0, len(tokens), (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=0, atol=1e-5)
