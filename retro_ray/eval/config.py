@@ -39,9 +39,9 @@ class EvalConfig:
     device: str = field(default="auto", metadata=C.doc("auto | cpu | cuda. auto = cuda when a GPU is visible."))
     precision: str = field(
         default="32",
-        metadata=C.doc("32 | bf16 | auto: the models' weights and activations in the forward passes. bf16 is several "
-                       "times faster on GPUs and on CPUs with AMX (auto picks it there, as trainer.precision=auto "
-                       "does); perplexities then move in their last digits."),
+        metadata=C.doc("32 | bf16 | auto: the models' weights and activations in the forward passes. auto = bf16 on "
+                       "GPUs and on CPUs with AMX bf16 tiles, as trainer.precision=auto; bf16 perplexities differ from "
+                       "fp32's in their last digits."),
     )
     num_threads: int | None = field(
         default=None, metadata=C.doc("torch CPU threads for the forward passes; empty = torch's default.")

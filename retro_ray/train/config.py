@@ -322,11 +322,14 @@ class ModelConfig(RetroConfig):
 
     def __post_init__(self) -> None:
         """Check the architecture (RetroConfig's checks, on :meth:`preview`); the data-given fields are
-        checked by :func:`resolve_model_config`."""
+        checked by :func:`resolve_model_config`. A RETRO-fit's are checked once its decoder's shape is taken
+        from model.init_from (:func:`decoder_from_base` validates): until then the decoder settings are
+        defaults, and e.g. retro_layers=[24,27,30] would be refused against the default 12 layers."""
         for name in ("micro_batch_size", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise RetroRayError(f"model.{name}={getattr(self, name)} must be at least 1.")
-        self.preview()
+        if not self.init_from:
+            self.preview()
 
     def validate(self) -> None:
         """RetroConfig's checks, on :meth:`preview` (the inherited ones would refuse the data-given
@@ -477,7 +480,9 @@ def decoder_from_base(train_cfg: TrainConfig, base: RetroConfig, source: str) ->
                 f"model.{f.name} (RETRO-fitting takes the decoder's shape from model.init_from)."
             )
         take[f.name] = want
-    return dataclasses.replace(train_cfg, model=dataclasses.replace(m, **take))
+    model = dataclasses.replace(m, **take)
+    model.validate()  # the architecture with the base's shape (construction left it to here)
+    return dataclasses.replace(train_cfg, model=model)
 
 
 def resolve_model_config(train_cfg: TrainConfig, seq_length: int, chunk_length: int, vocab_size: int) -> RetroConfig:

@@ -338,3 +338,15 @@ def test_compile_auto_means_gpu_workers_only():
     assert [compiles(True, False), compiles(False, True)] == [True, False]
     assert TC.load_train_config("demo", []).trainer.compile == "auto"
     assert TC.load_train_config("demo", ["trainer.compile=true"]).trainer.compile is True
+
+
+def test_a_retrofit_checks_its_retro_layers_against_the_bases_depth():
+    """retro_layers of a RETRO-fit refer to its base's layers: 24, 27, 30 of a 30-layer base are accepted
+    (not refused against the default 12 layers), and checked once the base's shape is taken."""
+    cfg = TC.load_train_config("retrofit", ["model.init_from=/any/base.pt", "model.retro.retro_layers=[24,27,30]"])
+    deep = dataclasses.replace(RetroConfig.tiny(), num_layers=30, retro=RetroConfig().retro.__class__(enabled=False))
+    assert TC.decoder_from_base(cfg, deep, "base.pt").model.num_layers == 30
+    with pytest.raises(RetroRayError, match=r"retro_layers contains 24, outside 1\.\.num_layers=4"):
+        TC.decoder_from_base(cfg, RetroConfig.tiny(), "base.pt")
+    with pytest.raises(RetroRayError, match=r"retro_layers contains 24, outside 1\.\.num_layers=6"):
+        TC.load_train_config("demo", ["model.retro.retro_layers=[24]"])  # no base: checked at once (6 layers)
