@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import timed
 
 
 def demo_config(retro: bool):
@@ -136,15 +137,6 @@ def against(args, tok, eod: int, prompt: str, neighbors: list[str]) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

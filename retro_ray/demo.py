@@ -133,7 +133,7 @@ class Demo:
             v = r.get(key)
             return "n/a" if v is None else f"{v:.2f}"
 
-        print("== headline figures (validation split, the same tokens for all three):")
+        print("== headline figures (validation split, the same tokens for every figure):")
         print(f"  perplexity: RETRO {fmt('retro_ppl')}, RETRO with retrieval off {fmt('retro_off_ppl')}, "
               f"GPT baseline {fmt('gpt_ppl')}")
         print(f"  perplexity: RETRO-fit of the GPT baseline {fmt('retro_ppl', retrofit)}, with retrieval off "

@@ -230,3 +230,21 @@ def _gguf_tensors(hf):
     yield "output_norm.weight", sd["model.norm.weight"]
     if not c.tie_word_embeddings:
         yield "output.weight", sd["lm_head.weight"]
+
+
+def assert_greedy_tokens_equal(hf, model, prompt, n: int) -> None:
+    """``model`` (ours, through its KV cache: a prefill, then one token a step) generates greedily the
+    ``n`` tokens transformers' ``hf.generate`` does after ``prompt`` [1, P]."""
+    import torch
+
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+        cache = model.new_cache(1, prompt.shape[1] + n)
+        logits = model(prompt, cache=cache, positions=0, logits_to_keep=1).logits[:, -1]
+        ours = []
+        for pos in range(prompt.shape[1], prompt.shape[1] + n):
+            t = logits.argmax(-1)
+            ours.append(int(t))
+            logits = model(t[:, None], cache=cache, positions=pos, logits_to_keep=1).logits[:, -1]
+    assert ours == ref

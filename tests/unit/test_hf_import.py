@@ -14,6 +14,7 @@ import torch
 
 from retro_ray.errors import RetroRayError
 from retro_ray.train.export import import_hf, load_exported, read_export
+from tests.support import assert_greedy_tokens_equal
 
 V = 96
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -64,18 +65,7 @@ def test_imported_model_has_transformers_logits_and_greedy_tokens(saved, name, t
     assert want.abs().max() > 0.5
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
-    prompt, n = tokens[:1, :11], 24
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
-        cache = model.new_cache(1, prompt.shape[1] + n)
-        logits = model(prompt, cache=cache, positions=0, logits_to_keep=1).logits[:, -1]
-        ours = []
-        for pos in range(prompt.shape[1], prompt.shape[1] + n):
-            t = logits.argmax(-1)
-            ours.append(int(t))
-            logits = model(t[:, None], cache=cache, positions=pos, logits_to_keep=1).logits[:, -1]
-    assert ours == ref
+    assert_greedy_tokens_equal(hf, model, tokens[:1, :11], 24)
 
 
 def test_the_checkpoints_tokenizer_is_recorded(saved, tmp_path):
