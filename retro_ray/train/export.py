@@ -256,11 +256,12 @@ def base_tokenizer(path: str | Path, data: dict[str, Any]):
 def check_base_tokenizer(path: str | Path, data: dict[str, Any], vocab_size: int, tokenizer_path: str | Path | None) -> None:
     """Refuse a base model (``data``: what ``read_base`` returns for ``path``) that was trained with another
     tokenizer than the project's (``vocab_size`` tokens, ``tokenizer_path``), naming the first difference."""
+    from retro_ray.model.gguf import is_gguf_file
     from retro_ray.tokenizer import load_tokenizer, vocabulary_difference
 
     if data.get("vocab_size") is not None and int(data["vocab_size"]) != int(vocab_size):
-        hint = data.get("tokenizer_path") or (f"the tokenizer directory `retro-ray import-hf {path}` writes"
-                                              if str(path).endswith(".gguf") else "that model's tokenizer")
+        hint = data.get("tokenizer_path") or ("the tokenizer directory `retro-ray import-hf` writes for it"
+                                              if is_gguf_file(path) else str(path))
         raise RetroRayError(
             f"{path} was trained with a tokenizer of {data['vocab_size']} tokens but this project's has "
             f"{vocab_size}; prepare the project with that model's tokenizer (tokenizer.path={hint})."

@@ -385,6 +385,14 @@ def test_a_gguf_file_is_a_baseline_and_in_context_base(project, models, tmp_path
     pt = import_hf(f, tmp_path / "base.pt", chunk_length=project.read_config().chunk_length)
     r2 = evaluate(project, models["retro"], pt, cfg, tmp_path / "pt")
     assert r["gpt_ppl"] == r2["gpt_ppl"] and r["in_context_ppl"] == r2["in_context_ppl"] != r["gpt_ppl"]
+    # a file whose tokenizer (in its metadata) is not the project's is refused, naming the first difference
+    swapped = list(tokens)
+    swapped[300], swapped[301] = swapped[301], swapped[300]
+    other = write_gguf(tmp_path / "other.gguf", hf.eval(), swapped, merges)
+    with pytest.raises(RetroRayError, match=r"this project's tokenizer is not the one .*other.gguf was trained with: "
+                                            r"token id 300 is .* in the project's and .* in the base's"):
+        evaluate(project, models["retro"], other, cfg, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.fixture(scope="module")
