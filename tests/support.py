@@ -179,10 +179,12 @@ def write_gguf(path: Path, hf, tokens: list[str], merges: list[str], qtype=None)
 
     def put(name: str, t) -> None:
         a = t.detach().float().numpy().copy()
-        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-        else:
+        if a.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, a)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, a.astype("float16"))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
 
     for name, t in _gguf_tensors(hf):
         put(name, t)

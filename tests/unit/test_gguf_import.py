@@ -56,6 +56,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
                                                             rope_parameters={"rope_theta": 50000.0})), Q.Q8_0),
         ("qwen2_q4_0", lambda: Qwen2ForCausalLM(Qwen2Config(**shape, num_key_value_heads=2, tie_word_embeddings=True,
                                                             rope_parameters={"rope_theta": 10000.0})), Q.Q4_0),
+        ("qwen2_f16", lambda: Qwen2ForCausalLM(Qwen2Config(**shape, num_key_value_heads=4, tie_word_embeddings=False,
+                                                           rope_parameters={"rope_theta": 10000.0})), Q.F16),
+        ("llama_bf16", lambda: LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=1, tie_word_embeddings=True,
+                                                            rope_parameters={"rope_theta": 10000.0})), Q.BF16),
         # 1,024 positions: transformers' own GGUF reader leaves GPT2Config.n_positions at its default (our
         # import reads the file's context_length); the reference must load the file too.
         ("gpt2_q8_0", lambda: GPT2LMHeadModel(GPT2Config(vocab_size=len(tokens), n_embd=64, n_layer=2, n_head=4,
@@ -67,6 +71,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
             for p in hf.parameters():  # biases and norm scales must map too, not only HF's init values
                 p.normal_(0.0, 0.2)
         out[name] = write_gguf(d / f"{name}.gguf", hf, tokens, merges, qtype)
+        assert qtype in {t.tensor_type for t in gguf.GGUFReader(str(out[name])).tensors}  # the type under test
     return out
 
 
@@ -76,13 +81,13 @@ def _transformers(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("name", ["llama_f32", "llama_q8_0", "qwen2_q4_0", "gpt2_q8_0"])
+@pytest.mark.parametrize("name", ["llama_f32", "llama_q8_0", "qwen2_q4_0", "qwen2_f16", "llama_bf16", "gpt2_q8_0"])
 def test_gguf_import_has_transformers_logits_and_greedy_tokens(files, name, tmp_path):
     f = files[name]
     out = import_hf(f, tmp_path / "base.pt", chunk_length=16)
     payload = read_export(out)
     assert payload["config"]["family"] == name.split("_")[0] and payload["weights_source"] == f"gguf:{f.resolve()}"
-    assert payload["config"]["num_key_value_heads"] == (None if name.startswith("gpt2") else 2)
+    assert payload["config"]["num_key_value_heads"] == {"gpt2_q8_0": None, "qwen2_f16": 4, "llama_bf16": 1}.get(name, 2)
     model, hf = load_exported(out), _transformers(f)
     tokens = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
