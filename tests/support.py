@@ -183,6 +183,8 @@ def write_gguf(path: Path, hf, tokens: list[str], merges: list[str], qtype=None)
             w.add_tensor(name, a)
         elif qtype == gguf.GGMLQuantizationType.F16:
             w.add_tensor(name, a.astype("float16"))
+        elif qtype.name in K_QUANT_SCALE:  # gguf-py cannot quantise k-quants: random blocks, sane scales
+            w.add_tensor(name, random_k_quant(a.shape, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
 
@@ -193,6 +195,24 @@ def write_gguf(path: Path, hf, tokens: list[str], merges: list[str], qtype=None)
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# Where a k-quant block keeps its float16 scale(s) (byte offsets), per llama.cpp's block layouts.
+K_QUANT_SCALE = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_k_quant(shape: tuple[int, int], qtype, seed: int = 0):
+    """uint8 [rows, bytes]: random k-quant blocks for a [rows, cols] tensor (cols a multiple of 256), their
+    float16 super-block scales set to 0.01 so that the dequantised values are finite and small."""
+    import gguf
+    import numpy as np
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in K_QUANT_SCALE[qtype.name]:
+        raw[:, :, at:at + 2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    return raw.reshape(rows, -1)
 
 
 def _gguf_tensors(hf):

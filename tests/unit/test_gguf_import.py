@@ -211,6 +211,24 @@ def test_cli_imports_a_gguf_file(files, tmp_path):
     assert r.returncode == 2 and "has no config.json" in r.stderr and not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quants_are_dequantised_as_transformers_does(qtype, tmp_path):
+    """Random k-quant blocks (gguf-py writes none): our import of the file equals transformers' own load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokens, merges = _bpe(["abc def ghi " * 10])
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokens), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    f = write_gguf(tmp_path / f"{qtype}.gguf", hf.eval(), tokens, merges, Q[qtype])
+    assert Q[qtype] in {t.tensor_type for t in gguf.GGUFReader(str(f)).tensors}
+    model, ref = load_exported(import_hf(f, tmp_path / "k.pt", chunk_length=16)), _transformers(f)
+    x = torch.randint(0, len(tokens), (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(x).logits
+        assert torch.isfinite(want).all() and want.std() > 0
+        torch.testing.assert_close(model(x).logits, want, rtol=0, atol=1e-5)
+
+
 def test_a_gpt2_file_keeps_its_own_context_length(tmp_path):
     """transformers reads a GPT-2 file's context_length into a name GPT2Config ignores (so its own load
     of a 128-position file fails); ours reads it, and equals the model the file was written from."""
