@@ -137,7 +137,7 @@ def load_model(path: str | Path, project: Project, role: str) -> LoadedModel:
 def same_decoder(retro: LoadedModel, gpt: LoadedModel) -> bool:
     """Whether RETRO's decoder (every parameter outside the encoder and the CCA layers) equals the GPT's
     bit for bit: a RETRO-fit of that GPT with its decoder frozen. Then every difference between the two
-    models is what retrieval adds."""
+    models comes from the new weights: adaptation or retrieval, which the neighbour controls tell apart."""
     from retro_ray.model.retrofit import is_retrieval_parameter
 
     ours = {k: v for k, v in retro.model.state_dict().items() if not is_retrieval_parameter(k)}

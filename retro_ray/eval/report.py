@@ -169,8 +169,9 @@ def render(results: dict[str, Any], plots: dict[str, str | None]) -> str:
     if fit:
         base = f"`{fit['init_from']}`" if fit["init_from"] else "a base not recorded in the model"
         L += [f"- RETRO-fit of {base}, decoder {'frozen' if fit['frozen'] else 'trained with the rest'}."
-              + {True: " Its decoder equals the GPT baseline's bit for bit, so every difference below is what "
-                       "retrieval adds (retrieval off must equal the baseline exactly).",
+              + {True: " Its decoder equals the GPT baseline's bit for bit, so retrieval off equals the baseline "
+                       "exactly and every difference below comes from the new weights (encoder, CCA): adaptation to "
+                       "the corpus or retrieval, told apart by another sample's neighbours (next section).",
                  False: " Its decoder differs from the GPT baseline's: the baseline is not its base.",
                  None: ""}[fit["decoder_equals_baseline"]]]
     L += [""]

@@ -357,7 +357,8 @@ def run_eval(project_dir: str | Path | Project, exp_dir: str | Path, baseline_di
                 f"held-out, after add-docs: its retrieved neighbours <= {GOAL_RETRIEVAL_PAYS} x another window's "
                 "(measured: after / other-window after)"),
             "retro_vs_gpt": _goal(ratio, GOAL_RETRO_VS_GPT, None if ratio is None else ratio <= GOAL_RETRO_VS_GPT,
-                                  f"RETRO perplexity <= {GOAL_RETRO_VS_GPT} x the GPT baseline's (measured: RETRO / GPT)"),
+                                  f"RETRO perplexity <= {GOAL_RETRO_VS_GPT} x the GPT baseline's (measured: RETRO / GPT; "
+                                  "retrieval and adaptation together)"),
             "retro_off_vs_gpt": _goal(off_dev, GOAL_OFF_VS_GPT, None if off_dev is None else off_dev <= GOAL_OFF_VS_GPT,
                                       f"RETRO with retrieval off within {GOAL_OFF_VS_GPT:.0%} of the baseline "
                                       "(measured: abs(off / GPT - 1))"),
