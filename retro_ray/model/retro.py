@@ -727,10 +727,16 @@ class SelfAttention(nn.Module):
             mask, is_causal = None, self.causal and T > 1
         else:
             k, v, mask, is_causal = cache.self_attention_kv(k, v)  # [N, hk, S, dh]: every key up to the last query
-        if self.kv_heads != self.num_heads:  # query head j reads key/value head j // (h / hk)
-            k = k.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.kv_heads, dim=1)
-        y = self.attention_fn(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # [N, h, T, dh]
+        p = self.dropout if self.training else 0.0
+        if self.kv_heads != self.num_heads:  # query head j reads key/value head j // g
+            g = self.num_heads // self.kv_heads
+            if T == 1 and mask is None and not is_causal:
+                # One query per head that sees every key (decoding): a key/value head's g query heads read
+                # the same keys, so they go on the query axis, [N, hk, g, dh], and no cached key is copied.
+                y = self.attention_fn(q.view(N, self.kv_heads, g, self.head_dim), k, v, None, False, p)
+                return self.out_proj(y.reshape(N, T, self.num_heads * self.head_dim))
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        y = self.attention_fn(q, k, v, mask, is_causal, p)  # [N, h, T, dh]
         return self.out_proj(y.transpose(1, 2).reshape(N, T, self.num_heads * self.head_dim))
 
     def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -1165,7 +1171,9 @@ class _Step:
             if cos is not None:
                 cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # against [B, h, T, dh/2]
             self.cos, self.sin = cos, sin
-            self.visible = (torch.arange(self.span, device=dev)[None, None, :] <= at[:, :, None])[:, None]  # [B,1,T,span]
+            # [B, 1, T, span]; none when one token per row at one shared position sees every key 0..span-1
+            self.visible = None if T == 1 and lo == hi else (
+                torch.arange(self.span, device=dev)[None, None, :] <= at[:, :, None])[:, None]
         self.encoded = False
         self.new_sets: list[_NewSet] = []
         self.visible_at_start = False
