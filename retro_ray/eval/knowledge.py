@@ -208,8 +208,10 @@ def knowledge_update(project: Project, retro, docs: list[dict[str, str]], k: int
     after = score_windows(retro.model, windows, real_labels, nt_after, ids_after >= 0, device, batch_size)
     t_after = time.perf_counter() - t2
 
+    t3 = time.perf_counter()
     extra = _controls(retro.model, baseline, windows, real_labels, (nt_before, ids_before >= 0),
                       (nt_after, ids_after >= 0), perplexity(*after), m, eod, device, batch_size, controls, in_context)
+    t_controls = time.perf_counter() - t3
 
     vb_before, n_chunks = verbatim_fraction(windows, real, nt_before, ids_before >= 0, m, eod)
     vb_after, _ = verbatim_fraction(windows, real, nt_after, ids_after >= 0, m, eod)
@@ -228,5 +230,6 @@ def knowledge_update(project: Project, retro, docs: list[dict[str, str]], k: int
         "controls": extra,
         "verbatim_chunks_counted": n_chunks, "verbatim_fraction_before": vb_before, "verbatim_fraction_after": vb_after,
         "add_docs": added_summary if isinstance(added_summary, (dict, list, str, int, float, type(None))) else str(added_summary),
-        "timings": {"before_s": round(t_before, 3), "add_docs_s": round(t_add, 3), "after_s": round(t_after, 3)},
+        "timings": {"before_s": round(t_before, 3), "add_docs_s": round(t_add, 3), "after_s": round(t_after, 3),
+                    "controls_s": round(t_controls, 3)},
     }
