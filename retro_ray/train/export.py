@@ -230,10 +230,11 @@ def read_base(path: str | Path, *, weights: bool = True, **overrides: Any) -> tu
     """A decoder to RETRO-fit: (config, state dict, data) of a model.pt, or of a local Hugging Face
     directory or GGUF file imported in memory. ``weights=False``: the config and data only (cheap for a
     directory). ``overrides``: seq_length / chunk_length for a directory or GGUF file (a model.pt has its own)."""
-    from retro_ray.model.hf import is_pretrained, load_pretrained
+    from retro_ray.model.gguf import is_gguf_file
+    from retro_ray.model.hf import load_pretrained
 
     p = Path(path).expanduser()
-    if is_pretrained(p):
+    if p.is_dir() or is_gguf_file(p):  # a directory that is not a checkpoint is refused naming what it lacks
         ck = load_pretrained(p, weights=weights, **overrides)
         return ck.config, ck.state_dict, _hf_data(ck)
     payload = read_export(p)
