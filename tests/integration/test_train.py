@@ -133,6 +133,7 @@ def test_export_gives_identical_logits(retro_run, tmp_path):
         load_exported(tmp_path / "text.pt")
 
 
+@pytest.mark.slow  # 52-72 s of inductor compiling on a CPU, where auto never compiles: kept in test-all, out of CI's 20 min
 def test_compiled_engine_trains_and_keeps_parameter_names(train_ray_address, tmp_path):
     """trainer.compile=true forces DeepSpeed's engine.compile on the CPU (auto would not): the model is
     compiled in place, so checkpoints keep the plain parameter names and export as usual. ~1 min of
